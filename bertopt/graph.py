@@ -1,0 +1,247 @@
+"""Loading, saving and editing ONNX graphs through onnx-graphsurgeon.
+
+Every pass works on a ``gs.Graph``. gs keeps producer/consumer links on each tensor
+(``tensor.inputs`` are its producers, ``tensor.outputs`` its consumers), so walking the graph is
+O(1) per step and no pass needs an index of its own or touches protobuf by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
+from onnx_graphsurgeon.logger import G_LOGGER
+from google.protobuf.message import DecodeError
+
+from bertopt.errors import BertoptError
+
+# gs warns about every constant it declines to fold; passes report what matters themselves.
+G_LOGGER.severity = G_LOGGER.ERROR
+
+# protobuf cannot serialise a message over 2 GiB; stay well below it.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+ModelSource = str | os.PathLike | onnx.ModelProto
+
+
+def load_model(source: ModelSource) -> onnx.ModelProto:
+    """Read an ONNX model (with its external data) or pass a ModelProto through.
+
+    Raises BertoptError with one readable line for a missing path or a file that is not ONNX.
+    """
+    if isinstance(source, onnx.ModelProto):
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise BertoptError(f"{path}: no such file")
+    if not path.is_file():
+        raise BertoptError(f"{path}: not a file")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise BertoptError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    if model.ir_version <= 0 or not model.graph.node or not model.opset_import:
+        raise BertoptError(f"{path}: not an ONNX model (no graph, nodes or opset)")
+    return model
+
+
+def load_graph(source: ModelSource) -> gs.Graph:
+    """Load a model as a gs graph with Constant nodes lifted into constant tensors."""
+    model = load_model(source)
+    try:
+        graph = gs.import_onnx(model)
+    except Exception as exc:  # gs raises bare Exceptions on malformed graphs
+        raise BertoptError(f"cannot import the ONNX graph: {exc}") from None
+    lift_constant_nodes(graph)
+    return graph
+
+
+def lift_constant_nodes(graph: gs.Graph) -> None:
+    """Turn `Constant` nodes into gs.Constant tensors so passes see one kind of constant."""
+    for node in [n for n in graph.nodes if n.op == "Constant" and len(n.outputs) == 1]:
+        value = _constant_node_value(node)
+        if value is None:
+            continue
+        out = node.outputs[0]
+        const = gs.Constant(out.name, np.asarray(value))
+        out.name = f"{out.name}__lifted"
+        replace_uses(out, const)
+        graph.outputs = [const if t is out else t for t in graph.outputs]
+        node.outputs.clear()
+        node.inputs.clear()
+    graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    attrs = node.attrs
+    if "value" in attrs:
+        value = attrs["value"]
+        return value.values if isinstance(value, gs.Constant) else np.asarray(value)
+    for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
+        if key in attrs:
+            return np.array(attrs[key], dtype=dtype)
+    for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.array(attrs[key], dtype=dtype)
+    return None
+
+
+def to_model(graph: gs.Graph) -> onnx.ModelProto:
+    """Export a gs graph, keeping its IR version and opset imports."""
+    return gs.export_onnx(graph)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write a model atomically: everything goes to a temporary folder beside `path` first.
+
+    Models whose tensors exceed ~1.8 GB are written with their weights in `<name>.data`.
+    An interrupted save leaves no half-written file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _fits_protobuf(model) else True
+    data_name = path.name + ".data"
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staged = staging / path.name
+        if external:
+            onnx.save_model(model, str(staged), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            os.replace(staging / data_name, path.parent / data_name)
+        else:
+            onnx.save_model(model, str(staged))
+            (path.parent / data_name).unlink(missing_ok=True)
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _fits_protobuf(model: onnx.ModelProto) -> bool:
+    try:
+        return model.ByteSize() < 2**31 - 1
+    except ValueError:
+        return False
+
+
+def save_graph(graph: gs.Graph, path: str | os.PathLike) -> Path:
+    return save_model(to_model(graph), path)
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor, or None when the tensor is computed at run time."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    return None
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    return list(tensor.outputs)
+
+
+def replace_uses(old: gs.Tensor, new: gs.Tensor, graph: gs.Graph | None = None) -> None:
+    """Make every consumer of `old` (and the graph outputs, when given) read `new` instead."""
+    for consumer in list(old.outputs):
+        for i, tensor in enumerate(consumer.inputs):
+            if tensor is old:
+                consumer.inputs[i] = new
+    if graph is not None and old in graph.outputs:
+        _replace_graph_output(graph, old, new)
+
+
+def _replace_graph_output(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Graph output names are a contract: the new producer takes over the old name."""
+    name, dtype, shape = old.name, old.dtype, old.shape
+    old.name = f"{name}__replaced"
+    new.name = name
+    if isinstance(new, gs.Variable):
+        new.dtype = new.dtype or dtype
+        new.shape = new.shape or shape
+    graph.outputs = [new if t is old else t for t in graph.outputs]
+
+
+def splice_out(node: gs.Node, graph: gs.Graph | None = None) -> None:
+    """Remove a node whose first input passes straight through (Identity, Cast to same type...)."""
+    replace_uses(node.outputs[0], node.inputs[0], graph)
+    node.inputs.clear()
+    node.outputs.clear()
+
+
+def add_node(graph: gs.Graph, op: str, inputs: Sequence[gs.Tensor], *, name: str | None = None,
+             attrs: dict | None = None, dtype=None, shape=None, outputs: int = 1) -> list[gs.Variable]:
+    """Append a node with fresh output variables and return the outputs."""
+    base = name or graph._generate_name(f"bertopt_{op}")
+    outs = [gs.Variable(f"{base}_out{i}" if outputs > 1 else f"{base}_out", dtype=dtype, shape=shape)
+            for i in range(outputs)]
+    graph.nodes.append(gs.Node(op=op, name=base, attrs=attrs or {}, inputs=list(inputs), outputs=outs))
+    return outs
+
+
+def make_constant(graph: gs.Graph, name: str, value: np.ndarray) -> gs.Constant:
+    """A new constant with a name unused in the graph."""
+    return gs.Constant(graph._generate_name(name), np.asarray(value))
+
+
+def opset_of(graph: gs.Graph) -> int:
+    return int(graph.opset)
+
+
+# Constants up to this many elements stay in the skeleton: shape inference needs their values
+# (Reshape targets, axes); larger ones are weights, whose type and shape are enough.
+SKELETON_VALUE_LIMIT = 64
+
+
+def skeleton_model(graph: gs.Graph) -> onnx.ModelProto:
+    """The graph without its weights: large constants become typed graph inputs.
+
+    Checking and shape inference cost the same on this as on the full model, but the weights are
+    never copied, so verifying bert-large costs milliseconds of memory traffic instead of gigabytes.
+    """
+    small, large = [], []
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            (small if tensor.values.size <= SKELETON_VALUE_LIMIT else large).append(tensor)
+    inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=True) for t in graph.inputs + large]
+    outputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs]
+    onnx_graph = onnx.helper.make_graph(
+        [OnnxExporter.export_node(node) for node in graph.nodes], graph.name or "graph", inputs, outputs,
+        initializer=[OnnxExporter.export_tensor_proto(t) for t in small])
+    model = onnx.helper.make_model(onnx_graph, opset_imports=update_import_domains(graph))
+    if graph.ir_version:
+        model.ir_version = graph.ir_version
+    return model
+
+
+def infer_shapes(graph: gs.Graph) -> None:
+    """Run ONNX shape inference (with data propagation) and record the results on the variables."""
+    inferred = onnx.shape_inference.infer_shapes(skeleton_model(graph), data_prop=True)
+    known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for name, tensor in graph.tensors().items():
+        info = known.get(name)
+        if isinstance(tensor, gs.Variable) and info is not None and info.type.HasField("tensor_type"):
+            tensor_type = info.type.tensor_type
+            if tensor_type.elem_type:
+                tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+            if tensor_type.HasField("shape"):
+                tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                for d in tensor_type.shape.dim]
+
+
+def is_static(tensor: gs.Tensor) -> bool:
+    return tensor.shape is not None and all(isinstance(d, int) and d >= 0 for d in tensor.shape)
+
+
+def verify(graph: gs.Graph) -> None:
+    """The ONNX checker with strict shape inference, on the weightless skeleton."""
+    onnx.checker.check_model(skeleton_model(graph), full_check=True)

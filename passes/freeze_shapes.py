@@ -1,0 +1,92 @@
+"""freeze-shapes: give the graph inputs a static batch and sequence length and fold what becomes constant.
+
+The seed froze shapes with onnxsim, which also rewrites MatMul+Add into Reshape/Gemm/Reshape (ATC then
+no longer finds the attention pattern). This pass only does what freezing needs: set the input shapes,
+infer every shape, and fold the shape arithmetic (Shape/Gather/Unsqueeze/Concat/Range/ConstantOfShape...)
+with onnx-graphsurgeon's folder, which evaluates constant subgraphs in ONNX Runtime. It never fuses or
+reorders compute ops, so MatMul+Add stays MatMul+Add.
+
+`Shape` nodes are folded here rather than by gs: onnx-graphsurgeon 0.6.1 ignores the `start`/`end`
+attributes of opset-15 `Shape` (the dynamo exporter uses them) and would fold `Shape(x, start=1, end=2)`
+of a [2, 16] input into [2, 16] instead of [16].
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from bertopt.errors import BertoptError
+from bertopt.facts import ModelFacts, check_shape
+from bertopt.graph import infer_shapes, is_static, replace_uses
+from bertopt.pipeline import PassOptions, PassResult, register_pass
+
+# Folding a constant larger than this would bloat the model (e.g. an Expand of a constant to
+# [batch, 1, seq, seq]); such tensors are left to be computed at run time.
+FOLD_SIZE_LIMIT = 16 << 20
+MAX_ROUNDS = 8
+
+# gs folds through ONNX Runtime, whose optimiser warns about every Unsqueeze it leaves alone.
+ort.set_default_logger_severity(3)
+
+
+@register_pass("freeze-shapes", "set static batch/seq on the inputs and fold the shape arithmetic "
+               "(keeps MatMul+Add, unlike onnxsim)")
+def freeze_shapes(graph: gs.Graph, facts: ModelFacts, options: PassOptions) -> PassResult:
+    check_shape(facts, options.batch, options.seq)
+    ops_before = Counter(node.op for node in graph.nodes)
+    inputs_set = _set_input_shapes(graph, facts, options.batch, options.seq)
+    rounds = _fold_until_stable(graph)
+    infer_shapes(graph)
+    removed = ops_before - Counter(node.op for node in graph.nodes)
+    if not inputs_set and not removed:
+        return PassResult.no_change(f"inputs already static at batch {options.batch}, seq {options.seq} "
+                                    "and nothing left to fold")
+    result = PassResult(changed=True, counts={"inputs_frozen": inputs_set,
+                                              "nodes_folded": sum(removed.values()),
+                                              **{f"removed_{op}": n for op, n in sorted(removed.items())}})
+    result.notes.append(f"folded in {rounds} round(s); {len(graph.nodes)} nodes remain")
+    dynamic = [t.name for t in graph.tensors().values() if isinstance(t, gs.Variable) and not is_static(t)]
+    if dynamic:
+        result.notes.append(f"{len(dynamic)} value(s) still without a static shape, e.g. {dynamic[:3]}")
+    return result
+
+
+def _set_input_shapes(graph: gs.Graph, facts: ModelFacts, batch: int, seq: int) -> int:
+    """Fix every role-carrying [batch, seq] input; returns how many inputs changed."""
+    changed = 0
+    for tensor in graph.inputs:
+        if tensor.name not in facts.roles:
+            continue
+        if tensor.shape is None or len(tensor.shape) != 2:
+            raise BertoptError(f"input {tensor.name} has shape {tensor.shape}, expected [batch, seq]")
+        if list(tensor.shape) != [batch, seq]:
+            tensor.shape = [batch, seq]
+            changed += 1
+    return changed
+
+
+def _fold_until_stable(graph: gs.Graph) -> int:
+    """Alternate shape inference and folding: each fold can make more shapes, hence more Shapes, known."""
+    for rounds in range(1, MAX_ROUNDS + 1):
+        count = len(graph.nodes)
+        infer_shapes(graph)
+        _fold_static_shape_ops(graph)
+        graph.fold_constants(fold_shapes=False, size_threshold=FOLD_SIZE_LIMIT)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        if len(graph.nodes) == count:
+            return rounds
+    return MAX_ROUNDS
+
+
+def _fold_static_shape_ops(graph: gs.Graph) -> None:
+    for node in graph.nodes:
+        if node.op != "Shape" or not is_static(node.inputs[0]):
+            continue
+        dims = list(node.inputs[0].shape)
+        start, end = node.attrs.get("start", 0), node.attrs.get("end", len(dims))
+        value = gs.Constant(f"{node.outputs[0].name}_value", np.array(dims[start:end], dtype=np.int64))
+        replace_uses(node.outputs[0], value, graph)
