@@ -133,8 +133,17 @@ def _attention_layers(graph: gs.Graph) -> tuple[int, int | None]:
     return sum(1 for n in graph.nodes if n.op == "Softmax" and _feeds_matmul(n)), None
 
 
-def _feeds_matmul(node: gs.Node) -> bool:
-    return any(c.op == "MatMul" for out in node.outputs for c in out.outputs)
+# Between the attention Softmax and its MatMul with V: SDPA's NaN guard, dropout, casts.
+_SOFTMAX_TO_MATMUL = {"Where", "Dropout", "Cast", "Identity"}
+
+
+def _feeds_matmul(node: gs.Node, depth: int = 3) -> bool:
+    for consumer in (c for out in node.outputs for c in out.outputs):
+        if consumer.op == "MatMul":
+            return True
+        if depth > 0 and consumer.op in _SOFTMAX_TO_MATMUL and _feeds_matmul(consumer, depth - 1):
+            return True
+    return False
 
 
 def _assign_mask_role(graph: gs.Graph, roles: dict[str, str]) -> None:

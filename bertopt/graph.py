@@ -114,7 +114,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
         if external:
             onnx.save_model(model, str(staged), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-            os.replace(staging / data_name, path.parent / data_name)
+            if (staging / data_name).exists():
+                os.replace(staging / data_name, path.parent / data_name)
         else:
             onnx.save_model(model, str(staged))
             (path.parent / data_name).unlink(missing_ok=True)

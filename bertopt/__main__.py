@@ -1,0 +1,5 @@
+"""`python -m bertopt` is the `bertopt` command."""
+
+from bertopt.cli import main
+
+main()

