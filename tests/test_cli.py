@@ -1,0 +1,96 @@
+"""The command line on bad input: one clear line on stderr, a non-zero exit, the input untouched."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from test_facts import small_cnn
+
+TIMEOUT = 300
+
+
+def bertopt(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "bertopt", *args], capture_output=True, text=True,
+                          timeout=TIMEOUT, cwd=cwd, env=env)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, fragment: str) -> None:
+    assert result.returncode == code, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_missing_file(tmp_path):
+    assert_one_line_error(bertopt("run", str(tmp_path / "absent.onnx"), "--output", str(tmp_path / "o")),
+                          2, "no such file")
+
+
+@pytest.mark.parametrize("content", ["random", "truncated"])
+def test_not_onnx(tmp_path, tiny_export, content):
+    path = tmp_path / "bad.onnx"
+    data = tiny_export("legacy14").read_bytes()
+    path.write_bytes(np.random.default_rng(0).bytes(4096) if content == "random" else data[: len(data) // 3])
+    before = digest(path)
+    assert_one_line_error(bertopt("run", str(path), "--output", str(tmp_path / "o")), 2, "bad.onnx")
+    assert digest(path) == before
+    assert not (tmp_path / "o" / "optimized.onnx").exists()
+
+
+def test_not_a_bert_encoder(tmp_path):
+    path = tmp_path / "cnn.onnx"
+    onnx.save(small_cnn(), str(path))
+    assert_one_line_error(bertopt("run", str(path), "--output", str(tmp_path / "o")), 2,
+                          "not a BERT-family encoder")
+
+
+def test_unknown_pass(tmp_path, tiny_export):
+    result = bertopt("run", str(tiny_export("legacy14")), "--passes", "default,fold-everything",
+                     "--output", str(tmp_path / "o"))
+    assert_one_line_error(result, 2, "unknown pass 'fold-everything'")
+
+
+@pytest.mark.parametrize("shape, fragment", [(("--batch", "0"), "must be positive"),
+                                             (("--seq", "-4"), "must be positive"),
+                                             (("--seq", "512"), "exceeds the model's 128 position")])
+def test_bad_shapes(tmp_path, tiny_export, shape, fragment):
+    path = tiny_export("legacy14")
+    before = digest(path)
+    assert_one_line_error(bertopt("run", str(path), *shape, "--output", str(tmp_path / "o")), 2, fragment)
+    assert digest(path) == before
+
+
+def test_existing_results_need_force(tmp_path, tiny_export):
+    model = tiny_export("legacy14")
+    out = tmp_path / "o"
+    first = bertopt("run", str(model), "--passes", "freeze-shapes", "--batch", "2", "--seq", "16",
+                    "--output", str(out))
+    assert first.returncode == 0, first.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert {"original_model", "optimized_model", "facts", "passes"} <= report.keys()
+    assert [(p["name"], p["changed"]) for p in report["passes"]] == [("freeze-shapes", True)]
+    assert {"seconds", "counts"} <= report["passes"][0].keys()
+    stamp = digest(out / "optimized.onnx")
+    assert_one_line_error(bertopt("run", str(model), "--output", str(out)), 2, "--force")
+    assert digest(out / "optimized.onnx") == stamp
+    forced = bertopt("run", str(model), "--passes", "freeze-shapes", "--batch", "2", "--seq", "16",
+                     "--output", str(out), "--force")
+    assert forced.returncode == 0, forced.stderr
+
+
+def test_passes_lists_freeze_shapes():
+    result = bertopt("passes")
+    assert result.returncode == 0
+    assert "freeze-shapes" in result.stdout and "pipeline default:" in result.stdout
