@@ -182,7 +182,7 @@ def splice_out(node: gs.Node, graph: gs.Graph | None = None) -> None:
 def add_node(graph: gs.Graph, op: str, inputs: Sequence[gs.Tensor], *, name: str | None = None,
              attrs: dict | None = None, dtype=None, shape=None, outputs: int = 1) -> list[gs.Variable]:
     """Append a node with fresh output variables and return the outputs."""
-    base = name or graph._generate_name(f"bertopt_{op}")
+    base = name or unique_name(graph, f"bertopt_{op}")
     outs = [gs.Variable(f"{base}_out{i}" if outputs > 1 else f"{base}_out", dtype=dtype, shape=shape)
             for i in range(outputs)]
     graph.nodes.append(gs.Node(op=op, name=base, attrs=attrs or {}, inputs=list(inputs), outputs=outs))
@@ -191,7 +191,13 @@ def add_node(graph: gs.Graph, op: str, inputs: Sequence[gs.Tensor], *, name: str
 
 def make_constant(graph: gs.Graph, name: str, value: np.ndarray) -> gs.Constant:
     """A new constant with a name unused in the graph."""
-    return gs.Constant(graph._generate_name(name), np.asarray(value))
+    return gs.Constant(unique_name(graph, name), np.asarray(value))
+
+
+def unique_name(graph: gs.Graph, prefix: str) -> str:
+    """`prefix_N`, unused by any node or tensor (a graph bertopt already rewrote holds such names)."""
+    taken = {node.name for node in graph.nodes} | set(graph.tensors().keys())
+    return graph._generate_name(prefix, taken)
 
 
 def opset_of(graph: gs.Graph) -> int:

@@ -93,3 +93,12 @@ def test_skeleton_drops_weights_but_keeps_small_constants():
     assert {i.name for i in skeleton.graph.initializer} == {"w"}
     assert "big" in {i.name for i in skeleton.graph.input}
     G.verify(graph)
+
+
+def test_new_names_never_clash_with_existing_ones():
+    graph = G.load_graph(small_model())
+    graph.nodes[0].name = "bertopt_Mul_0"
+    first = G.add_node(graph, "Mul", [graph.inputs[0], graph.inputs[0]])[0]
+    second = G.make_constant(graph, "bertopt_Mul", np.ones(1, np.float32))
+    names = [n.name for n in graph.nodes] + [first.name, second.name]
+    assert len(set(names)) == len(names)
