@@ -61,20 +61,35 @@ def _minilm_folder() -> Path:
 
 
 _BERT = dict(vocab_size=30522, max_position_embeddings=512, type_vocab_size=2)
+_BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+_BERT_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+# RoBERTa numbers positions from padding_idx + 1, so it needs two more position rows than tokens.
+_ROBERTA = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1)
+_ROBERTA_TINY = dict(_ROBERTA, vocab_size=1000, max_position_embeddings=130, **_BERT_TINY)
+_DISTILBERT = dict(vocab_size=30522, max_position_embeddings=512, dim=768, n_layers=6, n_heads=12, hidden_dim=3072)
+_DISTILBERT_TINY = dict(vocab_size=1000, max_position_embeddings=128, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
+_ALBERT = dict(vocab_size=30000, max_position_embeddings=512, type_vocab_size=2, embedding_size=128, **_BERT_BASE)
+_ALBERT_TINY = dict(vocab_size=1000, max_position_embeddings=128, type_vocab_size=2, embedding_size=16,
+                    **_BERT_TINY)
 
 PRESETS: dict[str, Preset] = {
     "bert-base": Preset("BERT-Base uncased architecture (12x768), RANDOM weights", "bert",
-                        dict(_BERT, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                             intermediate_size=3072)),
+                        dict(_BERT, **_BERT_BASE)),
     "bert-large": Preset("BERT-Large uncased architecture (24x1024), RANDOM weights", "bert",
                          dict(_BERT, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                               intermediate_size=4096)),
     "bert-tiny": Preset("tiny BERT (2x32, 2 heads, vocab 1000), RANDOM weights", "bert",
-                        dict(vocab_size=1000, max_position_embeddings=128, type_vocab_size=2,
-                             hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=64)),
+                        dict(_BERT, vocab_size=1000, max_position_embeddings=128, **_BERT_TINY)),
     "minilm": Preset("all-MiniLM-L6-v2 (6x384, real weights; QA head random)", "bert",
                      checkpoint=_minilm_folder),
+    "roberta-base": Preset("RoBERTa-Base architecture (12x768), RANDOM weights", "roberta",
+                           dict(_ROBERTA, **_BERT_BASE)),
+    "roberta-tiny": Preset("tiny RoBERTa (2x32), RANDOM weights", "roberta", _ROBERTA_TINY),
+    "distilbert-base": Preset("DistilBERT-Base architecture (6x768), RANDOM weights", "distilbert", _DISTILBERT),
+    "distilbert-tiny": Preset("tiny DistilBERT (2x32), RANDOM weights", "distilbert", _DISTILBERT_TINY),
+    "albert-base": Preset("ALBERT-Base v2 architecture (12x768 shared, embeddings 128), RANDOM weights",
+                          "albert", _ALBERT),
+    "albert-tiny": Preset("tiny ALBERT (2x32 shared, embeddings 16), RANDOM weights", "albert", _ALBERT_TINY),
 }
 
 

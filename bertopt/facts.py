@@ -68,7 +68,7 @@ def detect_facts(graph: gs.Graph) -> ModelFacts:
     if layers == 0:
         raise BertoptError("not a BERT-family encoder: no attention Softmax or Attention op found")
     _assign_mask_role(graph, roles)
-    hidden = int(word_table.shape[1])
+    hidden = _attention_width(graph) or int(word_table.shape[1])
     head_dim = _head_dim(graph, hidden, heads_attr)
     batch, seq = static_dims(graph.inputs)
     return ModelFacts(
@@ -78,7 +78,7 @@ def detect_facts(graph: gs.Graph) -> ModelFacts:
         heads=hidden // head_dim,
         head_dim=head_dim,
         vocab_size=int(word_table.shape[0]),
-        max_positions=_max_positions(lookups, hidden),
+        max_positions=_max_positions(lookups, int(word_table.shape[1])),
         type_vocab_size=int(type_table.shape[0]) if type_table is not None else None,
         roles=roles,
         batch=batch,
@@ -120,9 +120,9 @@ def _token_type_table(from_inputs, ids, roles: dict[str, str]) -> gs.Constant | 
     return None
 
 
-def _max_positions(lookups, hidden: int) -> int | None:
-    """Position tables are looked up by computed ids (a Range or a buffer), not a graph input."""
-    rows = [t.shape[0] for t, source in lookups if source is None and t.shape[1] == hidden]
+def _max_positions(lookups, width: int) -> int | None:
+    """Position tables (as wide as the word table) are looked up by computed ids, not a graph input."""
+    rows = [t.shape[0] for t, source in lookups if source is None and t.shape[1] == width]
     return int(max(rows)) if rows else None
 
 
@@ -166,6 +166,45 @@ def _reaches_attention(tensor: gs.Tensor, limit: int = 200) -> bool:
                 seen.add(id(node))
                 frontier.extend(node.outputs)
     return False
+
+
+def _attention_width(graph: gs.Graph) -> int | None:
+    """The width of the Q/K/V projections, from the weight of the first attention input projection.
+
+    It is the hidden size even where the embeddings are narrower (ALBERT projects 128 -> 768).
+    """
+    for node in graph.nodes:
+        if node.op in ("Softmax", "Attention"):
+            return _projection_width(node)
+    return None
+
+
+def _projection_width(attention: gs.Node, depth: int = 12) -> int | None:
+    """Breadth-first up from the attention op to the nearest MatMul/Gemm with a 2-D constant weight."""
+    frontier, seen = [attention], set()
+    for _ in range(depth):
+        parents = []
+        for node in frontier:
+            for tensor in (t for t in node.inputs if not isinstance(t, gs.Constant) and t.inputs):
+                parent = tensor.inputs[0]
+                width = _weight_width(parent)
+                if width is not None:
+                    return width
+                if id(parent) not in seen:
+                    seen.add(id(parent))
+                    parents.append(parent)
+        frontier = parents
+    return None
+
+
+def _weight_width(node: gs.Node) -> int | None:
+    if node.op not in ("MatMul", "Gemm"):
+        return None
+    weights = [t for t in node.inputs if isinstance(t, gs.Constant) and t.values.ndim == 2]
+    if not weights:
+        return None
+    shape = weights[0].values.shape
+    return int(shape[0] if node.attrs.get("transB") else shape[1])
 
 
 def _head_dim(graph: gs.Graph, hidden: int, heads_attr: int | None) -> int:

@@ -30,17 +30,17 @@ os.environ.setdefault("BERTOPT_CACHE", str(REPO / ".cache"))
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
-    """tiny_export(variant, **config_overrides) -> Path of a dynamic-axes ONNX export of bert-tiny."""
+    """tiny_export(variant, preset="bert-tiny", head="qa", **config_overrides) -> Path of a dynamic export."""
     from bertopt.export import export_onnx, resolve_source
 
     folder = tmp_path_factory.mktemp("exports")
     made: dict[tuple, Path] = {}
 
-    def export(variant: str = "legacy14", *, head: str = "qa", **overrides) -> Path:
-        key = (variant, head, tuple(sorted(overrides.items())))
+    def export(variant: str = "legacy14", *, preset: str = "bert-tiny", head: str = "qa", **overrides) -> Path:
+        key = (variant, preset, head, tuple(sorted(overrides.items())))
         if key not in made:
             exporter, opset, attention = VARIANTS[variant]
-            source = resolve_source("bert-tiny", config_overrides=overrides)
+            source = resolve_source(preset, config_overrides=overrides)
             path = folder / f"{variant}-{head}-{len(made)}.onnx"
             made[key] = export_onnx(source, path, exporter=exporter, opset=opset, attention=attention,
                                     head=head).path

@@ -69,3 +69,15 @@ def test_embeddings_without_attention_are_refused():
                      opset=14)
     with pytest.raises(BertoptError, match="no attention"):
         detect_facts(graph)
+
+
+@pytest.mark.parametrize("preset, roles", [
+    ("roberta-tiny", {"input_ids", "attention_mask"}),
+    ("distilbert-tiny", {"input_ids", "attention_mask"}),
+    ("albert-tiny", {"input_ids", "attention_mask", "token_type_ids"}),
+])
+@pytest.mark.parametrize("variant", ["legacy14", "dynamo18"])
+def test_other_families(tiny_export, preset, roles, variant):
+    facts = detect_facts(load_graph(tiny_export(variant, preset=preset)))
+    assert (facts.num_layers, facts.hidden, facts.heads, facts.head_dim, facts.vocab_size) == (2, 32, 2, 16, 1000)
+    assert set(facts.roles.values()) == roles
