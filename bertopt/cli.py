@@ -6,6 +6,7 @@ on are one line on stderr, never a traceback.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,23 +45,73 @@ def run(
     opset: Optional[int] = typer.Option(None, "--opset", help="export opset (default 14 legacy, 18 dynamo)"),
     dump_dir: Optional[Path] = typer.Option(None, "--dump-dir", help="write the graph before/after each pass that changed it"),
     check_each_pass: bool = typer.Option(False, "--check-each-pass", help="parity after every pass; names the first that breaks numerics"),
+    soc: Optional[str] = typer.Option(None, "--soc", help="atc --soc_version (default: from `npu-smi info`, else Ascend310P3)"),
+    atc_arg: list[str] = typer.Option([], "--atc-arg", help="extra atc flag, repeatable (e.g. --atc-arg=--precision_mode=allow_mix_precision)"),
+    device: int = typer.Option(0, "--device", help="NPU device id for the OM (ais_bench)"),
+    strict_emulation: bool = typer.Option(False, "--strict-emulation", help="a failing Ascend fp16 emulation also exits 1"),
 ) -> None:
-    """Export (if needed), freeze shapes, run the passes, save, and check parity with the original."""
+    """Export (if needed), run the passes, save, compile with atc, validate against the original.
+
+    Candidates: the optimized ONNX (ORT fp32, tol 1e-4), the Ascend fp16 EMULATION (ORT CPU, tol 1e-2)
+    and the OM on an NPU where ais_bench and a device exist. Exit 1 when atc fails, the optimized ONNX
+    or a real OM fails validation; the emulation's verdict is reported only, unless --strict-emulation.
+    With --target ort there is no atc step and no Ascend candidate.
+    """
     from bertopt.run import RunConfig, run as run_pipeline
 
     config = RunConfig(model=model, passes=passes, batch=batch, seq=seq, output=output, target=target,
                        force=force, exporter=exporter, opset=opset, dump_dir=dump_dir,
-                       check_each_pass=check_each_pass)
+                       check_each_pass=check_each_pass, soc=soc, atc_args=tuple(atc_arg), device=device)
     with _progress() as progress:
-        report = run_pipeline(config, progress)
+        report = run_pipeline(config, progress, echo=lambda line: err.print(f"atc| {line}", markup=False))
     out.print(f"[bold]{report.model_description}[/bold]")
     out.print(_facts_line(report.facts))
     out.print(_pass_table(report.passes))
-    out.print(f"parity vs original (ONNX Runtime fp32, bs{batch} seq{seq}): {report.parity.summary_line()}")
+    out.print(_atc_lines(report.atc))
+    out.print(_validation_table(report.validation, f"validation vs original (ONNX Runtime fp32, bs{batch} seq{seq})"))
+    _print_candidate_notes(report.validation)
     out.print(f"optimized model: {report.optimized_model}")
     out.print(f"report: {report.output_dir / 'report.json'}")
-    if not report.parity.passed:
-        raise CheckFailed("parity check failed (see the line above)")
+    problems = report.failures(strict_emulation)
+    if problems:
+        raise CheckFailed("; ".join(problems))
+
+
+def _atc_lines(atc) -> str:
+    if atc is None:
+        return "atc: skipped (--target ort compiles nothing)"
+    return (f"atc command (soc {atc.soc} from {atc.soc_source}), written to {atc.script}:\n"
+            f"  {shlex.join(atc.argv)}\n{atc.summary_line()}")
+
+
+def _validation_table(candidates, title: str) -> Table:
+    """One row per compared output; skipped or crashed candidates are listed by _print_candidate_notes."""
+    table = Table(title=title)
+    for column in ("candidate", "output", "abs max", "abs p99", "rel max", "rel p99", "atol/rtol", "verdict",
+                   "same span"):
+        table.add_column(column, justify="right" if column[:3] in ("abs", "rel") else "left")
+    for candidate in candidates:
+        if candidate.comparison is None:
+            continue
+        span = candidate.comparison.span_agreement
+        for index, stats in enumerate(candidate.comparison.outputs):
+            first = index == 0
+            table.add_row(f"{candidate.name} [{candidate.kind}]" if first else "", stats.name,
+                          f"{stats.max_abs:.2g}", f"{stats.p99_abs:.2g}", f"{stats.max_rel:.2g}",
+                          f"{stats.p99_rel:.2g}", f"{stats.atol:g}/{stats.rtol:g}",
+                          "pass" if stats.passed else f"FAIL{': ' + stats.reason if stats.reason else ''}",
+                          f"{span:.1%}" if first and span is not None else "")
+    return table
+
+
+def _print_candidate_notes(candidates) -> None:
+    for candidate in candidates:
+        if candidate.skipped:
+            out.print(f"{candidate.name}: skipped: {candidate.skipped}", markup=False)
+        if candidate.error:
+            out.print(f"{candidate.name}: FAILED to run: {candidate.error}", markup=False)
+        for note in candidate.notes:
+            out.print(f"note ({candidate.name}): {note}", markup=False)
 
 
 def _facts_line(facts) -> str:
@@ -115,6 +166,62 @@ def export(
         result = export_onnx(source, output, exporter=exporter, opset=opset, attention=attention)
     origin = "from cache" if result.cached else f"in {result.seconds:.1f} s"
     out.print(f"{result.description}\nwrote {result.path} ({origin})")
+
+
+@app.command()
+def validate(
+    reference: Path = typer.Argument(..., help="the original ONNX model (the reference, run on ORT fp32)"),
+    candidate: Optional[Path] = typer.Argument(None, help=".onnx (ORT CPU) or .om (NPU through ais_bench)"),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="ais_bench input folders: DIR/<input name>/<idx>.npy"),
+    results: Optional[Path] = typer.Option(None, "--results", help="ais_bench --outfmt NPY folder: <idx>_<output>.npy"),
+    batch: Optional[int] = typer.Option(None, "--batch", help="batch of the realistic feeds (default: the models' static one)"),
+    seq: Optional[int] = typer.Option(None, "--seq", help="sequence length (default: the models' static one)"),
+    samples: int = typer.Option(2, "--samples", help="number of realistic batches"),
+    atol: Optional[float] = typer.Option(None, "--atol", help="default 1e-4 for ONNX, 1e-2 for an OM or results"),
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="default 1e-4 for ONNX, 1e-2 for an OM or results"),
+    device: int = typer.Option(0, "--device", help="NPU device id for an .om candidate"),
+) -> None:
+    """Compare a candidate model, or an ais_bench results folder, with the original graph.
+
+    Exit 0 when every output passes, 1 when any fails, 2 on bad input.
+    """
+    from bertopt.validate import validate_models, validate_results
+
+    if (candidate is not None and (inputs or results)) or (candidate is None and not (inputs and results)):
+        raise BertoptError("give either CANDIDATE or both --inputs and --results")
+    with _progress() as progress:
+        progress("running the reference and the candidate")
+        if candidate is not None:
+            report = validate_models(reference, candidate, batch=batch, seq=seq, samples=samples, atol=atol,
+                                     rtol=rtol, device_id=device)
+        else:
+            report = validate_results(reference, inputs, results, atol=atol, rtol=rtol)
+    out.print(_validation_table([report], f"validation vs {reference} (ONNX Runtime fp32)"))
+    _print_candidate_notes([report])
+    if report.comparison is not None:
+        out.print(report.comparison.summary_line(), markup=False)
+    if not report.passed:
+        raise CheckFailed(f"{report.name} differs from the reference beyond tolerance"
+                          + (f": {report.error}" if report.error else ""))
+
+
+@app.command()
+def inputs(
+    model: Path = typer.Argument(..., help="the ONNX model whose inputs to write"),
+    output: Path = typer.Option(..., "--output", help="new folder: <input name>/<idx>.npy, [1, seq] each"),
+    batch: int = typer.Option(1, "--batch", help="rows are drawn in batches of this size"),
+    seq: int = typer.Option(384, "--seq", help="sequence length"),
+    count: int = typer.Option(8, "--count", help="number of samples"),
+    seed: int = typer.Option(0, "--seed", help="random seed"),
+) -> None:
+    """Write realistic inputs in ais_bench's layout (feed them with --input DIR/a,DIR/b,DIR/c)."""
+    from bertopt.parity import graph_only, input_specs_of
+    from bertopt.validate import reference_facts, write_inputs
+
+    folders = write_inputs(reference_facts(model), input_specs_of(graph_only(model)), output, batch=batch,
+                           seq=seq, count=count, seed=seed)
+    out.print(f"wrote {count} samples to {output}")
+    out.print(f"ais_bench --input {','.join(str(f) for f in folders)}", markup=False)
 
 
 def main() -> None:

@@ -462,18 +462,18 @@ def parity_check(original: Path | str | onnx.ModelProto, rewritten: Path | str |
     The rewritten model gets the inputs it declares, cast to its own dtypes, so a pass may narrow
     int64 ids to int32 or drop an unused input; an input the original does not have is an error.
     """
-    original_specs = input_specs_of(_graph_only(original))
-    rewritten_specs = input_specs_of(_graph_only(rewritten))
+    original_specs = input_specs_of(graph_only(original))
+    rewritten_specs = input_specs_of(graph_only(rewritten))
     feeds = realistic_feeds(facts, original_specs, batch=batch, seq=seq, seed=seed, count=samples)
     reference = _run_all(OrtRunner(original, threads=threads), feeds)
     candidate = _run_all(OrtRunner(rewritten, threads=threads),
-                         [_adapt(feed, rewritten_specs) for feed in feeds])
+                         [adapt_feed(feed, rewritten_specs) for feed in feeds])
     mask_name = facts.input_for("attention_mask")
     masks = [feed[mask_name] for feed in feeds] if mask_name in original_specs else None
     return compare_outputs(reference, candidate, atol=atol, rtol=rtol, masks=masks)
 
 
-def _graph_only(model: Path | str | onnx.ModelProto) -> onnx.ModelProto:
+def graph_only(model: Path | str | onnx.ModelProto) -> onnx.ModelProto:
     """The model without loading its weights: only the graph's inputs are needed."""
     if isinstance(model, onnx.ModelProto):
         return model
@@ -486,7 +486,8 @@ def _graph_only(model: Path | str | onnx.ModelProto) -> onnx.ModelProto:
         raise BertoptError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
 
 
-def _adapt(feed: dict[str, np.ndarray], specs: InputSpecs) -> dict[str, np.ndarray]:
+def adapt_feed(feed: dict[str, np.ndarray], specs: InputSpecs) -> dict[str, np.ndarray]:
+    """The inputs a model declares, cast to its dtypes; one it declares but `feed` lacks is an error."""
     missing = [name for name in specs if name not in feed]
     if missing:
         raise BertoptError(f"the rewritten model has input(s) {missing} the original lacks")

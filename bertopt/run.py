@@ -1,4 +1,4 @@
-"""`bertopt run`: model -> passes -> optimized ONNX -> parity against the original -> report.json.
+"""`bertopt run`: model -> passes -> optimized ONNX -> atc -> validation against the original -> report.json.
 
 Data moves forward only: each step takes the previous step's value and returns a new one. The CLI
 layer (cli.py) only parses arguments, shows progress and prints what this module returns.
@@ -9,20 +9,26 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import onnx_graphsurgeon as gs
 
+from bertopt.backends import Backend, Skipped
+from bertopt.backends.ascend import AtcOptions, AtcResult, compile_om, detect_soc, om_backend
+from bertopt.backends.emulation import EmulationBackend
+from bertopt.backends.ort import ort_backends
 from bertopt.errors import BertoptError
 from bertopt.facts import ModelFacts, check_shape, detect_facts
-from bertopt.graph import load_graph, save_graph, to_model
+from bertopt.graph import is_static, load_graph, save_graph, to_model
 from bertopt.parity import Comparison, parity_check
 from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord
+from bertopt.validate import CandidateReport, validate_candidates
 
 OPTIMIZED_NAME = "optimized.onnx"
 REPORT_NAME = "report.json"
+OM_PREFIX = "om/optimized"  # atc's --output, relative to the output folder (atc appends .om)
 
 Progress = Callable[[str], None]
 
@@ -41,8 +47,11 @@ class RunConfig:
     dump_dir: Path | None = None
     check_each_pass: bool = False
     samples: int = 2
-    atol: float = 1e-4
+    atol: float = 1e-4  # the optimized ONNX (fp32); other candidates use their kind's default
     rtol: float = 1e-4
+    soc: str | None = None
+    atc_args: tuple[str, ...] = ()
+    device: int = 0
 
     def output_dir(self) -> Path:
         if self.output is not None:
@@ -59,7 +68,9 @@ class RunReport:
     model_description: str
     facts: ModelFacts
     passes: list[PassRecord]
-    parity: Comparison
+    parity: Comparison | None  # the optimized ONNX on ORT CPU; None when it could not run
+    atc: AtcResult | None = None  # None with --target ort
+    validation: list[CandidateReport] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -69,17 +80,34 @@ class RunReport:
             "model_description": self.model_description,
             "facts": self.facts.to_dict(),
             "passes": [record.to_dict() for record in self.passes],
-            "parity": self.parity.to_dict(),
+            "parity": self.parity.to_dict() if self.parity else None,
+            "atc": self.atc.to_dict() if self.atc else None,
+            "validation": [candidate.to_dict() for candidate in self.validation],
             **self.extra,
         }
 
+    def failures(self, strict_emulation: bool = False) -> list[str]:
+        """What makes the run fail (exit 1): atc failing, the optimized ONNX or a real OM failing
+        validation; the emulation's verdict counts only when `strict_emulation`."""
+        problems = [self.atc.summary_line()] if self.atc and self.atc.status == "failed" else []
+        for candidate in self.validation:
+            if candidate.passed is False and (candidate.kind != "emulation" or strict_emulation):
+                problems.append(f"{candidate.name} failed validation"
+                                + (f": {candidate.error}" if candidate.error else ""))
+        return problems
 
-def run(config: RunConfig, progress: Progress = lambda message: None) -> RunReport:
-    """Carry one model through the pipeline. Raises BertoptError on bad input before writing anything."""
+
+def run(config: RunConfig, progress: Progress = lambda message: None,
+        echo: Progress | None = None) -> RunReport:
+    """Carry one model through the pipeline. Raises BertoptError on bad input before writing anything.
+
+    `echo` receives atc's log line by line while it runs (default: `progress`).
+    """
     out_dir = config.output_dir()
     _refuse_existing_results(out_dir, config.force)
     if config.target not in ("ascend", "ort"):
         raise BertoptError(f"--target {config.target!r}: expected ascend or ort")
+    atc_plan = _atc_options(config) if config.target == "ascend" else None
     manager = PassManager(config.passes, _pass_options(config), _instruments(config, out_dir))
     original, description = _obtain_onnx(config, out_dir, progress)
     progress(f"loading {original}")
@@ -92,12 +120,42 @@ def run(config: RunConfig, progress: Progress = lambda message: None) -> RunRepo
     optimized = out_dir / OPTIMIZED_NAME
     progress(f"saving {optimized}")
     save_graph(graph, optimized)
-    progress("checking parity with the original graph on ONNX Runtime")
-    comparison = parity_check(original, optimized, facts, batch=config.batch, seq=config.seq,
-                              samples=config.samples, atol=config.atol, rtol=config.rtol)
-    report = RunReport(out_dir, original.resolve(), optimized.resolve(), description, facts, records, comparison)
+    atc = None
+    if atc_plan is not None:
+        progress("atc: compiling the OM")
+        options, soc_source = atc_plan
+        atc = compile_om(out_dir, _with_input_shape(options, graph, config), soc_source, echo or progress)
+    progress("validating the candidates against the original graph (ONNX Runtime fp32)")
+    validation = validate_candidates(original, _candidates(config, optimized, atc), facts,
+                                     batch=config.batch, seq=config.seq, samples=config.samples,
+                                     atol={"onnx": config.atol}, rtol={"onnx": config.rtol})
+    report = RunReport(out_dir, original.resolve(), optimized.resolve(), description, facts, records,
+                       validation[0].comparison, atc, validation)
     write_json(out_dir / REPORT_NAME, report.to_dict())
     return report
+
+
+def _atc_options(config: RunConfig) -> tuple[AtcOptions, str]:
+    """(options, where the soc came from); built before any work so a bad --atc-arg costs nothing."""
+    soc, source = detect_soc(config.soc)
+    return AtcOptions(model=OPTIMIZED_NAME, output=OM_PREFIX, soc_version=soc, extra=tuple(config.atc_args)), source
+
+
+def _with_input_shape(options: AtcOptions, graph: gs.Graph, config: RunConfig) -> AtcOptions:
+    """A graph that still has dynamic inputs (no freeze-shapes) needs atc's --input_shape."""
+    if all(is_static(tensor) for tensor in graph.inputs):
+        return options
+    shapes = {tensor.name: (config.batch, config.seq) for tensor in graph.inputs}
+    return replace(options, input_shape=shapes)
+
+
+def _candidates(config: RunConfig, optimized: Path, atc: AtcResult | None) -> list[Backend | Skipped]:
+    """The optimized ONNX in fp32 first (its verdict is the run's parity), then the Ascend candidates."""
+    found: list[Backend | Skipped] = list(ort_backends(optimized, "optimized ONNX fp32"))
+    if config.target == "ascend":
+        found.append(EmulationBackend(optimized))
+        found.append(om_backend(atc.om if atc else None, config.device))
+    return found
 
 
 def _pass_options(config: RunConfig) -> PassOptions:

@@ -1,0 +1,44 @@
+"""Candidates: anything that turns feeds into outputs and is checked against the original graph.
+
+Every backend answers ``run(feeds) -> outputs`` (numpy arrays by name) and says what it is:
+
+- ``name``: what the report shows ("optimized ONNX (ORT CPU)", "Ascend fp16 emulation (ORT CPU)");
+- ``kind``: how much to trust it and which tolerance applies by default:
+  ``onnx`` (the optimized graph in fp32: 1e-4), ``emulation`` (Ascend numerics reproduced on ONNX
+  Runtime: fp16 tolerance 1e-2, never a substitute for the device), ``npu`` (the compiled OM on an
+  Ascend device through ais_bench: 1e-2).
+
+A backend that cannot run here is not constructed; the code that looks for it returns a `Skipped`
+saying why, so a report always lists what was not checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+FP32_TOLERANCE = 1e-4
+FP16_TOLERANCE = 1e-2
+
+# Default atol and rtol by candidate kind (facts note, section 7): fp32 rewrites 1e-4, fp16 1e-2.
+DEFAULT_TOLERANCE = {"onnx": FP32_TOLERANCE, "emulation": FP16_TOLERANCE, "npu": FP16_TOLERANCE,
+                     "results": FP16_TOLERANCE}
+
+
+class Backend(Protocol):
+    name: str
+    kind: str
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name for one batch of feeds (graph input name -> array)."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A candidate that could not run here, and why (one line for the report)."""
+
+    name: str
+    kind: str
+    reason: str

@@ -1,0 +1,276 @@
+"""Ascend: the ATC invocation (options, argv, atc.sh, running it) and the OM on the NPU via ais_bench.
+
+The defaults reproduce the seed guide's command (facts note, section 4):
+
+    atc --model X.onnx --output om/X --framework 5 --log=error --soc_version Ascend310P3 \\
+        --optypelist_for_implmode=Gelu --op_select_implmode=high_performance
+
+Nothing here imitates CANN: `atc` runs only where it exists, the OM runs only where `ais_bench`
+imports and the device node exists, and every other case is reported as such.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bertopt.backends import Skipped
+from bertopt.errors import BertoptError
+
+DEFAULT_SOC = "Ascend310P3"
+CANN_SET_ENV = Path("/usr/local/Ascend/ascend-toolkit/set_env.sh")
+SCRIPT_NAME = "atc.sh"
+LOG_NAME = "atc.log"
+LOG_TAIL_LINES = 20
+NPU_SMI_TIMEOUT = 30
+
+# Flags the typed options own; giving them again through the pass-through would contradict them.
+OWNED_FLAGS = ("--model", "--output", "--framework", "--soc_version", "--log",
+               "--optypelist_for_implmode", "--op_select_implmode", "--precision_mode", "--input_shape")
+
+
+# --------------------------------------------------------------------------- options and argv
+
+@dataclass(frozen=True)
+class AtcOptions:
+    """What `atc` is asked to do; `argv()` renders it, values bare (atc.sh quotes them)."""
+
+    model: str
+    output: str
+    soc_version: str = DEFAULT_SOC
+    framework: int = 5  # 5 = ONNX
+    log: str = "error"
+    optypelist_for_implmode: str | None = "Gelu"
+    op_select_implmode: str | None = "high_performance"
+    precision_mode: str | None = None  # None keeps ATC's default (fp16 on 310P)
+    input_shape: dict[str, tuple[int, ...]] | None = None  # only graphs with dynamic inputs need it
+    extra: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for flag in self.extra:
+            if not flag.startswith("--"):
+                raise BertoptError(f"--atc-arg {flag!r}: ATC flags start with '--' (e.g. --atc-arg=--debug_dir=dbg)")
+            if flag.split("=", 1)[0] in OWNED_FLAGS:
+                raise BertoptError(f"--atc-arg {flag!r}: bertopt sets {flag.split('=', 1)[0]} itself "
+                                   f"(use --soc for the soc version)")
+
+    def argv(self) -> list[str]:
+        argv = ["atc", "--model", self.model, "--output", self.output, "--framework", str(self.framework),
+                f"--log={self.log}", "--soc_version", self.soc_version]
+        if self.optypelist_for_implmode:
+            argv.append(f"--optypelist_for_implmode={self.optypelist_for_implmode}")
+        if self.op_select_implmode:
+            argv.append(f"--op_select_implmode={self.op_select_implmode}")
+        if self.precision_mode:
+            argv.append(f"--precision_mode={self.precision_mode}")
+        if self.input_shape:
+            argv.append(f"--input_shape={render_input_shape(self.input_shape)}")
+        return argv + list(self.extra)
+
+
+def render_input_shape(shapes: dict[str, tuple[int, ...]]) -> str:
+    """ATC's form: ``name:d0,d1;name:d0,d1``."""
+    return ";".join(f"{name}:{','.join(str(d) for d in dims)}" for name, dims in shapes.items())
+
+
+def script_text(argv: list[str]) -> str:
+    """A bash script that runs `argv` from its own folder, with CANN's environment when installed."""
+    return "\n".join([
+        "#!/usr/bin/env bash",
+        "# Written by bertopt: compiles the optimized ONNX model into an Ascend OM.",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+        f"if [ -f {shlex.quote(str(CANN_SET_ENV))} ]; then",
+        f"  source {shlex.quote(str(CANN_SET_ENV))}",
+        "fi",
+        'mkdir -p "$(dirname ' + shlex.quote(_output_of(argv)) + ')"',
+        shlex.join(argv),
+        "",
+    ])
+
+
+def _output_of(argv: list[str]) -> str:
+    return argv[argv.index("--output") + 1]
+
+
+# --------------------------------------------------------------------------- soc version
+
+def parse_npu_smi(text: str) -> str | None:
+    """The soc version (``Ascend`` + the Name column) of the first NPU in `npu-smi info` output.
+
+    Each NPU takes two table rows: ``| 0  310P3 | OK | ...`` (NPU id, Name | Health) and
+    ``| 0  0 | 0000:82:00.0 | ...`` (Chip, Device | Bus-Id). The first is the one that names the chip.
+    """
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) < 2:
+            continue
+        head = cells[0].split()
+        if (len(head) == 2 and head[0].isdigit() and re.fullmatch(r"\d+[A-Za-z][A-Za-z0-9]*", head[1])
+                and not re.match(r"[0-9A-Fa-f]{4}:", cells[1])):
+            return f"Ascend{head[1]}"
+    return None
+
+
+def detect_soc(option: str | None, *, run_npu_smi: Callable[[], str | None] | None = None) -> tuple[str, str]:
+    """(soc version, where it came from: ``option`` | ``npu-smi`` | ``default``)."""
+    if option:
+        return option, "option"
+    text = (run_npu_smi or _npu_smi_info)()
+    soc = parse_npu_smi(text) if text else None
+    if soc:
+        return soc, "npu-smi"
+    return DEFAULT_SOC, "default"
+
+
+def _npu_smi_info() -> str | None:
+    if shutil.which("npu-smi") is None:
+        return None
+    try:
+        done = subprocess.run(["npu-smi", "info"], capture_output=True, text=True, timeout=NPU_SMI_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+# --------------------------------------------------------------------------- running atc
+
+@dataclass
+class AtcResult:
+    argv: list[str]
+    script: Path
+    status: str  # ran | failed | not-found
+    soc: str
+    soc_source: str
+    om: Path | None = None
+    returncode: int | None = None
+    log: Path | None = None
+    log_tail: list[str] | None = None
+
+    def to_dict(self) -> dict:
+        data = {"argv": self.argv, "script": str(self.script), "status": self.status, "soc": self.soc,
+                "soc_source": self.soc_source}
+        if self.om is not None:
+            data["om"] = str(self.om)
+        if self.status == "failed":
+            data.update(returncode=self.returncode, log=str(self.log), log_tail=self.log_tail)
+        return data
+
+    def summary_line(self) -> str:
+        if self.status == "not-found":
+            return (f"atc not found (no `atc` on PATH, no {CANN_SET_ENV}): wrote {self.script}; "
+                    f"run it where CANN is installed")
+        if self.status == "ran":
+            return f"atc compiled {self.om} (soc {self.soc})"
+        last = self.log_tail[-1] if self.log_tail else "no output"
+        return f"atc failed with exit code {self.returncode} (log {self.log}): {last}"
+
+
+def atc_available() -> bool:
+    """`atc` on PATH, or CANN's set_env.sh that puts it there (atc.sh sources it)."""
+    return shutil.which("atc") is not None or CANN_SET_ENV.is_file()
+
+
+def write_script(folder: Path, argv: list[str]) -> Path:
+    """Write atc.sh atomically and make it executable."""
+    path = folder / SCRIPT_NAME
+    tmp = folder / f".{SCRIPT_NAME}.tmp"
+    tmp.write_text(script_text(argv))
+    tmp.chmod(0o755)
+    os.replace(tmp, path)
+    return path
+
+
+def compile_om(folder: Path, options: AtcOptions, soc_source: str,
+               echo: Callable[[str], None] = lambda line: None) -> AtcResult:
+    """Write atc.sh in `folder` and run it when atc exists, streaming each log line to `echo`.
+
+    Paths in `options` are relative to `folder` (the script changes into it, as the seed's commands
+    run from the model folder). The log goes to atc.log; a failure keeps its last lines.
+    """
+    argv = options.argv()
+    script = write_script(folder, argv)
+    result = AtcResult(argv=argv, script=script, status="not-found", soc=options.soc_version,
+                       soc_source=soc_source)
+    if not atc_available():
+        return result
+    log = folder / LOG_NAME
+    returncode, tail = _stream(["bash", str(script)], log, echo)
+    om = folder / f"{options.output}.om"
+    if returncode == 0 and om.is_file():
+        result.status, result.om = "ran", om.resolve()
+    else:
+        if returncode == 0:
+            tail.append(f"atc exited 0 but wrote no {om}")
+        result.status, result.log_tail = "failed", list(tail)
+    result.returncode, result.log = returncode, log
+    return result
+
+
+def _stream(command: list[str], log: Path, echo: Callable[[str], None]) -> tuple[int, collections.deque]:
+    tail: collections.deque = collections.deque(maxlen=LOG_TAIL_LINES)
+    with open(log, "w") as sink, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                  text=True, errors="replace") as process:
+        for line in process.stdout:
+            sink.write(line)
+            line = line.rstrip("\n")
+            tail.append(line)
+            echo(line)
+    return process.returncode, tail
+
+
+# --------------------------------------------------------------------------- the OM on the NPU
+
+class AisBenchBackend:
+    """The compiled OM on an Ascend device through ais_bench's InferSession (static shapes)."""
+
+    kind = "npu"
+
+    def __init__(self, om: Path, device_id: int, session_class) -> None:
+        self.name = f"OM on NPU {device_id} (ais_bench)"
+        self._session = session_class(device_id, str(om))
+        self._inputs = [arg.name for arg in self._session.get_inputs()]
+        self._outputs = [arg.name for arg in self._session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [name for name in self._inputs if name not in feeds]
+        if missing:
+            raise BertoptError(f"the OM has input(s) {missing} the reference does not feed")
+        arrays = [np.ascontiguousarray(feeds[name]) for name in self._inputs]
+        outputs = self._session.infer(feeds=arrays, mode="static")
+        return dict(zip(self._outputs, outputs))
+
+
+def ais_bench_session_class():
+    """ais_bench's InferSession, or None when ais_bench (with its aclruntime) does not import."""
+    try:
+        return importlib.import_module("ais_bench.infer.interface").InferSession
+    except Exception:  # ImportError, or aclruntime failing to find CANN's libraries
+        return None
+
+
+def npu_device_present(device_id: int) -> bool:
+    return Path(f"/dev/davinci{device_id}").exists()
+
+
+def om_backend(om: Path | None, device_id: int = 0) -> AisBenchBackend | Skipped:
+    """The OM backend, or why it cannot run here."""
+    name, kind = f"OM on NPU {device_id} (ais_bench)", "npu"
+    if om is None or not Path(om).is_file():
+        return Skipped(name, kind, "no compiled OM (atc did not run here)")
+    session_class = ais_bench_session_class()
+    if session_class is None:
+        return Skipped(name, kind, "ais_bench is not installed (or cannot load CANN's aclruntime)")
+    if not npu_device_present(device_id):
+        return Skipped(name, kind, f"no Ascend device /dev/davinci{device_id}")
+    return AisBenchBackend(Path(om), device_id, session_class)
