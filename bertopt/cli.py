@@ -124,13 +124,39 @@ def _facts_line(facts) -> str:
 def _pass_table(records) -> Table:
     table = Table(title="passes")
     for column in ("pass", "changed", "seconds", "verify s", "changes"):
-        table.add_column(column, justify="right" if "s" == column[-1:] and column != "pass" else "left")
+        table.add_column(column, justify="right" if column in ("seconds", "verify s") else "left")
     for record in records:
-        changes = ", ".join(f"{k}={v}" for k, v in record.counts.items()) if record.changed else "no change"
-        notes = "; ".join(record.notes)
         table.add_row(record.name, "yes" if record.changed else "no", f"{record.seconds:.2f}",
-                      f"{record.verify_seconds:.2f}", f"{changes}\n{notes}" if notes else changes)
+                      f"{record.verify_seconds:.2f}", _changes(record))
     return table
+
+
+def _changes(record, shown: int = 4) -> str:
+    """The first few counts (report.json has them all), then the pass's notes."""
+    counts = [f"{k}={v}" for k, v in record.counts.items() if v]
+    text = ", ".join(counts[:shown]) + (f", +{len(counts) - shown} more" if len(counts) > shown else "")
+    return "\n".join([text or "no change", *record.notes])
+
+
+@app.command()
+def optimize(
+    model: Path = typer.Argument(..., help="the ONNX model to optimize (never modified)"),
+    output: Path = typer.Option(..., "--output", help="the optimized .onnx to write"),
+    passes: str = typer.Option("default", "--passes", help="pipeline: default | a,b,c | default,-name"),
+    batch: int = typer.Option(1, "--batch", help="static batch size"),
+    seq: int = typer.Option(384, "--seq", help="static sequence length"),
+    target: str = typer.Option("ascend", "--target", help="ascend | ort"),
+    force: bool = typer.Option(False, "--force", help="overwrite --output if it exists"),
+) -> None:
+    """Load, run the passes, save: nothing else (no export, atc or validation). Replaces fix_onnx.py."""
+    from bertopt.run import optimize as optimize_model
+
+    with _progress() as progress:
+        facts, records = optimize_model(model, output, passes, batch=batch, seq=seq, target=target,
+                                        force=force, progress=progress)
+    out.print(_facts_line(facts))
+    out.print(_pass_table(records))
+    out.print(f"optimized model: {output}")
 
 
 @app.command("passes")

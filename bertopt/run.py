@@ -105,21 +105,14 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
     """
     out_dir = config.output_dir()
     _refuse_existing_results(out_dir, config.force)
-    if config.target not in ("ascend", "ort"):
-        raise BertoptError(f"--target {config.target!r}: expected ascend or ort")
+    _check_target(config.target)
     atc_plan = _atc_options(config) if config.target == "ascend" else None
     manager = PassManager(config.passes, _pass_options(config), _instruments(config, out_dir))
     original, description = _obtain_onnx(config, out_dir, progress)
-    progress(f"loading {original}")
-    graph = load_graph(original)
-    facts = detect_facts(graph)
-    check_shape(facts, config.batch, config.seq)
     if config.check_each_pass:
-        manager.instruments.parity_probe = _parity_probe(original, facts, config)
-    facts, records = manager.run(graph, facts)
+        manager.instruments.parity_probe = _parity_probe(original, config)
     optimized = out_dir / OPTIMIZED_NAME
-    progress(f"saving {optimized}")
-    save_graph(graph, optimized)
+    graph, facts, records = optimize_file(original, optimized, manager, progress)
     atc = None
     if atc_plan is not None:
         progress("atc: compiling the OM")
@@ -133,6 +126,42 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
                        validation[0].comparison, atc, validation)
     write_json(out_dir / REPORT_NAME, report.to_dict())
     return report
+
+
+def optimize_file(source: Path, output: Path, manager: PassManager,
+                  progress: Progress = lambda message: None) -> tuple[gs.Graph, ModelFacts, list[PassRecord]]:
+    """Load `source`, run the pipeline, save the result to `output`: `bertopt optimize`, and the heart of run.
+
+    The model is read once and written once; passes edit one graph in place.
+    """
+    progress(f"loading {source}")
+    graph = load_graph(source)
+    facts = detect_facts(graph)
+    check_shape(facts, manager.options.batch, manager.options.seq)
+    facts, records = manager.run(graph, facts)
+    progress(f"saving {output}")
+    save_graph(graph, output)
+    return graph, facts, records
+
+
+def optimize(source: Path, output: Path, spec: str, *, batch: int, seq: int, target: str = "ascend",
+             force: bool = False, progress: Progress = lambda message: None) -> tuple[ModelFacts, list[PassRecord]]:
+    """`bertopt optimize`: an ONNX file in, the optimized ONNX file out; no export, atc or validation."""
+    source, output = Path(source), Path(output)
+    if output.resolve() == source.resolve():
+        raise BertoptError(f"--output {output} is the input model; bertopt never overwrites its input")
+    if output.exists() and not force:
+        raise BertoptError(f"--output {output} exists; pass --force to overwrite it")
+    _check_target(target)
+    options = PassOptions(batch=batch, seq=seq, target=target)
+    instruments = Instruments(reproducer_dir=output.parent / f"{output.stem}.reproducer")
+    _, facts, records = optimize_file(source, output, PassManager(spec, options, instruments), progress)
+    return facts, records
+
+
+def _check_target(target: str) -> None:
+    if target not in ("ascend", "ort"):
+        raise BertoptError(f"--target {target!r}: expected ascend or ort")
 
 
 def _atc_options(config: RunConfig) -> tuple[AtcOptions, str]:
@@ -187,8 +216,8 @@ def _obtain_onnx(config: RunConfig, out_dir: Path, progress: Progress) -> tuple[
     return result.path, result.description
 
 
-def _parity_probe(original: Path, facts: ModelFacts, config: RunConfig):
-    def probe(graph: gs.Graph, _facts: ModelFacts) -> tuple[bool, float, str]:
+def _parity_probe(original: Path, config: RunConfig):
+    def probe(graph: gs.Graph, facts: ModelFacts) -> tuple[bool, float, str]:
         comparison = parity_check(original, to_model(graph), facts, batch=config.batch, seq=config.seq,
                                   samples=1, atol=config.atol, rtol=config.rtol)
         worst = max(o.max_abs for o in comparison.outputs)

@@ -94,3 +94,18 @@ def test_passes_lists_freeze_shapes():
     result = bertopt("passes")
     assert result.returncode == 0
     assert "freeze-shapes" in result.stdout and "pipeline default:" in result.stdout
+
+
+def test_optimize_writes_only_the_model(tmp_path, tiny_export):
+    model = tiny_export("legacy14")
+    before = digest(model)
+    out = tmp_path / "opt.onnx"
+    result = bertopt("optimize", str(model), "--passes", "freeze-shapes", "--batch", "2", "--seq", "16",
+                     "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[1].dim_value == 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["opt.onnx"]
+    assert_one_line_error(bertopt("optimize", str(model), "--output", str(out)), 2, "--force")
+    assert_one_line_error(bertopt("optimize", str(model), "--output", str(model), "--force"), 2,
+                          "never overwrites its input")
+    assert digest(model) == before
