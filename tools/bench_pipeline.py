@@ -1,0 +1,169 @@
+"""Wall time and peak memory of bertopt's pipeline beside the floor and the tools it replaces.
+
+    .venv/bin/python tools/bench_pipeline.py                       # base and large, 3 runs each
+    .venv/bin/python tools/bench_pipeline.py --sizes base --repeat 1 --no-write
+
+Each measurement is a separate process (its peak RSS comes from the kernel via wait4), repeated and
+reported as the median. Measured per size, on the legacy opset-14 export at the given batch/seq:
+
+- floor:      onnx.load + onnx.save of the dynamic export (what any whole-model tool pays);
+- bertopt:    `bertopt optimize` with the `default` pipeline and with `freeze-shapes` alone;
+- onnxsim:    onnxsim.simplify with fixed input shapes (the seed's way of freezing shapes);
+- ORT:        onnxruntime.transformers optimize_model(model_type="bert") on the dynamic export.
+
+The table goes into BENCHMARKS.md between this tool's markers, with the machine, versions and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "BENCHMARKS.md"
+BEGIN, END = "<!-- bench_pipeline:begin -->", "<!-- bench_pipeline:end -->"
+PRESETS = {"base": "bert-base", "large": "bert-large"}
+
+FLOOR = "import onnx, sys; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])"
+ONNXSIM = """import onnx, onnxsim, sys
+batch, seq = int(sys.argv[3]), int(sys.argv[4])
+model = onnx.load(sys.argv[1])
+shapes = {i.name: [batch, seq] for i in model.graph.input}
+model, ok = onnxsim.simplify(model, overwrite_input_shapes=shapes)
+assert ok
+onnx.save(model, sys.argv[2])"""
+ORT_OPTIMIZER = """import sys
+from onnxruntime.transformers.optimizer import optimize_model
+optimize_model(sys.argv[1], model_type="bert", num_heads=int(sys.argv[3]), hidden_size=int(sys.argv[4])
+               ).save_model_to_file(sys.argv[2])"""
+
+
+@dataclass
+class Measurement:
+    tool: str
+    seconds: list[float]
+    peak_mib: list[float]
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def median_mib(self) -> float:
+        return statistics.median(self.peak_mib)
+
+
+def measure(argv: list[str], repeat: int) -> tuple[list[float], list[float]]:
+    """Run `argv` `repeat` times; wall seconds and peak RSS (MiB) of each run."""
+    seconds, peaks = [], []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds.append(time.perf_counter() - start)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"failed: {' '.join(argv)}\n{process.stderr.read().decode()[-2000:]}")
+        peaks.append(usage.ru_maxrss / 1024)
+    return seconds, peaks
+
+
+def export(size: str, folder: Path) -> Path:
+    from bertopt.export import export_onnx, resolve_source
+
+    return export_onnx(resolve_source(PRESETS[size]), folder / f"bert_{size}.onnx").path
+
+
+def bench_size(size: str, batch: int, seq: int, repeat: int, folder: Path) -> list[Measurement]:
+    from bertopt.facts import detect_facts
+    from bertopt.graph import load_graph
+
+    model = export(size, folder)
+    facts = detect_facts(load_graph(model))
+    out = str(folder / "out.onnx")
+    python = sys.executable
+    cases = {
+        "onnx.load + onnx.save (floor)": [python, "-c", FLOOR, str(model), out],
+        "bertopt optimize --passes default": [python, "-m", "bertopt", "optimize", str(model), "--passes",
+                                              "default", "--batch", str(batch), "--seq", str(seq),
+                                              "--output", out, "--force"],
+        "bertopt optimize --passes freeze-shapes": [python, "-m", "bertopt", "optimize", str(model), "--passes",
+                                                    "freeze-shapes", "--batch", str(batch), "--seq", str(seq),
+                                                    "--output", out, "--force"],
+        "onnxsim 0.8.1 (fixed shapes)": [python, "-c", ONNXSIM, str(model), out, str(batch), str(seq)],
+        "ORT optimize_model(bert), dynamic": [python, "-c", ORT_OPTIMIZER, str(model), out,
+                                              str(facts.heads), str(facts.hidden)],
+    }
+    results = []
+    for tool, argv in cases.items():
+        print(f"[{size}] {tool} x{repeat}", flush=True)
+        results.append(Measurement(tool, *measure(argv, repeat)))
+    return results
+
+
+def table(size: str, results: list[Measurement]) -> str:
+    floor = results[0]
+    rows = [f"| bert-{size} | tool | wall s (median) | x floor | peak RSS MiB (median) | x floor |",
+            "|---|---|---:|---:|---:|---:|"]
+    for m in results:
+        rows.append(f"| | {m.tool} | {m.median_seconds:.1f} | {m.median_seconds / floor.median_seconds:.2f} | "
+                    f"{m.median_mib:.0f} | {m.median_mib / floor.median_mib:.2f} |")
+    return "\n".join(rows)
+
+
+def environment() -> str:
+    import onnx
+    import onnxruntime
+    import onnxsim
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    return (f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, Python {platform.python_version()}; "
+            f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, onnxsim {onnxsim.__version__}, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}")
+
+
+def write_section(text: str) -> None:
+    current = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in current:
+        head, rest = current.split(BEGIN, 1)
+        current = head + block + rest.split(END, 1)[1]
+    else:
+        current = current.rstrip("\n") + "\n\n" + block + "\n"
+    BENCHMARKS.write_text(current)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="base,large")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=384)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
+    args = parser.parse_args()
+    sections = []
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        for size in args.sizes.split(","):
+            sections.append(table(size, bench_size(size, args.batch, args.seq, args.repeat, Path(tmp))))
+    command = "python tools/bench_pipeline.py " + " ".join(sys.argv[1:])
+    text = (f"## Pipeline cost (tools/bench_pipeline.py)\n\nMeasured {time.strftime('%Y-%m-%d')} with "
+            f"`{command.strip()}`: legacy opset-14 export, batch {args.batch}, seq {args.seq}, median of "
+            f"{args.repeat} separate processes each.\nMachine: {environment()}.\n\n" + "\n\n".join(sections))
+    print(text)
+    if not args.no_write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
