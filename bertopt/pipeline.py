@@ -68,7 +68,7 @@ _REGISTRY: dict[str, PassInfo] = {}
 
 # Named pipelines. `default` is the seed's target; later passes join it as they are written.
 PIPELINES: dict[str, list[str]] = {
-    "default": ["freeze-shapes"],
+    "default": ["freeze-shapes", "fold-attention-mask"],
 }
 
 
