@@ -172,7 +172,7 @@ def list_passes() -> None:
         table.add_row(info.name, info.summary, ", ".join(info.requires))
     out.print(table)
     for name, names in PIPELINES.items():
-        out.print(f"pipeline {name}: {', '.join(names)}")
+        out.print(f"pipeline {name} (`default` with --target {name}): {', '.join(names)}")
 
 
 @app.command()

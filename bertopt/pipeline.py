@@ -66,10 +66,12 @@ class PassInfo:
 
 _REGISTRY: dict[str, PassInfo] = {}
 
-# Named pipelines. `default` is the seed's target; later passes join it as they are written.
+# Named pipelines, one per target; `default` in a spec means the pipeline of the run's target.
 PIPELINES: dict[str, list[str]] = {
-    "default": ["freeze-shapes", "fold-attention-mask"],
+    "ascend": ["freeze-shapes", "fold-attention-mask"],
+    "ort": ["freeze-shapes", "fold-attention-mask"],
 }
+DEFAULT = "default"
 
 
 def register_pass(name: str, summary: str, requires: tuple[str, ...] = ()) -> Callable[[PassFn], PassFn]:
@@ -99,8 +101,11 @@ def _import_pass_modules() -> None:
         importlib.import_module(f"{package.__name__}.{module.name}")
 
 
-def parse_spec(spec: str) -> list[str]:
-    """`default`, `a,b,c`, `default,-name`, `default,extra`: a list of registered pass names."""
+def parse_spec(spec: str, target: str = "ascend") -> list[str]:
+    """`default`, `a,b,c`, `default,-name`, `ort,extra`: a list of registered pass names.
+
+    `default` is the pipeline of `target`; a pipeline's own name (`ascend`, `ort`) also works.
+    """
     passes = registered_passes()
     names: list[str] = []
     for item in (part.strip() for part in spec.split(",")):
@@ -111,12 +116,12 @@ def parse_spec(spec: str) -> list[str]:
             if removed not in names:
                 raise BertoptError(f"--passes {spec!r}: cannot remove {removed!r}, it is not in the pipeline")
             names.remove(removed)
-        elif item in PIPELINES:
-            names.extend(PIPELINES[item])
+        elif item == DEFAULT or item in PIPELINES:
+            names.extend(PIPELINES[target if item == DEFAULT else item])
         elif item in passes:
             names.append(item)
         else:
-            known = ", ".join(sorted(passes) + sorted(PIPELINES))
+            known = ", ".join(sorted(passes) + [DEFAULT] + sorted(PIPELINES))
             raise BertoptError(f"--passes {spec!r}: unknown pass {item!r} (known: {known})")
     if not names:
         raise BertoptError(f"--passes {spec!r} names no pass")
@@ -159,8 +164,8 @@ class PassFailed(CheckFailed):
 class PassManager:
     def __init__(self, spec: str, options: PassOptions | None = None, instruments: Instruments | None = None):
         self.spec = spec
-        self.names = parse_spec(spec)
         self.options = options or PassOptions()
+        self.names = parse_spec(spec, self.options.target)
         self.instruments = instruments or Instruments()
         self._passes = registered_passes()
 

@@ -93,7 +93,7 @@ def test_existing_results_need_force(tmp_path, tiny_export):
 def test_passes_lists_freeze_shapes():
     result = bertopt("passes")
     assert result.returncode == 0
-    assert "freeze-shapes" in result.stdout and "pipeline default:" in result.stdout
+    assert "freeze-shapes" in result.stdout and "pipeline ascend (`default` with --target ascend):" in result.stdout
 
 
 def test_optimize_writes_only_the_model(tmp_path, tiny_export):

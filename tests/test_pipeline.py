@@ -55,9 +55,12 @@ def break_graph(graph, facts, options):
 
 def test_spec_default_minus_and_lists(fake_passes):
     fake_passes("noop", noop)
-    assert parse_spec("default") == pipeline.PIPELINES["default"]
-    assert parse_spec("default,noop") == pipeline.PIPELINES["default"] + ["noop"]
-    assert parse_spec("default,-freeze-shapes,noop") == ["noop"]
+    ascend = pipeline.PIPELINES["ascend"]
+    assert parse_spec("default") == ascend
+    assert parse_spec("default", target="ort") == pipeline.PIPELINES["ort"]
+    assert parse_spec("ort") == pipeline.PIPELINES["ort"]
+    assert parse_spec("default,noop") == ascend + ["noop"]
+    assert parse_spec("default,-freeze-shapes,noop") == [n for n in ascend if n != "freeze-shapes"] + ["noop"]
     assert parse_spec(" noop , noop ") == ["noop", "noop"]
 
 
