@@ -250,6 +250,93 @@ def inputs(
     out.print(f"ais_bench --input {','.join(str(f) for f in folders)}", markup=False)
 
 
+squad_app = typer.Typer(no_args_is_help=True, help="SQuAD v1.1 accuracy: pre-process, score results, check graphs.")
+app.add_typer(squad_app, name="squad")
+
+
+@squad_app.command("prep")
+def squad_prep(
+    model: str = typer.Argument(..., help="the .onnx model to feed, a preset, or an HF checkpoint folder"),
+    data: str = typer.Option(..., "--data", help="dev-v1.1.json, a saved `datasets` folder, or `squad` (the hub)"),
+    seq: int = typer.Option(..., "--seq", help="sequence length of the features"),
+    doc_stride: Optional[int] = typer.Option(None, "--doc-stride", help="window overlap (default: the seed's, e.g. 128 at seq 384)"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer folder (default: the model's)"),
+    output: Path = typer.Option(..., "--output", help="new folder: <input name>/<idx>.npy and features.json"),
+) -> None:
+    """Tokenise SQuAD into features in ais_bench's input layout (HF run_qa validation features)."""
+    import tempfile
+
+    from bertopt.squad.data import load_examples
+    from bertopt.squad.files import refuse_used_folder
+    from bertopt.squad.model import load_tokenizer, obtain_model, tokenizer_folder
+    from bertopt.squad.prep import prepare_features, write_features
+
+    refuse_used_folder(output)
+    examples = load_examples(data)
+    with _progress() as progress, tempfile.TemporaryDirectory(prefix="bertopt-squad-") as scratch:
+        progress(f"reading {model}")
+        squad_model = obtain_model(model, Path(scratch))
+        source = tokenizer_folder(squad_model, tokenizer)
+        progress(f"tokenising {len(examples)} questions")
+        features = prepare_features(examples, load_tokenizer(source, squad_model.facts.vocab_size), seq,
+                                    doc_stride, str(source))
+        folders = write_features(features, squad_model.inputs, output)
+    out.print(f"{len(examples)} questions -> {len(features)} features (seq {seq}, doc stride {features.doc_stride}, "
+              f"tokenizer {source}) in {output}", markup=False)
+    out.print(f"ais_bench --input {','.join(str(f) for f in folders)}", markup=False, soft_wrap=True)
+
+
+@squad_app.command("eval")
+def squad_eval(
+    features: Path = typer.Option(..., "--features", help="the folder `bertopt squad prep` wrote"),
+    results: Path = typer.Option(..., "--results", help="ais_bench --outfmt NPY folder: <idx>_0.npy start, <idx>_1.npy end"),
+    data: str = typer.Option(..., "--data", help="the data the features were made from"),
+    output: Optional[Path] = typer.Option(None, "--output", help="new folder for predictions.json, metrics.json (default RESULTS/squad)"),
+) -> None:
+    """Score ais_bench results with the official SQuAD v1.1 EM/F1."""
+    from bertopt.squad.check import evaluate_results
+
+    target = output or results / "squad"
+    with _progress() as progress:
+        progress("post-processing and scoring")
+        score = evaluate_results(features, results, data, target)
+    metrics = score.metrics
+    nonfinite = f"; {score.nonfinite_features} feature(s) with NaN/inf logits" if score.nonfinite_features else ""
+    out.print(f"EM {metrics.exact_match:.2f}  F1 {metrics.f1:.2f}  ({metrics.total} questions{nonfinite})\n"
+              f"wrote {target}", markup=False)
+
+
+@squad_app.command("check")
+def squad_check(
+    model: str = typer.Argument(..., help="preset name, HF checkpoint folder, or .onnx file"),
+    data: str = typer.Option(..., "--data", help="dev-v1.1.json, a saved `datasets` folder, or `squad` (the hub)"),
+    seq: int = typer.Option(384, "--seq", help="static sequence length"),
+    batch: int = typer.Option(1, "--batch", help="static batch size"),
+    output: Path = typer.Option(..., "--output", help="new folder: original/, optimized/, emulation/, features/, squad.json"),
+    passes: str = typer.Option("default", "--passes", help="pipeline: default | a,b,c | default,-name"),
+    doc_stride: Optional[int] = typer.Option(None, "--doc-stride", help="window overlap (default: the seed's)"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer folder (default: the model's)"),
+    emulation: bool = typer.Option(True, "--emulation/--no-emulation", help="also score the Ascend fp16 emulation"),
+) -> None:
+    """SQuAD EM/F1 of the original graph, the optimized graph and the Ascend emulation, on the same features."""
+    from bertopt.squad.check import check_model
+
+    with _progress() as progress:
+        result = check_model(model, data, output, seq=seq, batch=batch, passes=passes, doc_stride=doc_stride,
+                             tokenizer=tokenizer, emulation=emulation, progress=progress)
+    table = Table(title=f"SQuAD v1.1, {result.info['questions']} questions, {result.features} features "
+                        f"(bs{batch} seq{seq} stride {result.doc_stride})")
+    for column in ("candidate", "EM", "F1", "dEM", "dF1", "same answers", "NaN/inf features"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for score in result.scores:
+        delta = result.delta(score)
+        table.add_row(score.label, f"{score.metrics.exact_match:.2f}", f"{score.metrics.f1:.2f}",
+                      f"{delta['exact_match']:+.2f}", f"{delta['f1']:+.2f}", f"{result.same_answers(score):.1%}",
+                      str(score.nonfinite_features))
+    out.print(table)
+    out.print(f"report: {result.output / 'squad.json'}", markup=False)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

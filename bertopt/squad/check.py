@@ -1,0 +1,205 @@
+"""Score SQuAD answers: from an ais_bench results folder (``eval``), or the original graph against the
+optimized graph (and the Ascend fp16 emulation) on the very same features (``check``).
+
+Every scored candidate gets a folder with ``predictions.json`` (the official format,
+``{question id: answer text}``) and ``metrics.json`` (``exact_match``, ``f1``, ``total``); a check
+also writes ``squad.json`` with all scores, their deltas against the original and how many answers
+are word for word the original's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bertopt.errors import BertoptError
+from bertopt.parity import graph_only, input_specs_of
+from bertopt.squad.data import Example, gold_answers, load_examples
+from bertopt.squad.files import new_folder, refuse_used_folder, write_json
+from bertopt.squad.infer import Runner, read_results, run_features, static_batch
+from bertopt.squad.metric import SquadMetrics, evaluate
+from bertopt.squad.post import predict_answers
+from bertopt.squad.prep import Features, prepare_features, read_features, write_features
+
+PREDICTIONS_FILE = "predictions.json"
+METRICS_FILE = "metrics.json"
+CHECK_FILE = "squad.json"
+FEATURES_DIR = "features"
+OPTIMIZED_MODEL = "optimized.onnx"
+ORIGINAL, OPTIMIZED, EMULATION = "original", "optimized", "emulation"
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class SquadScore:
+    """One candidate's answers and EM/F1; `nonfinite_features` counts features with NaN/inf logits."""
+
+    name: str
+    label: str
+    metrics: SquadMetrics
+    predictions: dict[str, str]
+    nonfinite_features: int = 0
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "label": self.label, **self.metrics.to_dict(),
+                "nonfinite_features": self.nonfinite_features}
+
+
+@dataclass
+class SquadCheck:
+    """The original graph's score first, then each candidate's; deltas are candidate - original."""
+
+    output: Path
+    seq: int
+    doc_stride: int
+    batch: int
+    features: int
+    scores: list[SquadScore]
+    info: dict = field(default_factory=dict)
+
+    def delta(self, score: SquadScore) -> dict[str, float]:
+        reference = self.scores[0].metrics
+        return {"exact_match": score.metrics.exact_match - reference.exact_match,
+                "f1": score.metrics.f1 - reference.f1}
+
+    def same_answers(self, score: SquadScore) -> float:
+        """The fraction of questions whose answer text is the original graph's, character for character."""
+        reference = self.scores[0].predictions
+        return sum(score.predictions[q] == text for q, text in reference.items()) / len(reference)
+
+    def to_dict(self) -> dict:
+        return {"seq": self.seq, "doc_stride": self.doc_stride, "batch": self.batch, "features": self.features,
+                **self.info,
+                "scores": [dict(score.to_dict(), folder=score.name, delta=self.delta(score),
+                                same_answers=self.same_answers(score)) for score in self.scores]}
+
+
+def score_logits(name: str, label: str, examples: list[Example], features: Features, start: np.ndarray,
+                 end: np.ndarray) -> SquadScore:
+    """Post-process logits into answers and score them against the gold answers."""
+    _check_coverage(examples, features)
+    predictions = predict_answers(examples, features, start, end)
+    nonfinite = int(np.count_nonzero(~(np.isfinite(start).all(axis=1) & np.isfinite(end).all(axis=1))))
+    return SquadScore(name, label, evaluate(gold_answers(examples), predictions), predictions, nonfinite)
+
+
+def _check_coverage(examples: list[Example], features: Features) -> None:
+    """Features made from another data file would silently score 0 on the questions they lack."""
+    asked = {example.id for example in examples}
+    featured = set(features.example_ids)
+    if asked != featured:
+        strays = sorted(featured - asked)[:3] or sorted(asked - featured)[:3]
+        raise BertoptError(f"the features and the data file hold different questions (e.g. {', '.join(strays)}); "
+                           "prepare the features from this data file")
+
+
+def write_score(folder: Path, score: SquadScore) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / PREDICTIONS_FILE, score.predictions)
+    write_json(folder / METRICS_FILE, score.metrics.to_dict())
+
+
+def evaluate_results(features_dir: Path, results_dir: Path, data: str | Path, output: Path) -> SquadScore:
+    """Score an ais_bench results folder produced from `features_dir`; write into `output` (new)."""
+    refuse_used_folder(Path(output))
+    features, _ = read_features(features_dir)
+    examples = load_examples(data)
+    start, end = read_results(results_dir, len(features), features.seq)
+    score = score_logits("results", f"ais_bench results {results_dir}", examples, features, start, end)
+    with new_folder(output) as staging:
+        write_score(staging, score)
+    return score
+
+
+def check(original: Path, optimized: Path, examples: list[Example], features: Features,
+          inputs: dict[str, str], output: Path, *, batch: int, emulation: Runner | None = None,
+          emulation_label: str = "Ascend fp16 emulation", threads: int | None = None,
+          progress: Progress = lambda message: None) -> SquadCheck:
+    """Run the original and the optimized ONNX (and `emulation`) on the same features and score each.
+
+    `inputs` maps the models' input names to roles; each ONNX model runs at its static batch (else
+    `batch`), `emulation` at `batch`. Writes `output` (new or empty) whole or not at all.
+    """
+    with new_folder(output) as staging:
+        result = _check_into(staging, original, optimized, examples, features, inputs, batch, emulation,
+                             emulation_label, threads, progress, {})
+    result.output = Path(output)
+    return result
+
+
+def _check_into(folder: Path, original: Path, optimized: Path, examples: list[Example], features: Features,
+                inputs: dict[str, str], batch: int, emulation: Runner | None, emulation_label: str,
+                threads: int | None, progress: Progress, info: dict) -> SquadCheck:
+    from bertopt.backends.ort import OrtBackend
+
+    feeds = {name: features.tokens[role] for name, role in inputs.items()}
+    candidates = [(ORIGINAL, original, "original graph (ONNX Runtime fp32)"),
+                  (OPTIMIZED, optimized, "optimized graph (ONNX Runtime fp32)")]
+    scores = []
+    for name, model, label in candidates:
+        progress(f"SQuAD: running the {label} on {len(features)} features")
+        model_batch = static_batch([shape for _, shape in input_specs_of(graph_only(model)).values()]) or batch
+        start, end = run_features(OrtBackend(model, name=label, threads=threads).run, feeds, model_batch)
+        scores.append(score_logits(name, label, examples, features, start, end))
+    if emulation is not None:
+        progress(f"SQuAD: running the {emulation_label} on {len(features)} features")
+        start, end = run_features(emulation, feeds, batch)
+        scores.append(score_logits(EMULATION, emulation_label, examples, features, start, end))
+    for score in scores:
+        write_score(folder / score.name, score)
+    result = SquadCheck(folder, features.seq, features.doc_stride, batch, len(features), scores, info)
+    write_json(folder / CHECK_FILE, result.to_dict())
+    return result
+
+
+def check_model(model: str, data: str | Path, output: Path, *, seq: int, batch: int, passes: str = "default",
+                doc_stride: int | None = None, tokenizer: Path | None = None, emulation: bool = True,
+                threads: int | None = None, progress: Progress = lambda message: None) -> SquadCheck:
+    """The one-shot accuracy check: export `model` if needed, optimize it with `passes` at batch x seq,
+    prepare the features of `data`, and score the original, the optimized graph and the emulation.
+
+    `output` (new or empty) receives original.onnx (when exported), optimized.onnx, features/ (ais_bench
+    inputs, to score an OM later with `bertopt squad eval`), one folder per candidate and squad.json.
+    """
+    from bertopt.facts import check_shape
+    from bertopt.squad.model import load_tokenizer, obtain_model, tokenizer_folder
+
+    refuse_used_folder(Path(output))
+    examples = load_examples(data)  # a bad data file fails before any export
+    with new_folder(output) as staging:
+        progress(f"obtaining {model} as ONNX")
+        squad_model = obtain_model(model, staging)
+        check_shape(squad_model.facts, batch, seq)
+        source = tokenizer_folder(squad_model, tokenizer)
+        progress(f"SQuAD: tokenising {len(examples)} questions (seq {seq})")
+        features = prepare_features(examples, load_tokenizer(source, squad_model.facts.vocab_size), seq,
+                                    doc_stride, str(source))
+        write_features(features, squad_model.inputs, staging / FEATURES_DIR)
+        progress(f"running the passes {passes!r} at batch {batch}, seq {seq}")
+        optimized = _optimize(squad_model.onnx, squad_model.facts, passes, batch, seq, staging / OPTIMIZED_MODEL)
+        runner, label = _emulation(optimized, threads) if emulation else (None, "")
+        info = {"model": squad_model.description, "passes": passes, "data": str(data), "questions": len(examples),
+                "tokenizer": str(source)}
+        result = _check_into(staging, squad_model.onnx, optimized, examples, features, squad_model.inputs, batch,
+                             runner, label, threads, progress, info)
+    result.output = Path(output)
+    return result
+
+
+def _optimize(original: Path, facts, passes: str, batch: int, seq: int, path: Path) -> Path:
+    from bertopt.graph import load_graph, save_graph
+    from bertopt.pipeline import Instruments, PassManager, PassOptions
+
+    graph = load_graph(original)
+    PassManager(passes, PassOptions(batch=batch, seq=seq), Instruments()).run(graph, facts)
+    return save_graph(graph, path)
+
+
+def _emulation(optimized: Path, threads: int | None) -> tuple[Runner, str]:
+    from bertopt.backends.emulation import EMULATION_NAME, EmulationBackend
+
+    return EmulationBackend(optimized, threads=threads).run, EMULATION_NAME

@@ -1,0 +1,50 @@
+"""Output folders written whole or not at all, and the small JSON files SQuAD runs leave behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from bertopt.errors import BertoptError
+
+
+@contextmanager
+def new_folder(output: Path) -> Iterator[Path]:
+    """A staging folder beside `output` that becomes `output` once the block succeeds.
+
+    `output` must not exist or be empty, so no earlier result is overwritten; a failure (or an
+    interrupt) leaves nothing under the final name.
+    """
+    output = Path(output)
+    refuse_used_folder(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        yield staging
+        os.replace(staging, output)  # rename(2) also replaces an empty folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def refuse_used_folder(output: Path) -> None:
+    """Fail before any work when `output` cannot become a new folder."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise BertoptError(f"--output {output}: already exists and is not an empty folder")
+
+
+def write_json(path: Path, data: object) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path, what: str) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BertoptError(f"{path}: no such file ({what})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BertoptError(f"{path}: not a readable JSON file ({type(exc).__name__})") from None
