@@ -49,6 +49,8 @@ def run(
     atc_arg: list[str] = typer.Option([], "--atc-arg", help="extra atc flag, repeatable (e.g. --atc-arg=--precision_mode=allow_mix_precision)"),
     device: int = typer.Option(0, "--device", help="NPU device id for the OM (ais_bench)"),
     strict_emulation: bool = typer.Option(False, "--strict-emulation", help="a failing Ascend fp16 emulation also exits 1"),
+    evaluate: Optional[str] = typer.Option(None, "--eval", help="squad=PATH (dev-v1.1.json) or squad (the hub): "
+                                           "SQuAD EM/F1 of the original, optimized and emulated graphs"),
 ) -> None:
     """Export (if needed), run the passes, save, compile with atc, validate against the original.
 
@@ -61,7 +63,8 @@ def run(
 
     config = RunConfig(model=model, passes=passes, batch=batch, seq=seq, output=output, target=target,
                        force=force, exporter=exporter, opset=opset, dump_dir=dump_dir,
-                       check_each_pass=check_each_pass, soc=soc, atc_args=tuple(atc_arg), device=device)
+                       check_each_pass=check_each_pass, soc=soc, atc_args=tuple(atc_arg), device=device,
+                       evaluate=evaluate)
     with _progress() as progress:
         report = run_pipeline(config, progress, echo=lambda line: err.print(f"atc| {line}", markup=False))
     out.print(f"[bold]{report.model_description}[/bold]")
@@ -70,6 +73,8 @@ def run(
     out.print(_atc_lines(report.atc))
     out.print(_validation_table(report.validation, f"validation vs original (ONNX Runtime fp32, bs{batch} seq{seq})"))
     _print_candidate_notes(report.validation)
+    if report.squad is not None:
+        out.print(_squad_table(report.squad, batch, seq))
     out.print(f"optimized model: {report.optimized_model}")
     out.print(f"report: {report.output_dir / 'report.json'}")
     problems = report.failures(strict_emulation)
@@ -324,7 +329,12 @@ def squad_check(
     with _progress() as progress:
         result = check_model(model, data, output, seq=seq, batch=batch, passes=passes, doc_stride=doc_stride,
                              tokenizer=tokenizer, emulation=emulation, progress=progress)
-    table = Table(title=f"SQuAD v1.1, {result.info['questions']} questions, {result.features} features "
+    out.print(_squad_table(result, batch, seq))
+    out.print(f"report: {result.output / 'squad.json'}", markup=False)
+
+
+def _squad_table(result, batch: int, seq: int) -> Table:
+    table = Table(title=f"SQuAD v1.1, {len(result.scores[0].predictions)} questions, {result.features} features "
                         f"(bs{batch} seq{seq} stride {result.doc_stride})")
     for column in ("candidate", "EM", "F1", "dEM", "dF1", "same answers", "NaN/inf features"):
         table.add_column(column, justify="left" if column == "candidate" else "right")
@@ -333,8 +343,7 @@ def squad_check(
         table.add_row(score.label, f"{score.metrics.exact_match:.2f}", f"{score.metrics.f1:.2f}",
                       f"{delta['exact_match']:+.2f}", f"{delta['f1']:+.2f}", f"{result.same_answers(score):.1%}",
                       str(score.nonfinite_features))
-    out.print(table)
-    out.print(f"report: {result.output / 'squad.json'}", markup=False)
+    return table
 
 
 def main() -> None:

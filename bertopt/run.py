@@ -11,7 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import onnx_graphsurgeon as gs
 
@@ -25,6 +25,9 @@ from bertopt.graph import is_static, load_graph, save_graph, to_model
 from bertopt.parity import Comparison, parity_check
 from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord
 from bertopt.validate import CandidateReport, validate_candidates
+
+if TYPE_CHECKING:
+    from bertopt.squad.check import SquadCheck
 
 OPTIMIZED_NAME = "optimized.onnx"
 REPORT_NAME = "report.json"
@@ -52,6 +55,7 @@ class RunConfig:
     soc: str | None = None
     atc_args: tuple[str, ...] = ()
     device: int = 0
+    evaluate: str | None = None  # "squad" (the hub) or "squad=PATH"
 
     def output_dir(self) -> Path:
         if self.output is not None:
@@ -71,7 +75,7 @@ class RunReport:
     parity: Comparison | None  # the optimized ONNX on ORT CPU; None when it could not run
     atc: AtcResult | None = None  # None with --target ort
     validation: list[CandidateReport] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)
+    squad: SquadCheck | None = None  # with --eval squad
 
     def to_dict(self) -> dict:
         return {
@@ -83,7 +87,7 @@ class RunReport:
             "parity": self.parity.to_dict() if self.parity else None,
             "atc": self.atc.to_dict() if self.atc else None,
             "validation": [candidate.to_dict() for candidate in self.validation],
-            **self.extra,
+            "squad": self.squad.to_dict() if self.squad else None,
         }
 
     def failures(self, strict_emulation: bool = False) -> list[str]:
@@ -106,6 +110,7 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
     out_dir = config.output_dir()
     _refuse_existing_results(out_dir, config.force)
     _check_target(config.target)
+    squad_data = _squad_data(config.evaluate) if config.evaluate else None
     atc_plan = _atc_options(config) if config.target == "ascend" else None
     manager = PassManager(config.passes, _pass_options(config), _instruments(config, out_dir))
     original, description = _obtain_onnx(config, out_dir, progress)
@@ -124,6 +129,8 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
                                      atol={"onnx": config.atol}, rtol={"onnx": config.rtol})
     report = RunReport(out_dir, original.resolve(), optimized.resolve(), description, facts, records,
                        validation[0].comparison, atc, validation)
+    if squad_data is not None:
+        report.squad = _squad_check(config, squad_data, original, optimized, out_dir, progress)
     write_json(out_dir / REPORT_NAME, report.to_dict())
     return report
 
@@ -157,6 +164,22 @@ def optimize(source: Path, output: Path, spec: str, *, batch: int, seq: int, tar
     instruments = Instruments(reproducer_dir=output.parent / f"{output.stem}.reproducer")
     _, facts, records = optimize_file(source, output, PassManager(spec, options, instruments), progress)
     return facts, records
+
+
+def _squad_data(evaluate: str) -> str:
+    """`squad` -> the hub's data set; `squad=PATH` -> a local file or `datasets` folder."""
+    name, _, data = evaluate.partition("=")
+    if name != "squad":
+        raise BertoptError(f"--eval {evaluate!r}: expected squad or squad=PATH")
+    return data or "squad"
+
+
+def _squad_check(config: RunConfig, data: str, original: Path, optimized: Path, out_dir: Path,
+                 progress: Progress):
+    from bertopt.squad.check import check_run  # imports the tokenizers: only when asked
+
+    return check_run(config.model, original, optimized, data, out_dir / "squad", seq=config.seq,
+                     batch=config.batch, emulation=config.target == "ascend", progress=progress)
 
 
 def _check_target(target: str) -> None:

@@ -34,3 +34,19 @@ def test_check_reports_every_candidate(tmp_path):
 def test_bert_tiny_has_no_matching_tokenizer(tmp_path):
     assert_one_line_error(bertopt("squad", "prep", "bert-tiny", "--data", str(DATA), "--seq", "64",
                                   "--output", str(tmp_path / "f")), 2, "tokenizer")
+
+
+def test_run_with_squad_eval(tmp_path):
+    out = tmp_path / "run"
+    result = bertopt("run", "minilm", "--batch", "4", "--seq", "128", "--output", str(out), "--eval", f"squad={DATA}")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    scores = {s["name"]: s for s in report["squad"]["scores"]}
+    assert set(scores) == {"original", "optimized", "emulation"}
+    assert scores["optimized"]["delta"] == {"exact_match": 0.0, "f1": 0.0}
+    assert "SQuAD v1.1" in result.stdout
+
+
+def test_run_refuses_an_unknown_evaluation(tmp_path):
+    assert_one_line_error(bertopt("run", "bert-tiny", "--output", str(tmp_path / "o"), "--eval", "glue"), 2,
+                          "expected squad or squad=PATH")

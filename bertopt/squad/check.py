@@ -180,7 +180,7 @@ def check_model(model: str, data: str | Path, output: Path, *, seq: int, batch: 
                                     doc_stride, str(source))
         write_features(features, squad_model.inputs, staging / FEATURES_DIR)
         progress(f"running the passes {passes!r} at batch {batch}, seq {seq}")
-        optimized = _optimize(squad_model.onnx, squad_model.facts, passes, batch, seq, staging / OPTIMIZED_MODEL)
+        optimized = _optimize(squad_model.onnx, passes, batch, seq, staging / OPTIMIZED_MODEL)
         runner, label = _emulation(optimized, threads) if emulation else (None, "")
         info = {"model": squad_model.description, "passes": passes, "data": str(data), "questions": len(examples),
                 "tokenizer": str(source)}
@@ -190,13 +190,28 @@ def check_model(model: str, data: str | Path, output: Path, *, seq: int, batch: 
     return result
 
 
-def _optimize(original: Path, facts, passes: str, batch: int, seq: int, path: Path) -> Path:
-    from bertopt.graph import load_graph, save_graph
-    from bertopt.pipeline import Instruments, PassManager, PassOptions
+def check_run(model: str, original: Path, optimized: Path, data: str | Path, output: Path, *, seq: int,
+              batch: int, emulation: bool, progress: Progress = lambda message: None) -> SquadCheck:
+    """`bertopt run --eval squad`: score the run's original and optimized graphs (and the emulation)."""
+    from bertopt.squad.model import described_model, load_tokenizer, tokenizer_folder
 
-    graph = load_graph(original)
-    PassManager(passes, PassOptions(batch=batch, seq=seq), Instruments()).run(graph, facts)
-    return save_graph(graph, path)
+    examples = load_examples(data)
+    squad_model = described_model(model, original, model)
+    source = tokenizer_folder(squad_model)
+    progress(f"SQuAD: tokenising {len(examples)} questions (seq {seq})")
+    features = prepare_features(examples, load_tokenizer(source, squad_model.facts.vocab_size), seq, None,
+                                str(source))
+    runner, label = _emulation(optimized, None) if emulation else (None, "")
+    return check(original, optimized, examples, features, squad_model.inputs, output, batch=batch,
+                 emulation=runner, emulation_label=label, progress=progress)
+
+
+def _optimize(original: Path, passes: str, batch: int, seq: int, path: Path) -> Path:
+    from bertopt.pipeline import PassManager, PassOptions
+    from bertopt.run import optimize_file
+
+    optimize_file(original, path, PassManager(passes, PassOptions(batch=batch, seq=seq)))
+    return path
 
 
 def _emulation(optimized: Path, threads: int | None) -> tuple[Runner, str]:

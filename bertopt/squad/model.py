@@ -38,16 +38,25 @@ class SquadModel:
 
 def obtain_model(model: str, folder: Path) -> SquadModel:
     """`model` as ONNX (exported into `folder` unless it is an .onnx file) with its facts and inputs."""
-    from bertopt.export import PRESETS, export_onnx, resolve_source  # imports torch: only when exporting
+    from bertopt.export import export_onnx, resolve_source  # imports torch: only when exporting
 
     if model.endswith(".onnx") or Path(model).is_file():
-        path, description, checkpoint = Path(model), f"ONNX file {model}", None
+        path, description = Path(model), f"ONNX file {model}"
     else:
-        source = resolve_source(model)
-        preset = PRESETS.get(model)
-        checkpoint = Path(model) if preset is None else (preset.checkpoint() if preset.checkpoint else None)
-        result = export_onnx(source, Path(folder) / "original.onnx")
+        result = export_onnx(resolve_source(model), Path(folder) / "original.onnx")
         path, description = result.path, result.description
+    return described_model(model, path, description)
+
+
+def described_model(model: str, path: Path, description: str) -> SquadModel:
+    """The SquadModel of `path`, the ONNX form of `model` (a preset, an HF folder or the file itself)."""
+    from bertopt.export import PRESETS
+
+    preset = PRESETS.get(model)
+    if preset is not None:
+        checkpoint = preset.checkpoint() if preset.checkpoint else None
+    else:
+        checkpoint = Path(model) if Path(model).is_dir() else None
     facts = detect_facts(load_graph(path))
     return SquadModel(path, description, facts, model_inputs(path, facts), checkpoint)
 
