@@ -225,11 +225,23 @@ def skeleton_model(graph: gs.Graph) -> onnx.ModelProto:
     outputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs]
     onnx_graph = onnx.helper.make_graph(
         [OnnxExporter.export_node(node) for node in graph.nodes], graph.name or "graph", inputs, outputs,
-        initializer=[OnnxExporter.export_tensor_proto(t) for t in small])
+        initializer=[OnnxExporter.export_tensor_proto(t) for t in small],
+        value_info=_custom_op_value_info(graph))
     model = onnx.helper.make_model(onnx_graph, opset_imports=update_import_domains(graph))
     if graph.ir_version:
         model.ir_version = graph.ir_version
     return model
+
+
+def _custom_op_value_info(graph: gs.Graph) -> list[onnx.ValueInfoProto]:
+    """Types of the outputs of ops outside the ONNX domain (e.g. com.microsoft Gelu).
+
+    ONNX shape inference knows no schema for them and would stop there, leaving every value
+    downstream without a shape; declaring their outputs lets inference carry on past them.
+    """
+    outputs = [out for node in graph.nodes if node.domain not in ("", "ai.onnx", None)
+               for out in node.outputs if isinstance(out, gs.Variable) and out.dtype is not None]
+    return [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in outputs]
 
 
 def infer_shapes(graph: gs.Graph) -> None:

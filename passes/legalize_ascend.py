@@ -1,0 +1,300 @@
+"""legalize-ascend: the last pass for ATC. Make the graph one that ATC's ONNX parser takes.
+
+ATC parses ONNX 1.12 models: default-domain opset <= 17, IR version <= 8, and only the operators
+of its ONNX operator list (shipped as ``bertopt/data/atc_onnx_ops.txt``, with its source). In order:
+
+1. **Gelu written out for ATC.** ATC has no ONNX Gelu, but fuses the erf subgraph
+   ``Div(x, 1.4142135) -> Erf -> Add(., 1) -> Mul(x, .) -> Mul(., 0.5)`` into its own Gelu op (the
+   one ``--optypelist_for_implmode=Gelu`` selects). Every erf Gelu (ONNX ``Gelu``, com.microsoft
+   ``Gelu``/``BiasGelu``, or a decomposed erf form in another operand order or association) is
+   written as exactly that subgraph; every tanh Gelu (ONNX ``Gelu(approximate="tanh")``,
+   com.microsoft ``FastGelu``, decomposed tanh forms) as ``Mul(Mul(x, 0.5), Add(Tanh(Mul(Add(x,
+   Mul(Pow(x, 3), 0.044715)), 0.7978846)), 1))``. Never erf for tanh or the reverse: the two differ
+   by up to ~1e-3. Subgraphs already in the canonical form are left alone.
+2. **Operator list.** Any op ATC's list lacks (or any op outside the ONNX domain) is a
+   BertoptError naming each one: ATC would otherwise fail later, with a worse message.
+3. **Opset <= 17.** `onnx.version_converter` cannot do this for BERT exports (measured with onnx
+   1.23.2: "No Adapter From Version $18 for Split" on a dynamo opset-18 export, "No Previous
+   Version of Gelu exists" on opset 20), so each op is lowered by itself: a node whose schema at
+   the graph's opset dates from 17 or earlier stays; ``Reduce*`` (opset 18 moved ``axes`` from an
+   attribute to an input) get their constant axes back as the attribute; ``Split-18`` loses
+   ``num_outputs`` (Split-13 splits evenly by output count; an uneven split gets explicit sizes,
+   which Split-18 would have computed the same way); ``Cast-19`` loses ``saturate`` (it only
+   concerns float8, which opset 17 lacks). Any other newer op stays only if its opset-17 schema
+   takes the same inputs and attributes (later versions of Reshape, Shape, Squeeze, Transpose...
+   only added types); otherwise it is a BertoptError. The checker run after the pass then
+   validates every node against the opset-17 schemas, types included.
+4. **IR version <= 8.** IR 9 and 10 added float8/4-bit types and function overloads, which a
+   BERT graph at opset 17 does not use.
+
+Reported, not fixed (other passes own them): remaining ``Shape`` ops, and float constants outside
+the fp16 range (ATC compiles to fp16 on 310P, where they become inf).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import math
+from collections import Counter
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from bertopt.errors import BertoptError
+from bertopt.facts import ModelFacts
+from bertopt.graph import add_node, constant_value, make_constant, unique_name
+from bertopt.passes.fuse_gelu import (CUBE_COEFF, ERF, SQRT2, SQRT_2_OVER_PI, TANH, erf_gelu_pattern,
+                                      gelu_kind, tanh_gelu_pattern)
+from bertopt.pattern import Const, Op, Pattern, Var
+from bertopt.pipeline import PassOptions, PassResult, register_pass
+
+ATC_MAX_OPSET = 17
+ATC_MAX_IR_VERSION = 8
+FP16_MAX = float(np.finfo(np.float16).max)
+ONNX_DOMAINS = ("", "ai.onnx", None)
+
+
+@functools.lru_cache(maxsize=None)
+def atc_supported_ops() -> frozenset[str]:
+    """ATC's supported ONNX op types, from bertopt/data/atc_onnx_ops.txt ('#' starts a comment)."""
+    text = importlib.resources.files("bertopt").joinpath("data", "atc_onnx_ops.txt").read_text()
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return frozenset(line for line in lines if line)
+
+
+@register_pass("legalize-ascend", "write Gelu as ATC's erf subgraph (tanh stays tanh), lower to opset 17 "
+               "and IR 8, refuse ops outside ATC's ONNX operator list")
+def legalize_ascend(graph: gs.Graph, facts: ModelFacts, options: PassOptions) -> PassResult:
+    gelus = write_gelus_for_atc(graph)
+    check_atc_operators(graph)
+    source_opset, source_ir = int(graph.opset), graph.ir_version
+    lowered = lower_opset(graph, ATC_MAX_OPSET)
+    pruned = _set_imports(graph, min(source_opset, ATC_MAX_OPSET))
+    if not graph.ir_version or graph.ir_version > ATC_MAX_IR_VERSION:
+        graph.ir_version = ATC_MAX_IR_VERSION
+    counts = {"gelu_erf_written": gelus[ERF], "gelu_tanh_written": gelus[TANH],
+              **{f"lowered_{op}": n for op, n in sorted(lowered.items())}}
+    notes = _leftovers(graph, counts)
+    changed = bool(gelus or lowered or pruned or graph.opset != source_opset
+                   or graph.ir_version != source_ir)
+    if changed:
+        notes.insert(0, f"opset {source_opset} -> {graph.opset}, IR version {source_ir} -> {graph.ir_version}, "
+                        f"{sum(gelus.values())} Gelu(s) written in ATC's form")
+        return PassResult(changed=True, counts=counts, notes=notes)
+    notes.insert(0, f"already legal for ATC: opset {graph.opset}, IR {graph.ir_version}, every Gelu in "
+                    "ATC's form, every op in ATC's list")
+    return PassResult(changed=False, counts=counts, notes=notes)
+
+
+# ----------------------------------------------------------------------------- 1. Gelu for ATC
+
+def canonical_erf_pattern() -> Pattern:
+    x = Var("x")
+    erf = Op("Erf", Op("Div", x, Const(SQRT2, rtol=1e-6)))
+    inner = Op("Mul", x, Op("Add", erf, Const(1.0), commute=False), commute=False)
+    return Pattern(Op("Mul", inner, Const(0.5), commute=False))
+
+
+def canonical_tanh_pattern() -> Pattern:
+    x = Var("x")
+    cube = Op("Mul", Op("Pow", x, Const(3.0)), Const(CUBE_COEFF, rtol=1e-6), commute=False)
+    argument = Op("Mul", Op("Add", x, cube, commute=False), Const(SQRT_2_OVER_PI, rtol=1e-6), commute=False)
+    gate = Op("Add", Op("Tanh", argument), Const(1.0), commute=False)
+    return Pattern(Op("Mul", Op("Mul", x, Const(0.5), commute=False), gate, commute=False))
+
+
+def write_gelus_for_atc(graph: gs.Graph) -> Counter:
+    """Every Gelu, fused or decomposed, as ATC's canonical subgraph of its own function."""
+    written: Counter = Counter()
+    for node in [n for n in graph.nodes if gelu_kind(n)]:
+        kind, x = gelu_kind(node), _fused_input(graph, node)
+        _write_gelu(graph, x, _take_output(node), kind)
+        written[kind] += 1
+    canonical = {ERF: canonical_erf_pattern(), TANH: canonical_tanh_pattern()}
+    for kind, pattern in ((ERF, erf_gelu_pattern()), (TANH, tanh_gelu_pattern())):
+        for match in pattern.find_all(graph):
+            if canonical[kind].match(match.root, graph) is None:
+                _write_gelu(graph, match["x"], _take_output(match.root), kind)
+                written[kind] += 1
+    # the replaced nodes must go before the operator check looks at what is left
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return written
+
+
+def _fused_input(graph: gs.Graph, node: gs.Node) -> gs.Tensor:
+    """The Gelu's argument: FastGelu and BiasGelu may take a bias to add first."""
+    x = node.inputs[0]
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        return add_node(graph, "Add", [x, node.inputs[1]], dtype=x.dtype, shape=x.shape)[0]
+    return x
+
+
+def _take_output(node: gs.Node) -> gs.Tensor:
+    """Detach `node` from its output, which the rewritten subgraph then produces."""
+    out = node.outputs[0]
+    node.outputs.clear()
+    node.inputs.clear()
+    return out
+
+
+def _write_gelu(graph: gs.Graph, x: gs.Tensor, out: gs.Tensor, kind: str) -> None:
+    step = functools.partial(_elementwise, graph, like=x)
+    if kind == ERF:
+        gate = step("Add", step("Erf", step("Div", x, SQRT2)), 1.0)
+        last = ("Mul", step("Mul", x, gate), 0.5)
+    else:
+        cube = step("Mul", step("Pow", x, 3.0), CUBE_COEFF)
+        gate = step("Add", step("Tanh", step("Mul", step("Add", x, cube), SQRT_2_OVER_PI)), 1.0)
+        last = ("Mul", step("Mul", x, 0.5), gate)
+    _elementwise(graph, *last, like=x, out=out)
+
+
+def _elementwise(graph: gs.Graph, op: str, *operands, like: gs.Tensor,
+                 out: gs.Tensor | None = None) -> gs.Tensor:
+    """`op` on tensors and float scalars (made constants of `like`'s type), shaped like `like`."""
+    dtype = like.dtype if like.dtype is not None and np.dtype(like.dtype).kind == "f" else np.float32
+    inputs = [o if isinstance(o, gs.Tensor) else make_constant(graph, f"bertopt_gelu_{op}_c",
+                                                                np.array(o, dtype=dtype))
+              for o in operands]
+    if out is None:
+        return add_node(graph, op, inputs, dtype=like.dtype, shape=like.shape)[0]
+    graph.nodes.append(gs.Node(op, name=unique_name(graph, f"bertopt_{op}"), inputs=inputs, outputs=[out]))
+    return out
+
+
+# ----------------------------------------------------------------------------- 2. operator list
+
+def check_atc_operators(graph: gs.Graph) -> None:
+    """Raise BertoptError naming every op ATC's ONNX parser does not support."""
+    supported = atc_supported_ops()
+    missing = Counter(_op_label(n) for n in graph.nodes
+                      if n.domain not in ONNX_DOMAINS or n.op not in supported)
+    if missing:
+        listed = ", ".join(f"{op} (x{n})" for op, n in sorted(missing.items()))
+        raise BertoptError(f"ATC's ONNX operator list (CANN 8.0.0, bertopt/data/atc_onnx_ops.txt) has no "
+                           f"{listed}; atc would reject this model")
+
+
+def _op_label(node: gs.Node) -> str:
+    return node.op if node.domain in ONNX_DOMAINS else f"{node.domain}.{node.op}"
+
+
+# ----------------------------------------------------------------------------- 3. opset
+
+# Rewrites one node into its older form in place; True when it had to change something.
+Lowering = Callable[[gs.Graph, gs.Node], bool]
+
+
+def lower_opset(graph: gs.Graph, target: int) -> Counter:
+    """Rewrite the default-domain nodes whose schema is newer than `target`; counts by op type."""
+    source = int(graph.opset)
+    lowered: Counter = Counter()
+    if source <= target:
+        return lowered
+    for node in [n for n in graph.nodes if n.domain in ONNX_DOMAINS]:
+        if onnx.defs.get_schema(node.op, source).since_version <= target:
+            continue
+        lowering = LOWERINGS.get(node.op)
+        if lowering is not None and lowering(graph, node):
+            lowered[node.op] += 1
+        _check_signature_at(node, source, target)
+    return lowered
+
+
+def _check_signature_at(node: gs.Node, source: int, target: int) -> None:
+    """The node's inputs and attributes must mean the same under the op's `target` schema."""
+    where = f"{node.op} '{node.name}' (opset {source})"
+    if not onnx.defs.has(node.op, target):
+        raise BertoptError(f"{where} has no opset-{target} form; ATC cannot parse it")
+    schema = onnx.defs.get_schema(node.op, target)
+    unknown = sorted(set(node.attrs) - set(schema.attributes))
+    if unknown:
+        raise BertoptError(f"{where} uses attribute(s) {unknown} that opset {target} lacks; "
+                           "bertopt has no lowering for it")
+    if len(node.inputs) > schema.max_input:
+        raise BertoptError(f"{where} has {len(node.inputs)} inputs, opset {target} takes at most "
+                           f"{schema.max_input}; bertopt has no lowering for it")
+
+
+def _axes_input_to_attribute(graph: gs.Graph, node: gs.Node) -> bool:
+    """Reduce*-18 -> 13: constant `axes` input -> `axes` attribute."""
+    noop_when_empty = node.attrs.pop("noop_with_empty_axes", 0)
+    axes_given = len(node.inputs) > 1 and node.inputs[1].name
+    if axes_given:
+        axes = constant_value(node.inputs[1])
+        if axes is None:
+            raise BertoptError(f"{node.op} '{node.name}' computes its axes at run time; "
+                               "opset 13 needs them constant")
+        if axes.size:
+            node.attrs["axes"] = [int(a) for a in axes.reshape(-1)]
+        node.inputs.pop(1)
+    if noop_when_empty and "axes" not in node.attrs:
+        raise BertoptError(f"{node.op} '{node.name}' with no axes and noop_with_empty_axes=1 is an "
+                           "identity opset 13 cannot express")
+    return True
+
+
+def _num_outputs_to_sizes(graph: gs.Graph, node: gs.Node) -> bool:
+    """Split-18 -> 13: drop `num_outputs`; an uneven split gets Split-18's sizes as an input."""
+    count = node.attrs.pop("num_outputs", None)
+    if count is None or (len(node.inputs) > 1 and node.inputs[1].name):
+        return count is not None
+    shape, axis = node.inputs[0].shape, node.attrs.get("axis", 0)
+    dim = shape[axis] if shape is not None else None
+    if not isinstance(dim, int):
+        raise BertoptError(f"Split '{node.name}' splits a dimension of unknown size into {count}; "
+                           "freeze shapes first")
+    if dim % count:
+        chunk = math.ceil(dim / count)
+        sizes = [chunk] * (count - 1) + [dim - chunk * (count - 1)]
+        node.inputs.append(make_constant(graph, f"{node.name}_split", np.array(sizes, dtype=np.int64)))
+    return True
+
+
+def _drop_saturate(graph: gs.Graph, node: gs.Node) -> bool:
+    """Cast-19 -> 13: `saturate` only applies to float8 targets, which opset 13 does not have."""
+    return node.attrs.pop("saturate", None) is not None
+
+
+LOWERINGS: dict[str, Lowering] = {
+    **{op: _axes_input_to_attribute for op in ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+                                                "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd",
+                                                "ReduceSumSquare")},
+    "Split": _num_outputs_to_sizes,
+    "Cast": _drop_saturate,
+}
+
+
+def _set_imports(graph: gs.Graph, opset: int) -> bool:
+    """Default domain at `opset`, other domains only while a node uses them; True if that changed."""
+    used = {n.domain for n in graph.nodes} - set(ONNX_DOMAINS)
+    before = [(d.domain, d.version) for d in graph.import_domains or []]
+    graph.opset = opset
+    graph.import_domains = [onnx.helper.make_opsetid("", opset)] + [
+        d for d in graph.import_domains or [] if d.domain in used]
+    return [(d.domain, d.version) for d in graph.import_domains] != before
+
+
+# ----------------------------------------------------------------------------- leftovers
+
+def _leftovers(graph: gs.Graph, counts: dict[str, int]) -> list[str]:
+    """Count (into `counts`) and describe what ATC will still dislike but this pass does not fix."""
+    shapes = [n.name for n in graph.nodes if n.op == "Shape"]
+    unsafe = [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and _outside_fp16(t)]
+    counts["shape_ops"], counts["fp16_unsafe_constants"] = len(shapes), len(unsafe)
+    notes = []
+    if shapes:
+        notes.append(f"{len(shapes)} Shape op(s) remain (freeze-shapes folds them), e.g. {shapes[:3]}")
+    if unsafe:
+        described = ", ".join(f"'{t.name}' (max |x| {np.max(np.abs(t.values)):.3g})" for t in unsafe[:3])
+        notes.append(f"{len(unsafe)} float constant(s) outside the fp16 range (become inf in fp16), "
+                     f"e.g. {described}")
+    return notes
+
+
+def _outside_fp16(tensor: gs.Constant) -> bool:
+    values = np.asarray(tensor.values)
+    return values.dtype.kind == "f" and values.size > 0 and bool(np.max(np.abs(values)) > FP16_MAX)
