@@ -21,7 +21,8 @@ from bertopt.errors import BertoptError, CheckFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Graph-surgery compiler frontend for BERT-family ONNX models.")
-out = Console(highlight=False)
+# Piped output (logs, CI) is not squeezed into 80 columns: tables stay readable there too.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 err = Console(stderr=True, highlight=False)
 
 
