@@ -165,6 +165,30 @@ def optimize(
     out.print(f"optimized model: {output}")
 
 
+@app.command()
+def check(
+    model: Path = typer.Argument(..., help="any ONNX file (bertopt's output or not)"),
+    target: str = typer.Option("ascend", "--target", help="ascend (the only target with a required form)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Whether ATC will fuse every attention block (AttentionLnQKV/AttentionScore), condition by condition.
+
+    Exit 0 when every block and the model-level checks (opset, IR, operator list, Shape ops, fp16 range)
+    pass, 1 when any fails, 2 on bad input.
+    """
+    import json
+
+    from bertopt.conformance import check_ascend
+
+    if target != "ascend":
+        raise BertoptError(f"--target {target!r}: only ascend has a conformance check")
+    report = check_ascend(model)
+    out.print(json.dumps(report.to_dict(), indent=2) if as_json else report.render(), markup=False, soft_wrap=True)
+    if not report.conforming:
+        raise CheckFailed(f"{model} does not conform to ATC's fusion form: "
+                          f"{', '.join(report.failing_conditions())}")
+
+
 @app.command("passes")
 def list_passes() -> None:
     """List the registered passes and the named pipelines."""

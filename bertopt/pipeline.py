@@ -68,7 +68,7 @@ _REGISTRY: dict[str, PassInfo] = {}
 
 # Named pipelines, one per target; `default` in a spec means the pipeline of the run's target.
 PIPELINES: dict[str, list[str]] = {
-    "ascend": ["freeze-shapes", "fold-attention-mask", "fuse-gelu", "legalize-ascend"],
+    "ascend": ["freeze-shapes", "fold-attention-mask", "fuse-gelu", "attention-bigkernel", "legalize-ascend"],
     "ort": ["freeze-shapes", "fold-attention-mask", "fuse-gelu", "legalize-ort"],
 }
 DEFAULT = "default"

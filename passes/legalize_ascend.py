@@ -34,7 +34,6 @@ the fp16 range (ATC compiles to fp16 on 310P, where they become inf).
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import math
 from collections import Counter
 from typing import Callable
@@ -43,6 +42,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from bertopt.conformance import (ATC_MAX_IR_VERSION, ATC_MAX_OPSET, ONNX_DOMAINS, fp16_unsafe_constants,
+                                 unsupported_ops)
 from bertopt.errors import BertoptError
 from bertopt.facts import ModelFacts
 from bertopt.graph import add_node, constant_value, make_constant, unique_name
@@ -50,19 +51,6 @@ from bertopt.passes.fuse_gelu import (CUBE_COEFF, ERF, SQRT2, SQRT_2_OVER_PI, TA
                                       gelu_kind, tanh_gelu_pattern)
 from bertopt.pattern import Const, Op, Pattern, Var
 from bertopt.pipeline import PassOptions, PassResult, register_pass
-
-ATC_MAX_OPSET = 17
-ATC_MAX_IR_VERSION = 8
-FP16_MAX = float(np.finfo(np.float16).max)
-ONNX_DOMAINS = ("", "ai.onnx", None)
-
-
-@functools.lru_cache(maxsize=None)
-def atc_supported_ops() -> frozenset[str]:
-    """ATC's supported ONNX op types, from bertopt/data/atc_onnx_ops.txt ('#' starts a comment)."""
-    text = importlib.resources.files("bertopt").joinpath("data", "atc_onnx_ops.txt").read_text()
-    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
-    return frozenset(line for line in lines if line)
 
 
 @register_pass("legalize-ascend", "write Gelu as ATC's erf subgraph (tanh stays tanh), lower to opset 17 "
@@ -169,17 +157,11 @@ def _elementwise(graph: gs.Graph, op: str, *operands, like: gs.Tensor,
 
 def check_atc_operators(graph: gs.Graph) -> None:
     """Raise BertoptError naming every op ATC's ONNX parser does not support."""
-    supported = atc_supported_ops()
-    missing = Counter(_op_label(n) for n in graph.nodes
-                      if n.domain not in ONNX_DOMAINS or n.op not in supported)
+    missing = unsupported_ops(graph)
     if missing:
         listed = ", ".join(f"{op} (x{n})" for op, n in sorted(missing.items()))
         raise BertoptError(f"ATC's ONNX operator list (CANN 8.0.0, bertopt/data/atc_onnx_ops.txt) has no "
                            f"{listed}; atc would reject this model")
-
-
-def _op_label(node: gs.Node) -> str:
-    return node.op if node.domain in ONNX_DOMAINS else f"{node.domain}.{node.op}"
 
 
 # ----------------------------------------------------------------------------- 3. opset
@@ -283,7 +265,7 @@ def _set_imports(graph: gs.Graph, opset: int) -> bool:
 def _leftovers(graph: gs.Graph, counts: dict[str, int]) -> list[str]:
     """Count (into `counts`) and describe what ATC will still dislike but this pass does not fix."""
     shapes = [n.name for n in graph.nodes if n.op == "Shape"]
-    unsafe = [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and _outside_fp16(t)]
+    unsafe = fp16_unsafe_constants(graph)
     counts["shape_ops"], counts["fp16_unsafe_constants"] = len(shapes), len(unsafe)
     notes = []
     if shapes:
@@ -293,8 +275,3 @@ def _leftovers(graph: gs.Graph, counts: dict[str, int]) -> list[str]:
         notes.append(f"{len(unsafe)} float constant(s) outside the fp16 range (become inf in fp16), "
                      f"e.g. {described}")
     return notes
-
-
-def _outside_fp16(tensor: gs.Constant) -> bool:
-    values = np.asarray(tensor.values)
-    return values.dtype.kind == "f" and values.size > 0 and bool(np.max(np.abs(values)) > FP16_MAX)

@@ -109,3 +109,17 @@ def test_optimize_writes_only_the_model(tmp_path, tiny_export):
     assert_one_line_error(bertopt("optimize", str(model), "--output", str(model), "--force"), 2,
                           "never overwrites its input")
     assert digest(model) == before
+
+
+def test_check_exit_codes(tmp_path, tiny_export):
+    model = tiny_export("legacy14")
+    out = tmp_path / "o"
+    assert bertopt("run", str(model), "--batch", "2", "--seq", "16", "--output", str(out)).returncode == 0
+    conforming = bertopt("check", str(out / "optimized.onnx"))
+    assert conforming.returncode == 0, conforming.stdout
+    assert "2 of 2 in the standard form" in conforming.stdout
+    raw = bertopt("check", str(model), "--json")
+    assert raw.returncode == 1
+    report = json.loads(raw.stdout)
+    assert report["conforming"] is False and not report["blocks_conforming"]
+    assert_one_line_error(bertopt("check", str(model), "--target", "ort"), 2, "only ascend")

@@ -14,7 +14,8 @@ from bertopt.errors import BertoptError
 from bertopt.golden import assert_graph_matches, graph_text
 from bertopt.graph import to_model, verify
 from bertopt.passes.fuse_gelu import SQRT_2_OVER_PI, gelu_kind
-from bertopt.passes.legalize_ascend import (atc_supported_ops, canonical_erf_pattern, canonical_tanh_pattern,
+from bertopt.conformance import atc_operator_list
+from bertopt.passes.legalize_ascend import (canonical_erf_pattern, canonical_tanh_pattern,
                                             legalize_ascend)
 from bertopt.pipeline import PassOptions
 from bertopt.testing import assert_parity, run_spec
@@ -54,7 +55,7 @@ def test_legalize_ascend_golden_form_and_parity(tiny_export, variant, act, erf_s
     model = to_model(result.graph)
     assert [(o.domain, o.version) for o in model.opset_import] == [("", min(17, result.facts.opset))]
     assert result.facts.opset <= 17 and model.ir_version <= 8
-    assert set(ops(result.graph)) <= atc_supported_ops()
+    assert set(ops(result.graph)) <= atc_operator_list()
     record = result.record("legalize-ascend")
     assert (record.counts["gelu_erf_written"], record.counts["gelu_tanh_written"]) == (erf_sites, tanh_sites)
     assert record.counts["shape_ops"] == 0
@@ -187,7 +188,7 @@ def test_newer_op_without_an_opset17_form_is_refused():
 # --- ATC's operator list -----------------------------------------------------------------------------
 
 def test_atc_list_has_what_bert_needs_and_no_gelu():
-    supported = atc_supported_ops()
+    supported = atc_operator_list()
     assert {"Erf", "LayerNormalization", "MatMul", "Softmax", "Where", "GatherND", "Tanh", "Pow"} <= supported
     assert "Gelu" not in supported and "Attention" not in supported
     assert all(onnx.defs.has(op) for op in supported - {

@@ -1,0 +1,527 @@
+"""`bertopt check --target ascend`: is an ONNX model in the form ATC compiles well?
+
+ATC (Huawei's Ascend Tensor Compiler) fuses BERT attention into its AttentionLnQKV and
+AttentionScore kernels only when every block has one standard form (the facts note, section 4),
+and it parses only ONNX 1.12-era models. `check_ascend` inspects ANY ONNX file, not only
+bertopt's output, and reports two things, separately visible:
+
+- per attention block (found by its Softmax), each of the six conditions of the standard form,
+  with a one-line reason when it fails (CONDITIONS below);
+- model-level problems: default-domain opset > 17, IR version > 8, operators missing from ATC's
+  ONNX operator list (bertopt/data/atc_onnx_ops.txt), `Shape` ops,
+  dynamic input shapes, float constants outside the fp16 range (310P compiles to fp16).
+
+The standard form, per block, with x the LayerNorm output [batch*seq, hidden]::
+
+    q = Transpose(Reshape(Add(MatMul(x, Wq), bq), [b, s, heads, hd]), perm=[0, 2, 1, 3])
+    k = Transpose(Transpose(Reshape(Add(MatMul(x, Wk), bk), ...), perm=[0, 2, 1, 3]), perm=[0, 1, 3, 2])
+    v = Transpose(Reshape(Add(MatMul(x, Wv), bv), ...), perm=[0, 2, 1, 3])
+    p = Softmax(Add(bert_Mul(MatMul(q, k), 1/sqrt(hd)), mask[b, 1, s, s]))
+    context = Reshape(Transpose(MatMul(p, v), perm=[0, 2, 1, 3]), [-1, hidden])
+
+and x feeds exactly the three projections and the residual Add. The pattern helpers here
+(`projection`, `heads`) are shared with the attention-bigkernel pass, which rewrites to this form.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from bertopt.errors import BertoptError
+from bertopt.facts import ModelFacts, detect_facts
+from bertopt.graph import ModelSource, constant_value, infer_shapes, load_graph, load_model
+from bertopt.pattern import Const, Op, Pat, Pattern, Var, _
+
+# name -> what the standard form asks (the facts note, section 4, points 1-6).
+CONDITIONS = {
+    "2d-encoder": "the LayerNorm output feeding Q/K/V is 2-D [batch*seq, hidden], read directly",
+    "ln-consumers": "that LayerNorm output has exactly 4 consumers: Q, K, V MatMul and the residual Add",
+    "qkv-form": "Q, K, V are MatMul -> Add -> Reshape -> Transpose(0,2,1,3); K then Transpose(0,1,3,2)",
+    "scale-mul": "the scores are scaled by a Mul by 1/sqrt(head_dim) named bert_*",
+    "mask-shape": "the mask added to the scores has the full shape [batch, 1, seq, seq]",
+    "context-reshape": "Softmax -> MatMul -> Transpose(0,2,1,3) -> Reshape to [-1, hidden]",
+}
+ATC_MAX_OPSET = 17
+ATC_MAX_IR_VERSION = 8
+FP16_MAX = float(np.finfo(np.float16).max)
+ONNX_DOMAINS = ("", "ai.onnx", None)
+SCALE_NAME_PREFIX = "bert_"
+HEAD_PERM = [0, 2, 1, 3]
+KEY_PERM = [0, 1, 3, 2]
+# How far from the Softmax the context Reshape is looked for (MatMul, [Reshape,] Transpose, Reshape).
+CONTEXT_SEARCH_DEPTH = 5
+# How far above the scores MatMul the Q projection may be looked for.
+PROJECTION_SEARCH_DEPTH = 6
+
+
+@dataclass
+class Check:
+    """One condition: ok is None when the check was skipped (reason says why)."""
+
+    name: str
+    ok: bool | None
+    reason: str
+
+
+@dataclass
+class BlockReport:
+    layer: int
+    softmax: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def conforming(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    def failing(self) -> list[str]:
+        return [check.name for check in self.checks if check.ok is False]
+
+
+@dataclass
+class ConformanceReport:
+    model: str
+    target: str
+    facts: dict
+    blocks: list[BlockReport]
+    model_checks: list[Check]
+
+    @property
+    def blocks_conforming(self) -> bool:
+        """Every attention block is in the standard form ATC fuses."""
+        return bool(self.blocks) and all(block.conforming for block in self.blocks)
+
+    @property
+    def model_conforming(self) -> bool:
+        """No model-level problem (a skipped check is not a problem)."""
+        return all(check.ok is not False for check in self.model_checks)
+
+    @property
+    def conforming(self) -> bool:
+        return self.blocks_conforming and self.model_conforming
+
+    def failing_conditions(self) -> set[str]:
+        """Names of the block conditions that fail in at least one block."""
+        return {name for block in self.blocks for name in block.failing()}
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "target": self.target, "conforming": self.conforming,
+                "blocks_conforming": self.blocks_conforming, "model_conforming": self.model_conforming,
+                "facts": self.facts,
+                "blocks": [{**asdict(block), "conforming": block.conforming} for block in self.blocks],
+                "model_checks": [asdict(check) for check in self.model_checks]}
+
+    def render(self) -> str:
+        """A readable table: layer, condition, ok/fail, reason; then the model-level checks."""
+        verdict = "conforming" if self.conforming else "NOT conforming"
+        good = sum(block.conforming for block in self.blocks)
+        lines = [f"{self.model}: {verdict} for {self.target}",
+                 f"attention blocks: {good} of {len(self.blocks)} in the standard form ATC fuses"]
+        width = max(len(name) for name in CONDITIONS)
+        for block in self.blocks:
+            for check in block.checks:
+                lines.append(f"  layer {block.layer:<3} {check.name:<{width}}  {_status(check):<4}  "
+                             f"{check.reason}")
+        lines.append("model checks:")
+        width = max(len(check.name) for check in self.model_checks)
+        lines += [f"  {check.name:<{width}}  {_status(check):<4}  {check.reason}"
+                  for check in self.model_checks]
+        return "\n".join(lines)
+
+    __str__ = render
+
+
+def _status(check: Check) -> str:
+    return {True: "ok", False: "fail", None: "skip"}[check.ok]
+
+
+def check_ascend(source: ModelSource | gs.Graph) -> ConformanceReport:
+    """Check a model (path, ModelProto or gs graph) against what ATC wants.
+
+    Raises BertoptError when the file is not ONNX or the graph is not a BERT-family encoder.
+    """
+    if isinstance(source, gs.Graph):
+        graph, name = source.copy(), source.name or "graph"
+    else:
+        model = load_model(source)
+        graph = load_graph(model)
+        name = os.fspath(source) if not isinstance(source, onnx.ModelProto) else (model.graph.name or "model")
+    facts = detect_facts(graph)
+    try:
+        infer_shapes(graph)
+    except onnx.shape_inference.InferenceError as exc:
+        raise BertoptError(f"{name}: ONNX shape inference fails: {str(exc).strip().splitlines()[0]}") from None
+    return ConformanceReport(model=name, target="ascend",
+                             facts={k: facts.to_dict()[k] for k in ("num_layers", "hidden", "heads",
+                                                                   "head_dim", "batch", "seq", "opset")},
+                             blocks=check_blocks(graph, facts), model_checks=check_model_level(graph))
+
+
+# ----------------------------------------------------------------------------- shared patterns
+
+def projection(x: Pat, tag: str) -> Op:
+    """`Add(MatMul(x, W), b)` with constant W and b (either Add operand order)."""
+    return Op("Add", Op("MatMul", x, Const(name=f"{tag}_weight"), name=f"{tag}_matmul"),
+              Const(name=f"{tag}_bias"), name=f"{tag}_add")
+
+
+def heads(source: Pat, facts: ModelFacts, tag: str) -> Op:
+    """The Reshape of a projection to [batch, seq, heads, head_dim] (heads may be spelled -1)."""
+    def splits_heads(values: np.ndarray) -> bool:
+        flat = values.reshape(-1)
+        return flat.size == 4 and int(flat[3]) == facts.head_dim and int(flat[2]) in (facts.heads, -1)
+
+    described = f"[batch, seq, {facts.heads}, {facts.head_dim}]"
+    target = Const(name=f"{tag}_shape", where=(splits_heads, described))
+    return Op("Reshape", source, target, name=f"{tag}_reshape")
+
+
+def transpose(source: Pat, perm: list[int], name: str) -> Op:
+    return Op("Transpose", source, attrs={"perm": perm}, name=name)
+
+
+def standard_head(x: Pat, facts: ModelFacts, tag: str) -> Op:
+    return transpose(heads(projection(x, tag), facts, tag), HEAD_PERM, f"{tag}_transpose")
+
+
+def standard_scores(facts: ModelFacts) -> Pattern:
+    """The scores MatMul of the standard form: MatMul(q, k^T) with K's Transpose split in two."""
+    x = Var("x")
+    key = transpose(standard_head(x, facts, "k"), KEY_PERM, "k_transpose2")
+    return Pattern(Op("MatMul", standard_head(x, facts, "q"), key, name="scores"))
+
+
+def standard_values(facts: ModelFacts) -> Pattern:
+    return Pattern(Op("MatMul", Var("probs"), standard_head(Var("x"), facts, "v"), name="context_matmul"))
+
+
+def standard_scale(facts: ModelFacts) -> Pattern:
+    def named_for_atc(node: gs.Node) -> bool:
+        return node.name.startswith(SCALE_NAME_PREFIX)
+
+    return Pattern(Op("Mul", Op("MatMul", _, _, name="scores"),
+                      Const(1.0 / math.sqrt(facts.head_dim), rtol=1e-4),
+                      name="scale", where=(named_for_atc, f"a name starting with '{SCALE_NAME_PREFIX}'")))
+
+
+def standard_context(facts: ModelFacts) -> Pattern:
+    return Pattern(Op("Reshape", transpose(Op("MatMul", Var("probs"), _, name="context_matmul"), HEAD_PERM,
+                                           "context_transpose"),
+                      Const([-1, facts.hidden]), name="context_reshape"))
+
+
+# ----------------------------------------------------------------------------- per block
+
+@dataclass
+class _Block:
+    """What a block check needs, located leniently so that any export can be described."""
+
+    softmax: gs.Node
+    scores: gs.Tensor | None = None  # the scaled (or not) scores operand of the Add
+    mask: gs.Tensor | None = None
+    scores_matmul: gs.Node | None = None
+    projection_input: gs.Tensor | None = None  # what the Q projection reads
+    x: gs.Tensor | None = None  # the block input: the LayerNorm output (see block_input)
+
+
+def attention_softmaxes(graph: gs.Graph) -> list[gs.Node]:
+    """One Softmax per attention block: BERT-family encoders have no other."""
+    return [node for node in graph.nodes if node.op == "Softmax"]
+
+
+def check_blocks(graph: gs.Graph, facts: ModelFacts) -> list[BlockReport]:
+    """Each attention block's six conditions. Needs the shapes inferred (graph.infer_shapes)."""
+    reports = []
+    for layer, softmax in enumerate(attention_softmaxes(graph)):
+        block = _locate(softmax)
+        checks = [_check_2d(block, facts), _check_consumers(block), _check_qkv(block, facts, graph),
+                  _check_scale(block, facts, graph), _check_mask(block, facts),
+                  _check_context(block, facts, graph)]
+        reports.append(BlockReport(layer, softmax.name, checks))
+    return reports
+
+
+def _locate(softmax: gs.Node) -> _Block:
+    block = _Block(softmax)
+    producer = _producer(softmax.inputs[0])
+    if producer is None or producer.op != "Add":
+        return block
+    for index, operand in enumerate(producer.inputs):
+        matmul = _scores_matmul(operand)
+        if matmul is not None:
+            block.scores, block.mask = operand, producer.inputs[1 - index]
+            block.scores_matmul = matmul
+            break
+    if block.scores_matmul is not None:
+        block.projection_input = _projection_input(block.scores_matmul)
+    if block.projection_input is not None:
+        block.x = block_input(block.projection_input)
+    return block
+
+
+def _producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def _scores_matmul(tensor: gs.Tensor, depth: int = 3) -> gs.Node | None:
+    """The MatMul of two computed tensors (Q and K) that `tensor` is, or is a scaling of."""
+    node = _producer(tensor)
+    if node is None or depth == 0:
+        return None
+    if node.op == "MatMul" and not any(isinstance(t, gs.Constant) for t in node.inputs):
+        return node
+    if node.op in ("Mul", "Div", "Cast"):
+        return _scores_matmul(node.inputs[0], depth - 1) or (
+            _scores_matmul(node.inputs[1], depth - 1) if len(node.inputs) > 1 else None)
+    return None
+
+
+def _projection_input(scores_matmul: gs.Node) -> gs.Tensor | None:
+    """The data input of the nearest MatMul/Gemm with a constant weight above the Q side."""
+    frontier = [scores_matmul.inputs[0]]
+    for _depth in range(PROJECTION_SEARCH_DEPTH):
+        parents = []
+        for tensor in frontier:
+            node = _producer(tensor)
+            if node is None:
+                continue
+            if node.op in ("MatMul", "Gemm") and isinstance(node.inputs[1], gs.Constant):
+                return node.inputs[0]
+            parents += [t for t in node.inputs if not isinstance(t, gs.Constant)]
+        frontier = parents
+    return None
+
+
+def is_token_flattening(node: gs.Node) -> bool:
+    """A Reshape between [batch, seq, n] and [batch*seq, n]: it moves tokens, never features."""
+    if node.op != "Reshape":
+        return False
+    before, after = node.inputs[0].shape, node.outputs[0].shape
+    return (before is not None and after is not None and {len(before), len(after)} <= {2, 3}
+            and len(before) != len(after) and before[-1] == after[-1] and isinstance(before[-1], int))
+
+
+def block_input(projection_input: gs.Tensor) -> gs.Tensor:
+    """The block's input as the residual Add sees it, given what the Q projection reads.
+
+    onnxsim flattens the tokens for the projections alone (``Reshape(x, [-1, hidden]) -> Gemm``)
+    while the residual Add reads x: then x is the block input. A Reshape that is x's only reader
+    is the one the standard form puts after a LayerNormalization op, and its output is the input.
+    """
+    node = _producer(projection_input)
+    if node is not None and is_token_flattening(node) and len(node.inputs[0].outputs) > 1:
+        return node.inputs[0]
+    return projection_input
+
+
+def _check_2d(block: _Block, facts: ModelFacts) -> Check:
+    name = "2d-encoder"
+    x = block.x
+    if x is None:
+        return Check(name, False, "cannot find the Q projection (a MatMul/Gemm with a constant weight) "
+                                  f"above the scores of Softmax '{block.softmax.name}'")
+    want = [facts.batch * facts.seq, facts.hidden] if facts.is_static else None
+    if want is None:
+        return Check(name, False, "the graph inputs are not static; ATC needs [batch*seq, hidden]")
+    if list(x.shape or []) != want:
+        return Check(name, False, f"the LayerNorm output '{x.name}' is {_shape(x)}, "
+                                  f"not 2-D [batch*seq, hidden] = {want}")
+    if x is not block.projection_input:
+        return Check(name, False, f"Q/K/V read '{x.name}' through a Reshape, not directly")
+    return Check(name, True, f"'{x.name}' is {want}")
+
+
+def _check_consumers(block: _Block) -> Check:
+    name = "ln-consumers"
+    x = block.x
+    if x is None:
+        return Check(name, False, "cannot find the LayerNorm output feeding Q/K/V")
+    ops = sorted(node.op for node in x.outputs)
+    listed = ", ".join(ops)
+    if ops == ["Add", "MatMul", "MatMul", "MatMul"]:
+        return Check(name, True, f"'{x.name}' feeds {listed}")
+    return Check(name, False, f"'{x.name}' has {len(ops)} consumer(s) ({listed}); ATC wants 4: "
+                              "the Q, K, V MatMuls and the residual Add")
+
+
+def _check_qkv(block: _Block, facts: ModelFacts, graph: gs.Graph) -> Check:
+    name = "qkv-form"
+    if block.scores_matmul is None:
+        return Check(name, False, f"Softmax '{block.softmax.name}' does not read Add(MatMul(Q, K) ..., mask)")
+    scores = standard_scores(facts)
+    match = scores.match(block.scores_matmul, graph)
+    if match is None:
+        return Check(name, False, "Q/K: " + scores.explain(block.scores_matmul, graph))
+    context = _context_matmul(block.softmax)
+    if context is None:
+        return Check(name, False, f"no MatMul reads Softmax '{block.softmax.name}' directly, so V "
+                                  "cannot be checked")
+    values = standard_values(facts)
+    v_match = values.match(context, graph)
+    if v_match is None:
+        return Check(name, False, "V: " + values.explain(context, graph))
+    if v_match["x"] is not match["x"]:
+        return Check(name, False, f"V reads '{v_match['x'].name}', Q and K read '{match['x'].name}'")
+    return Check(name, True, "Q, K, V in the standard form, K transposed in two steps")
+
+
+def _context_matmul(softmax: gs.Node) -> gs.Node | None:
+    probs = softmax.outputs[0]
+    return next((n for n in probs.outputs if n.op == "MatMul" and n.inputs[0] is probs), None)
+
+
+def _check_scale(block: _Block, facts: ModelFacts, graph: gs.Graph) -> Check:
+    name = "scale-mul"
+    want = 1.0 / math.sqrt(facts.head_dim)
+    node = _producer(block.scores) if block.scores is not None else None
+    if node is None:
+        return Check(name, False, f"cannot find the scores added to the mask before Softmax "
+                                  f"'{block.softmax.name}'")
+    if node.op == "Div":
+        return Check(name, False, f"the scale is Div '{node.name}'; ATC wants Mul by {want:.6g} named "
+                                  f"{SCALE_NAME_PREFIX}*")
+    if node.op == "MatMul":
+        scaled = any(p is not None and p.op in ("Mul", "Div") for p in map(_producer, node.inputs))
+        found = "Q and K are scaled before the scores MatMul" if scaled else "the scores are not scaled"
+        return Check(name, False, f"{found}; ATC wants one Mul by {want:.6g} after the MatMul")
+    pattern = standard_scale(facts)
+    if pattern.match(node, graph, allow_escape=True) is None:
+        return Check(name, False, pattern.explain(node, graph, allow_escape=True))
+    return Check(name, True, f"Mul '{node.name}' by {want:.6g}")
+
+
+def _check_mask(block: _Block, facts: ModelFacts) -> Check:
+    name = "mask-shape"
+    if block.mask is None:
+        return Check(name, False, f"Softmax '{block.softmax.name}' does not read Add(scores, mask)")
+    if not facts.is_static:
+        return Check(name, False, "the graph inputs are not static; ATC needs [batch, 1, seq, seq]")
+    want = [facts.batch, 1, facts.seq, facts.seq]
+    if list(block.mask.shape or []) != want:
+        return Check(name, False, f"the mask '{block.mask.name}' is {_shape(block.mask)}; only dim 1 may "
+                                  f"broadcast: ATC wants {want}")
+    return Check(name, True, f"the mask is {want}")
+
+
+def _check_context(block: _Block, facts: ModelFacts, graph: gs.Graph) -> Check:
+    name = "context-reshape"
+    reshape = context_reshape(block.softmax)
+    if reshape is None:
+        return Check(name, False, f"no Reshape within {CONTEXT_SEARCH_DEPTH} nodes after Softmax "
+                                  f"'{block.softmax.name}'")
+    pattern = standard_context(facts)
+    match = pattern.match(reshape, graph)
+    if match is None:
+        return Check(name, False, pattern.explain(reshape, graph))
+    if match["probs"] is not block.softmax.outputs[0]:
+        return Check(name, False, f"the context MatMul reads '{match['probs'].name}', not the Softmax")
+    return Check(name, True, f"Reshape '{reshape.name}' to [-1, {facts.hidden}]")
+
+
+def context_reshape(softmax: gs.Node) -> gs.Node | None:
+    """The Reshape merging the heads after `softmax`: the nearest one reading a Transpose, else the
+    nearest one (SDPA exports put a Reshape to the same shape between the MatMul and the Transpose)."""
+    reshapes, frontier = [], [softmax.outputs[0]]
+    for _depth in range(CONTEXT_SEARCH_DEPTH):
+        nodes = [node for t in frontier for node in t.outputs]
+        reshapes += [node for node in nodes if node.op == "Reshape"]
+        frontier = [out for node in nodes for out in node.outputs]
+    merging = [n for n in reshapes if n.inputs[0].inputs and n.inputs[0].inputs[0].op == "Transpose"]
+    return (merging or reshapes or [None])[0]
+
+
+def _shape(tensor: gs.Tensor) -> str:
+    return "of unknown shape" if tensor.shape is None else str(list(tensor.shape))
+
+
+# ----------------------------------------------------------------------------- model level
+
+@functools.lru_cache(maxsize=None)
+def atc_operator_list() -> frozenset[str]:
+    """ATC's ONNX op types, from the package data bertopt/data/atc_onnx_ops.txt ('#' starts a comment)."""
+    import importlib.resources
+
+    text = importlib.resources.files("bertopt").joinpath("data", "atc_onnx_ops.txt").read_text()
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return frozenset(line for line in lines if line)
+
+
+def unsupported_ops(graph: gs.Graph) -> Counter[str]:
+    """How many nodes of each op type ATC's ONNX parser does not take (any op outside the ONNX domain)."""
+    supported = atc_operator_list()
+    return Counter(node.op if node.domain in ONNX_DOMAINS else f"{node.domain}.{node.op}"
+                   for node in graph.nodes if node.domain not in ONNX_DOMAINS or node.op not in supported)
+
+
+def fp16_unsafe_constants(graph: gs.Graph) -> list[gs.Constant]:
+    """Float constants with an element beyond the fp16 range (inf or |x| > 65504)."""
+    unsafe = []
+    for tensor in graph.tensors().values():
+        values = constant_value(tensor)
+        if values is None or values.dtype.kind != "f" or not values.size:
+            continue
+        magnitude = np.abs(values[~np.isnan(values)])
+        if magnitude.size and float(magnitude.max()) > FP16_MAX:
+            unsafe.append(tensor)
+    return unsafe
+
+
+def check_model_level(graph: gs.Graph) -> list[Check]:
+    return [_check_opset(graph), _check_ir(graph), _check_operators(graph), _check_shape_ops(graph),
+            _check_static_inputs(graph), _check_fp16(graph)]
+
+
+def _check_opset(graph: gs.Graph) -> Check:
+    opset = int(graph.opset)
+    ok = opset <= ATC_MAX_OPSET
+    return Check("opset", ok, f"default-domain opset {opset} {'<=' if ok else '>'} {ATC_MAX_OPSET}")
+
+
+def _check_ir(graph: gs.Graph) -> Check:
+    ir = int(graph.ir_version or 0)
+    ok = ir <= ATC_MAX_IR_VERSION
+    return Check("ir-version", ok, f"IR version {ir} {'<=' if ok else '>'} {ATC_MAX_IR_VERSION}")
+
+
+def _check_operators(graph: gs.Graph) -> Check:
+    missing = unsupported_ops(graph)
+    if missing:
+        return Check("operators", False, f"not in ATC's ONNX operator list: {', '.join(sorted(missing))}")
+    return Check("operators", True, f"all {len({n.op for n in graph.nodes})} op types are in ATC's list")
+
+
+def _check_shape_ops(graph: gs.Graph) -> Check:
+    shapes = [node.name for node in graph.nodes if node.op == "Shape"]
+    if shapes:
+        return Check("no-shape-ops", False,
+                     f"{len(shapes)} Shape op(s) (freeze the shapes), e.g. {shapes[:3]}")
+    return Check("no-shape-ops", True, "no Shape op")
+
+
+def _check_static_inputs(graph: gs.Graph) -> Check:
+    dynamic = [f"{t.name}{list(t.shape) if t.shape is not None else ''}" for t in graph.inputs
+               if t.shape is None or not all(isinstance(d, int) and d > 0 for d in t.shape)]
+    if dynamic:
+        return Check("static-inputs", False, f"dynamic input(s): {', '.join(dynamic)}")
+    return Check("static-inputs", True, "every input has a static shape")
+
+
+def _check_fp16(graph: gs.Graph) -> Check:
+    unsafe = fp16_unsafe_constants(graph)
+    if unsafe:
+        examples = ", ".join(f"'{t.name}' ({_extreme(t.values):.4g})" for t in unsafe[:3])
+        return Check("fp16-constants", False, f"{len(unsafe)} float constant(s) beyond fp16's ±{FP16_MAX:g} "
+                                              f"(inf in fp16), e.g. {examples}")
+    return Check("fp16-constants", True, "every float constant fits fp16")
+
+
+def _extreme(values: np.ndarray) -> float:
+    flat = np.asarray(values, dtype=np.float64).reshape(-1)
+    return float(flat[np.nanargmax(np.abs(flat))])

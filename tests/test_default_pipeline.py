@@ -1,0 +1,75 @@
+"""The `default` pipelines end to end: ATC conformance, parity, and what the output may not contain."""
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+from bertopt.conformance import check_ascend, fp16_unsafe_constants
+from bertopt.errors import BertoptError
+from bertopt.testing import assert_parity, run_spec
+from conftest import TINY_BATCH, TINY_SEQ
+
+EXPORTS = ["legacy14", "legacy17", "sdpa14", "dynamo18", "dynamo20"]
+
+
+def assert_ready_for_atc(graph: gs.Graph) -> None:
+    report = check_ascend(graph)
+    assert report.conforming, report.render()
+    assert not any(node.op == "Shape" for node in graph.nodes)
+    assert int(graph.opset) <= 17 and graph.ir_version <= 8
+    assert fp16_unsafe_constants(graph) == []
+
+
+@pytest.mark.parametrize("variant", EXPORTS)
+def test_ascend_default_conforms_with_parity(tiny_export, variant):
+    path = tiny_export(variant)
+    result = run_spec(path, "default", batch=TINY_BATCH, seq=TINY_SEQ)
+    assert [r.name for r in result.records] == ["freeze-shapes", "fold-attention-mask", "fuse-gelu",
+                                                 "attention-bigkernel", "legalize-ascend"]
+    assert_ready_for_atc(result.graph)
+    assert_parity(path, result)
+
+
+@pytest.mark.parametrize("variant", EXPORTS)
+def test_ort_default_keeps_parity(tiny_export, variant):
+    path = tiny_export(variant)
+    result = run_spec(path, "default", batch=1, seq=TINY_SEQ, target="ort")
+    assert "attention-bigkernel" not in [r.name for r in result.records]
+    assert any(node.op in ("Gelu", "FastGelu") for node in result.graph.nodes)
+    assert_parity(path, result)
+
+
+def test_attention_23_is_refused_for_ascend(tiny_export):
+    with pytest.raises(BertoptError, match="has no Attention"):
+        run_spec(tiny_export("dynamo23sdpa"), "default", batch=TINY_BATCH, seq=TINY_SEQ)
+
+
+def test_unprocessed_export_does_not_conform(tiny_export):
+    frozen = run_spec(tiny_export("legacy14"), "freeze-shapes", batch=TINY_BATCH, seq=TINY_SEQ)
+    report = check_ascend(frozen.graph)
+    assert not report.conforming
+    assert {"qkv-form", "scale-mul", "context-reshape", "2d-encoder"} <= report.failing_conditions()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("exporter, opset", [("legacy", 14), ("dynamo", 18)])
+def test_minilm_real_weights(tmp_path, exporter, opset):
+    from bertopt.export import export_onnx, resolve_source
+
+    path = export_onnx(resolve_source("minilm"), tmp_path / "m.onnx", exporter=exporter, opset=opset).path
+    result = run_spec(path, "default", batch=8, seq=128)
+    assert_ready_for_atc(result.graph)
+    assert check_ascend(result.graph).blocks_conforming
+    assert len(check_ascend(result.graph).blocks) == 6
+    assert_parity(path, result, samples=1)
+
+
+@pytest.mark.integration
+def test_bert_base_batch_8(tmp_path):
+    from bertopt.export import export_onnx, resolve_source
+
+    path = export_onnx(resolve_source("bert-base"), tmp_path / "b.onnx").path
+    result = run_spec(path, "default", batch=8, seq=384)
+    assert_ready_for_atc(result.graph)
+    assert len(check_ascend(result.graph).blocks) == 12
+    assert_parity(path, result, samples=1)
