@@ -266,14 +266,15 @@ def run_reference_rows(reference: Path, specs: InputSpecs, inputs: dict[str, np.
     total = len(next(iter(inputs.values())))
     chunks: dict[str, list[np.ndarray]] = {}
     for start in range(0, total, batch):
-        feed = {name: _padded(values[start:start + batch], batch) for name, values in inputs.items()}
+        feed = {name: padded_batch(values[start:start + batch], batch) for name, values in inputs.items()}
         rows = min(batch, total - start)
         for name, value in runner.run(feed).items():
             chunks.setdefault(name, []).append(value[:rows])
     return {name: np.concatenate(parts) for name, parts in chunks.items()}
 
 
-def _padded(rows: np.ndarray, batch: int) -> np.ndarray:
+def padded_batch(rows: np.ndarray, batch: int) -> np.ndarray:
+    """`rows` filled up to `batch` with all-zero rows (ais_bench pads a last partial batch so)."""
     if len(rows) == batch:
         return rows
     return np.concatenate([rows, np.zeros((batch - len(rows),) + rows.shape[1:], dtype=rows.dtype)])

@@ -73,7 +73,8 @@ def test_eval_refuses_incomplete_results_and_existing_output(checked, tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     np.save(results / "0_0.npy", np.zeros((1, SEQ), np.float32))
-    with pytest.raises(BertoptError, match=r"missing \d+ file\(s\) for the features: 0_1.npy"):
+    np.save(results / "0_1.npy", np.zeros((1, SEQ), np.float32))
+    with pytest.raises(BertoptError, match=r"missing \d+ file\(s\) for the given inputs: 1_0.npy, 1_1.npy"):
         evaluate_results(checked.output / "features", results, MINI, tmp_path / "eval")
     assert not (tmp_path / "eval").exists()
     with pytest.raises(BertoptError, match="already exists"):
@@ -83,7 +84,7 @@ def test_eval_refuses_incomplete_results_and_existing_output(checked, tmp_path):
 def test_results_with_the_wrong_shape_are_refused(tmp_path):
     np.save(tmp_path / "0_0.npy", np.zeros((1, 64), np.float32))
     np.save(tmp_path / "0_1.npy", np.zeros((1, 64), np.float32))
-    with pytest.raises(BertoptError, match=r"shape \[1, 64\]; expected \[1, 128\]"):
+    with pytest.raises(BertoptError, match=r"shape \[1, 64\]; the reference gives \[1, 128\]"):
         read_results(tmp_path, 1, 128)
 
 

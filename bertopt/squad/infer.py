@@ -13,7 +13,9 @@ from typing import Callable
 
 import numpy as np
 
+from bertopt import validate
 from bertopt.errors import BertoptError
+from bertopt.validate import padded_batch
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 QA_OUTPUTS = ("start_logits", "end_logits")
@@ -27,17 +29,11 @@ def run_features(run: Runner, feeds: dict[str, np.ndarray], batch: int) -> tuple
     starts, ends = [], []
     for first in range(0, total, batch):
         rows = min(batch, total - first)
-        outputs = run({name: _padded(values[first:first + rows], batch) for name, values in feeds.items()})
+        outputs = run({name: padded_batch(values[first:first + rows], batch) for name, values in feeds.items()})
         start, end = _qa_logits(outputs)
         starts.append(start[:rows])
         ends.append(end[:rows])
     return np.concatenate(starts), np.concatenate(ends)
-
-
-def _padded(rows: np.ndarray, batch: int) -> np.ndarray:
-    if len(rows) == batch:
-        return rows
-    return np.concatenate([rows, np.zeros((batch - len(rows),) + rows.shape[1:], dtype=rows.dtype)])
 
 
 def _qa_logits(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -58,37 +54,8 @@ def static_batch(shapes: list[tuple]) -> int | None:
 
 
 def read_results(folder: Path, count: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
-    """(start, end) logits of features ``0..count-1`` from an ais_bench ``--outfmt NPY`` folder
-    (the folder itself or its one subfolder holding ``0_0.npy``, e.g. ``result/result_bs8``)."""
-    folder = _results_dir(Path(folder))
-    missing = [f"{i}_{o}.npy" for i in range(count) for o in (0, 1) if not (folder / f"{i}_{o}.npy").is_file()]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise BertoptError(f"--results {folder}: missing {len(missing)} file(s) for the features: {shown}")
-    return _stack(folder, count, 0, seq), _stack(folder, count, 1, seq)
-
-
-def _results_dir(folder: Path) -> Path:
-    if not folder.is_dir():
-        raise BertoptError(f"--results {folder}: no such folder")
-    if (folder / "0_0.npy").is_file():
-        return folder
-    inner = sorted(p for p in folder.iterdir() if (p / "0_0.npy").is_file())
-    if len(inner) != 1:
-        found = "none" if not inner else ", ".join(p.name for p in inner)
-        raise BertoptError(f"--results {folder}: expected 0_0.npy in it or in one subfolder (found {found})")
-    return inner[0]
-
-
-def _stack(folder: Path, count: int, output: int, seq: int) -> np.ndarray:
-    logits = np.empty((count, seq), dtype=np.float32)
-    for index in range(count):
-        path = folder / f"{index}_{output}.npy"
-        try:
-            row = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise BertoptError(f"{path}: not a readable .npy file ({type(exc).__name__})") from None
-        if row.size != seq:
-            raise BertoptError(f"{path}: shape {list(row.shape)}; expected [1, {seq}] logits")
-        logits[index] = row.reshape(seq)
-    return logits
+    """(start, end) logits ``[count, seq]`` of features ``0..count-1`` from an ais_bench ``--outfmt NPY``
+    folder (the folder itself or its one subfolder, e.g. ``result/result_bs8``), every file checked."""
+    stems = [str(index) for index in range(count)]
+    logits = validate.read_results(Path(folder), stems, list(QA_OUTPUTS), {name: (1, seq) for name in QA_OUTPUTS})
+    return logits[QA_OUTPUTS[0]], logits[QA_OUTPUTS[1]]
