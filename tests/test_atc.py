@@ -120,6 +120,16 @@ def fake_atc(folder: Path, exit_code: int, writes_om: bool) -> Path:
     return path
 
 
+def install_fake_atc(root: Path, monkeypatch, exit_code: int, writes_om: bool) -> Path:
+    """Put a fake atc first on PATH; returns a fresh output folder for compile_om."""
+    fake_atc(root / "bin", exit_code, writes_om)
+    monkeypatch.setenv("PATH", f"{root / 'bin'}:/usr/bin:/bin")
+    monkeypatch.setenv("FAKE_ATC_ARGV", str(root / "argv.txt"))
+    out = root / "out"
+    out.mkdir()
+    return out
+
+
 def test_atc_not_found_writes_the_script_and_says_so(no_cann):
     out = no_cann / "out"
     out.mkdir()
@@ -131,12 +141,7 @@ def test_atc_not_found_writes_the_script_and_says_so(no_cann):
 
 
 def test_fake_atc_success_is_run_with_our_argv(no_cann, monkeypatch):
-    bin_dir = no_cann / "bin"
-    fake_atc(bin_dir, 0, writes_om=True)
-    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    monkeypatch.setenv("FAKE_ATC_ARGV", str(no_cann / "argv.txt"))
-    out = no_cann / "out"
-    out.mkdir()
+    out = install_fake_atc(no_cann, monkeypatch, 0, writes_om=True)
     lines = []
     options = seed_options(model="optimized.onnx", output="om/optimized")
     result = compile_om(out, options, "option", echo=lines.append)
@@ -147,12 +152,7 @@ def test_fake_atc_success_is_run_with_our_argv(no_cann, monkeypatch):
 
 
 def test_fake_atc_failure_keeps_the_log_tail(no_cann, monkeypatch):
-    bin_dir = no_cann / "bin"
-    fake_atc(bin_dir, 1, writes_om=False)
-    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    monkeypatch.setenv("FAKE_ATC_ARGV", str(no_cann / "argv.txt"))
-    out = no_cann / "out"
-    out.mkdir()
+    out = install_fake_atc(no_cann, monkeypatch, 1, writes_om=False)
     result = compile_om(out, seed_options(model="optimized.onnx", output="om/optimized"), "default")
     assert result.status == "failed" and result.returncode == 1 and result.om is None
     assert len(result.log_tail) == ascend.LOG_TAIL_LINES and result.log_tail[-1] == "E19999: fake failure"
@@ -162,12 +162,7 @@ def test_fake_atc_failure_keeps_the_log_tail(no_cann, monkeypatch):
 
 
 def test_atc_exiting_zero_without_an_om_is_a_failure(no_cann, monkeypatch):
-    bin_dir = no_cann / "bin"
-    fake_atc(bin_dir, 0, writes_om=False)
-    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    monkeypatch.setenv("FAKE_ATC_ARGV", str(no_cann / "argv.txt"))
-    out = no_cann / "out"
-    out.mkdir()
+    out = install_fake_atc(no_cann, monkeypatch, 0, writes_om=False)
     result = compile_om(out, seed_options(model="optimized.onnx", output="om/optimized"), "default")
     assert result.status == "failed" and "wrote no" in result.log_tail[-1]
 
