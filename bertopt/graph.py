@@ -224,7 +224,7 @@ def skeleton_model(graph: gs.Graph) -> onnx.ModelProto:
     inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=True) for t in graph.inputs + large]
     outputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs]
     onnx_graph = onnx.helper.make_graph(
-        [OnnxExporter.export_node(node) for node in graph.nodes], graph.name or "graph", inputs, outputs,
+        [_skeleton_node(node) for node in graph.nodes], graph.name or "graph", inputs, outputs,
         initializer=[OnnxExporter.export_tensor_proto(t) for t in small],
         value_info=_custom_op_value_info(graph))
     model = onnx.helper.make_model(onnx_graph, opset_imports=update_import_domains(graph))
@@ -233,13 +233,26 @@ def skeleton_model(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
-def _custom_op_value_info(graph: gs.Graph) -> list[onnx.ValueInfoProto]:
-    """Types of the outputs of ops outside the ONNX domain (e.g. com.microsoft Gelu).
+# ONNX Runtime's fused activations: their output has their first input's type and shape.
+SHAPE_PRESERVING_CUSTOM_OPS = {("com.microsoft", "Gelu"), ("com.microsoft", "FastGelu"),
+                               ("com.microsoft", "BiasGelu")}
 
-    ONNX shape inference knows no schema for them and would stop there, leaving every value
-    downstream without a shape; declaring their outputs lets inference carry on past them.
+
+def _skeleton_node(node: gs.Node) -> onnx.NodeProto:
+    """The node as exported, except that an Identity stands in for a shape-preserving custom op.
+
+    ONNX shape inference has no schema for custom ops and would stop at them; through the Identity
+    it carries the shape on, so every value after a fused Gelu keeps a known shape.
     """
+    if (node.domain, node.op) in SHAPE_PRESERVING_CUSTOM_OPS:
+        return onnx.helper.make_node("Identity", [node.inputs[0].name], [node.outputs[0].name], name=node.name)
+    return OnnxExporter.export_node(node)
+
+
+def _custom_op_value_info(graph: gs.Graph) -> list[onnx.ValueInfoProto]:
+    """Types of the outputs of other ops outside the ONNX domain, so inference carries on past them."""
     outputs = [out for node in graph.nodes if node.domain not in ("", "ai.onnx", None)
+               and (node.domain, node.op) not in SHAPE_PRESERVING_CUSTOM_OPS
                for out in node.outputs if isinstance(out, gs.Variable) and out.dtype is not None]
     return [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in outputs]
 

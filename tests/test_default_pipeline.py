@@ -27,6 +27,7 @@ def test_ascend_default_conforms_with_parity(tiny_export, variant):
     assert [r.name for r in result.records] == ["freeze-shapes", "fold-attention-mask", "fuse-gelu",
                                                  "attention-bigkernel", "legalize-ascend"]
     assert_ready_for_atc(result.graph)
+    assert result.record("attention-bigkernel").counts["blocks_rewritten"] == 2  # shapes seen past fused Gelus
     assert_parity(path, result)
 
 
