@@ -74,3 +74,40 @@ def test_bert_base_batch_8(tmp_path):
     assert_ready_for_atc(result.graph)
     assert len(check_ascend(result.graph).blocks) == 12
     assert_parity(path, result, samples=1)
+
+
+@pytest.mark.parametrize("preset", ["roberta-tiny", "distilbert-tiny", "albert-tiny"])
+@pytest.mark.parametrize("variant", ["legacy14", "dynamo18"])
+def test_other_families_conform_with_parity(tiny_export, preset, variant):
+    path = tiny_export(variant, preset=preset)
+    result = run_spec(path, "default", batch=TINY_BATCH, seq=TINY_SEQ)
+    assert_ready_for_atc(result.graph)
+    assert all(record.changed for record in result.records)
+    assert_parity(path, result)
+
+
+def test_classification_head(tiny_export):
+    path = tiny_export("legacy14", head="cls")
+    result = run_spec(path, "default", batch=TINY_BATCH, seq=TINY_SEQ)
+    assert_ready_for_atc(result.graph)
+    assert [t.name for t in result.graph.outputs] == ["logits"]
+    assert_parity(path, result)
+
+
+def test_bert_of_another_size(tiny_export):
+    path = tiny_export("legacy14", hidden_size=96, num_attention_heads=3, intermediate_size=192)
+    result = run_spec(path, "default", batch=TINY_BATCH, seq=TINY_SEQ)
+    assert_ready_for_atc(result.graph)
+    assert result.facts.head_dim == 32
+    assert_parity(path, result)
+
+
+@pytest.mark.integration
+def test_roberta_base(tmp_path):
+    from bertopt.export import export_onnx, resolve_source
+
+    path = export_onnx(resolve_source("roberta-base"), tmp_path / "r.onnx").path
+    result = run_spec(path, "default", batch=1, seq=128)
+    assert_ready_for_atc(result.graph)
+    assert result.facts.input_for("token_type_ids") is None
+    assert_parity(path, result, samples=1)
