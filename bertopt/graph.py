@@ -106,7 +106,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    external = not _fits_protobuf(model)
+    external = not fits_protobuf(model)
     data_name = path.name + ".data"
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -125,7 +125,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     return path
 
 
-def _fits_protobuf(model: onnx.ModelProto) -> bool:
+def fits_protobuf(model: onnx.ModelProto) -> bool:
     """Whether the weights leave room for the rest of the model under protobuf's 2 GiB.
 
     Counted from the initializers' bytes: ModelProto.ByteSize() takes ~8 s on bert-large.

@@ -30,7 +30,7 @@ import onnxruntime as ort
 
 from bertopt.errors import BertoptError
 from bertopt.facts import ModelFacts
-from bertopt.graph import _fits_protobuf, save_model
+from bertopt.graph import fits_protobuf, save_model
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
@@ -194,7 +194,7 @@ def _create_session(model: Path | str | onnx.ModelProto, options: ort.SessionOpt
             if not path.is_file():
                 raise BertoptError(f"{path}: no such file")
             return ort.InferenceSession(str(path), options, providers=providers)
-        if _fits_protobuf(model):
+        if fits_protobuf(model):
             return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         # Over 2 GiB a ModelProto cannot be serialised in one piece; ORT reads the external
         # data while it builds the session, so the folder can go right after.
