@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-import click
 import typer
+from typer.exceptions import TyperException
 from rich.console import Console
 from rich.table import Table
 
@@ -398,11 +398,11 @@ def main() -> None:
     except BertoptError as exc:
         err.print(f"bertopt: error: {exc}", soft_wrap=True, markup=False)
         sys.exit(exc.exit_code)
-    except click.exceptions.ClickException as exc:  # usage errors: click's own message, exit 2
-        exc.show()
+    except TyperException as exc:  # usage errors (typer's own parser): one line too, exit 2
+        err.print(f"bertopt: error: {exc.format_message()} (see --help)", soft_wrap=True, markup=False)
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         err.print("bertopt: interrupted")
         sys.exit(130)

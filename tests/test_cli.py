@@ -123,3 +123,10 @@ def test_check_exit_codes(tmp_path, tiny_export):
     report = json.loads(raw.stdout)
     assert report["conforming"] is False and not report["blocks_conforming"]
     assert_one_line_error(bertopt("check", str(model), "--target", "ort"), 2, "only ascend")
+
+
+@pytest.mark.parametrize("args, fragment", [(("run", "--batch", "abc"), "Invalid value for '--batch'"),
+                                            (("squad", "check", "minilm", "--force"), "No such option: --force"),
+                                            (("transmogrify",), "No such command")])
+def test_usage_errors_are_one_line(args, fragment):
+    assert_one_line_error(bertopt(*args), 2, fragment)
