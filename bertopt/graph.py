@@ -117,12 +117,42 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
             if (staging / data_name).exists():
                 os.replace(staging / data_name, path.parent / data_name)
         else:
-            onnx.save_model(model, str(staged))
+            _write_piecewise(model, staged)
             (path.parent / data_name).unlink(missing_ok=True)
         os.replace(staged, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _write_piecewise(model: onnx.ModelProto, path: Path) -> None:
+    """Serialise `model` one weight at a time, so no second copy of the whole model is ever in memory.
+
+    Protobuf merges concatenated messages: the model without its initializers, followed by one
+    ModelProto per initializer (holding just that tensor), parses as the whole model, initializers in
+    order. onnx.save_model would build the full 1.3 GB string of bert-large first.
+    """
+    head = onnx.ModelProto()
+    _copy_fields(model, head, skip="graph")
+    _copy_fields(model.graph, head.graph, skip="initializer")
+    with open(path, "wb") as handle:
+        handle.write(head.SerializeToString())
+        for tensor in model.graph.initializer:
+            piece = onnx.ModelProto()
+            piece.graph.initializer.append(tensor)
+            handle.write(piece.SerializeToString())
+
+
+def _copy_fields(source, target, *, skip: str) -> None:
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def fits_protobuf(model: onnx.ModelProto) -> bool:

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from bertopt import graph as G
 from bertopt.errors import BertoptError
@@ -102,3 +102,14 @@ def test_new_names_never_clash_with_existing_ones():
     second = G.make_constant(graph, "bertopt_Mul", np.ones(1, np.float32))
     names = [n.name for n in graph.nodes] + [first.name, second.name]
     assert len(set(names)) == len(names)
+
+
+def test_piecewise_save_reads_back_as_the_same_model(tmp_path):
+    model = small_model()
+    model.graph.initializer.extend([numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "w"),
+                                    numpy_helper.from_array(np.ones(3, dtype=np.int64), "k")])
+    model.producer_name = "bertopt-test"
+    model.metadata_props.add(key="note", value="kept")
+    G.save_model(model, tmp_path / "m.onnx")
+    loaded = onnx.load(str(tmp_path / "m.onnx"))
+    assert loaded == model
