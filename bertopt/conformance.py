@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 
 from bertopt.errors import BertoptError
 from bertopt.facts import ModelFacts, detect_facts
-from bertopt.graph import ModelSource, constant_value, infer_shapes, load_graph, load_model
+from bertopt.graph import ModelSource, constant_value, infer_shapes, load_graph, load_model, peek_values
 from bertopt.pattern import Const, Op, Pat, Pattern, Var, _
 
 # name -> what the standard form asks (the facts note, section 4, points 1-6).
@@ -464,9 +464,9 @@ def fp16_unsafe_constants(graph: gs.Graph) -> list[gs.Constant]:
     """Float constants with an element beyond the fp16 range (inf or |x| > 65504)."""
     unsafe = []
     for tensor in graph.tensors().values():
-        values = constant_value(tensor)
-        if values is None or values.dtype.kind != "f" or not values.size:
+        if not isinstance(tensor, gs.Constant) or np.dtype(tensor.dtype).kind != "f":
             continue
+        values = peek_values(tensor)
         magnitude = np.abs(values[~np.isnan(values)])
         if magnitude.size and float(magnitude.max()) > FP16_MAX:
             unsafe.append(tensor)

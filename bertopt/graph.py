@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 from google.protobuf.message import DecodeError
 
@@ -175,6 +176,16 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
+def peek_values(tensor: gs.Constant) -> np.ndarray:
+    """A constant's values without keeping them loaded on the tensor.
+
+    gs imports weights lazily and exports untouched ones straight from their TensorProto; reading
+    `.values` would keep a numpy copy of every weight scanned (1.3 GB on bert-large) until the end.
+    """
+    lazy = tensor._values
+    return lazy.load() if isinstance(lazy, LazyValues) else tensor.values
+
+
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if tensor.inputs else None
 
@@ -250,7 +261,7 @@ def skeleton_model(graph: gs.Graph) -> onnx.ModelProto:
     small, large = [], []
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant):
-            (small if tensor.values.size <= SKELETON_VALUE_LIMIT else large).append(tensor)
+            (small if _element_count(tensor) <= SKELETON_VALUE_LIMIT else large).append(tensor)
     inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=True) for t in graph.inputs + large]
     outputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs]
     onnx_graph = onnx.helper.make_graph(
@@ -285,6 +296,11 @@ def _custom_op_value_info(graph: gs.Graph) -> list[onnx.ValueInfoProto]:
                and (node.domain, node.op) not in SHAPE_PRESERVING_CUSTOM_OPS
                for out in node.outputs if isinstance(out, gs.Variable) and out.dtype is not None]
     return [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in outputs]
+
+
+def _element_count(tensor: gs.Constant) -> int:
+    """From the shape: reading `.values` would load a lazily imported weight into memory."""
+    return int(np.prod(tensor.shape, dtype=np.int64))
 
 
 def infer_shapes(graph: gs.Graph) -> None:

@@ -263,8 +263,7 @@ def _has(match: Match, name: str) -> bool:
 
 
 def _dtype(tensor: gs.Tensor) -> np.dtype:
-    value = constant_value(tensor)
-    return value.dtype if value is not None else np.dtype(np.float32)
+    return np.dtype(tensor.dtype) if isinstance(tensor, gs.Constant) else np.dtype(np.float32)
 
 
 def _expand_masks(graph: gs.Graph, facts: ModelFacts, matches: list[Match], rewrite: Rewrite) -> None:
