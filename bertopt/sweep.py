@@ -1,0 +1,346 @@
+"""`bertopt sweep`: one model family over a matrix of static shapes, one folder per shape.
+
+    <out>/sweep.json                          marks the folder as a sweep (what was asked)
+    <out>/<size>/original.onnx                the export, once per size (from the export cache)
+    <out>/<size>/seq<S>_bs<B>/optimized.onnx  the `default` pipeline frozen at that shape
+                              atc.sh          the ATC command (run when atc exists)
+                              result.json     the shape's row; written last, atomically
+    <out>/summary.json, summary.md            one row per shape
+
+Shapes run in spawned worker processes (a fresh one per job, so a finished job's memory goes back
+to the system), never more at once than `jobs` nor than fit the memory budget. A shape with a
+result.json is done and skipped on a re-run; a shape folder without one is redone from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from bertopt.errors import BertoptError
+
+SIZE_ALIASES = {"base": "bert-base", "large": "bert-large"}
+MARKER_NAME = "sweep.json"
+RESULT_NAME = "result.json"
+ORIGINAL_NAME = "original.onnx"
+SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"
+GIB = 1 << 30
+# Peak RSS of one shape job (load, passes, save, conformance, then the original and the optimized
+# model in two ORT sessions) over the model's weight bytes (its ONNX file). Measured once with
+# /usr/bin/time -v: bert-base (435.8 MB file), seq 384, batch 8, 2 samples: 2.52 GB peak = 5.9x.
+# Rounded up; bert-large's activations are a smaller share of its peak, so 6x covers it too.
+PEAK_FACTOR = 6.0
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    sizes: tuple[str, ...]
+    seqs: tuple[int, ...]
+    batches: tuple[int, ...]
+    output: Path
+    jobs: int | None = None  # None: os.cpu_count()
+    memory_budget_gib: float | None = None  # None: half of MemAvailable
+    passes: str = "default"
+    samples: int = 2
+    soc: str | None = None
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One job: a size's export frozen at (seq, batch) into its own folder."""
+
+    size: str
+    seq: int
+    batch: int
+    original: Path
+    folder: Path
+    estimate: int  # bytes of peak memory expected
+    passes: str
+    samples: int
+    soc: str
+    soc_source: str
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict]
+    passed: bool
+    output: Path
+
+
+# --------------------------------------------------------------------------- scheduling
+
+def admits(running: list[int], estimate: int, budget: int, jobs: int) -> bool:
+    """Whether a job of `estimate` bytes may start beside `running` ones (their estimates).
+
+    A job larger than the whole budget still runs, alone: refusing it would stall the sweep.
+    """
+    if len(running) >= jobs:
+        return False
+    return not running or sum(running) + estimate <= budget
+
+
+def concurrency(estimates: list[int], budget: int, jobs: int) -> int:
+    """How many of `estimates` (in order) start together on an idle machine."""
+    running: list[int] = []
+    for estimate in estimates:
+        if not admits(running, estimate, budget, jobs):
+            break
+        running.append(estimate)
+    return len(running)
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo, in bytes: what the kernel can give without swapping."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise BertoptError("/proc/meminfo has no MemAvailable; pass --memory-budget")
+
+
+def peak_estimate(weights_bytes: int) -> int:
+    return int(weights_bytes * PEAK_FACTOR)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+def sweep(config: SweepConfig, progress: Progress = lambda message: None) -> SweepResult:
+    """Export each size once, run every shape not done before, then write the summary."""
+    jobs, budget = _check_config(config)
+    sizes = _resolve_sizes(config.sizes)
+    _claim_output(config.output, config)
+    prepared = {size: _prepare_size(size, name, config, progress) for size, name in sizes.items()}
+    shapes = _shapes(config, prepared)
+    done = [_done_row(shape) for shape in shapes if (shape.folder / RESULT_NAME).is_file()]
+    todo = [shape for shape in shapes if not (shape.folder / RESULT_NAME).is_file()]
+    progress(f"{len(shapes)} shape(s): {len(done)} done before, {len(todo)} to run "
+             f"(at most {jobs} job(s) within {budget / GIB:.1f} GiB)")
+    rows = _sorted_rows(done + _run_all(todo, jobs, budget, progress), config)
+    _write_summary(config.output, rows)
+    return SweepResult(rows, all(row["status"] == "passed" for row in rows), config.output)
+
+
+def _check_config(config: SweepConfig) -> tuple[int, int]:
+    """(jobs, budget bytes); bad numbers are one clear line before any work."""
+    if not config.sizes or not config.seqs or not config.batches:
+        raise BertoptError("sweep needs at least one size, one seq and one batch")
+    for value in config.batches:
+        if value <= 0:
+            raise BertoptError(f"--batch {value}: batch sizes must be positive")
+    for value in config.seqs:
+        if value <= 0:
+            raise BertoptError(f"--seq {value}: sequence lengths must be positive")
+    jobs = config.jobs if config.jobs is not None else (os.cpu_count() or 1)
+    if jobs <= 0:
+        raise BertoptError(f"--jobs {jobs}: must be at least 1")
+    if config.memory_budget_gib is not None and config.memory_budget_gib <= 0:
+        raise BertoptError(f"--memory-budget {config.memory_budget_gib}: must be positive (GiB)")
+    budget = (int(config.memory_budget_gib * GIB) if config.memory_budget_gib is not None
+              else available_memory() // 2)
+    return jobs, budget
+
+
+def _resolve_sizes(sizes: tuple[str, ...]) -> dict[str, str]:
+    """Folder name -> what the exporter takes (a preset or an HF folder); unknown names fail here."""
+    from bertopt.export import resolve_source  # imports torch: only when sweeping
+
+    resolved = {}
+    for size in sizes:
+        name = SIZE_ALIASES.get(size, size)
+        resolve_source(name)
+        resolved[Path(size).name] = name
+    return resolved
+
+
+def _claim_output(output: Path, config: SweepConfig) -> None:
+    """Use an empty or new folder, or one that holds a sweep; never write into anything else."""
+    marker = output / MARKER_NAME
+    if output.exists() and not output.is_dir():
+        raise BertoptError(f"--output {output}: exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not marker.is_file():
+        raise BertoptError(f"--output {output}: holds files but no {MARKER_NAME}, so it is not a sweep folder; "
+                           "choose another folder")
+    from bertopt.run import write_json
+
+    write_json(marker, {"bertopt_sweep": 1, "last_request": {
+        "sizes": list(config.sizes), "seqs": list(config.seqs), "batches": list(config.batches),
+        "passes": config.passes, "samples": config.samples}})
+
+
+@dataclass(frozen=True)
+class PreparedSize:
+    original: Path
+    weights_bytes: int
+    max_positions: int | None
+
+
+def _prepare_size(size: str, name: str, config: SweepConfig, progress: Progress) -> PreparedSize:
+    """Export (or link the cached export) in a spawned process, so torch's memory is not kept here."""
+    progress(f"{size}: exporting {name} (cached by content)")
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        prepared = pool.submit(export_and_measure, name, config.output / size / ORIGINAL_NAME).result()
+    too_long = [seq for seq in config.seqs if prepared.max_positions and seq > prepared.max_positions]
+    if too_long:
+        raise BertoptError(f"--seq {too_long[0]}: {size} has {prepared.max_positions} position embeddings")
+    return prepared
+
+
+def export_and_measure(name: str, path: Path) -> PreparedSize:
+    """Worker: export `name` to `path`; read its position count from the graph (not from a config)."""
+    from bertopt.export import export_onnx, resolve_source
+    from bertopt.facts import detect_facts
+    from bertopt.graph import load_graph
+
+    result = export_onnx(resolve_source(name), path)
+    facts = detect_facts(load_graph(result.path))
+    weights = sum(p.stat().st_size for p in result.path.parent.glob(result.path.name + "*"))
+    return PreparedSize(result.path, weights, facts.max_positions)
+
+
+def _shapes(config: SweepConfig, prepared: dict[str, PreparedSize]) -> list[Shape]:
+    from bertopt.backends.ascend import detect_soc
+
+    soc, soc_source = detect_soc(config.soc)
+    return [Shape(size, seq, batch, info.original, config.output / size / f"seq{seq}_bs{batch}",
+                  peak_estimate(info.weights_bytes), config.passes, config.samples, soc, soc_source)
+            for size, info in prepared.items() for seq in config.seqs for batch in config.batches]
+
+
+def _done_row(shape: Shape) -> dict:
+    row = json.loads((shape.folder / RESULT_NAME).read_text())
+    return dict(row, done_before=True)
+
+
+# --------------------------------------------------------------------------- running the shapes
+
+def _run_all(shapes: list[Shape], jobs: int, budget: int, progress: Progress) -> list[dict]:
+    """Start shapes in order whenever `admits` lets them; collect rows as they finish."""
+    pending, rows = list(shapes), []
+    running: dict[Future, Shape] = {}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max(1, min(jobs, len(shapes))), mp_context=context, max_tasks_per_child=1) as pool:
+        while pending or running:
+            while pending and admits([s.estimate for s in running.values()], pending[0].estimate, budget, jobs):
+                shape = pending.pop(0)
+                progress(f"{shape.size} seq {shape.seq} batch {shape.batch}: started")
+                running[pool.submit(run_shape, shape)] = shape
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                row = _collect(future, running.pop(future))
+                progress(f"{row['size']} seq {row['seq']} batch {row['batch']}: {row['status']} "
+                         f"({row['seconds']:.1f} s)")
+                rows.append(row)
+    return rows
+
+
+def _collect(future: Future, shape: Shape) -> dict:
+    """The worker's row, or an error row when the worker itself died (e.g. killed for memory)."""
+    try:
+        return future.result()
+    except Exception as exc:  # BrokenProcessPool and the like: the shape has no result.json, so it reruns
+        return _row(shape, status="error", seconds=0.0, error=f"{type(exc).__name__}: {exc}")
+
+
+def run_shape(shape: Shape) -> dict:
+    """Worker: optimize, write atc.sh, validate, check conformance, then write result.json last.
+
+    The folder is emptied first: whatever an interrupted run left there is not trusted.
+    A parity failure is a verdict (kept); an exception is an error row without result.json (rerun).
+    """
+    start = time.perf_counter()
+    shutil.rmtree(shape.folder, ignore_errors=True)
+    shape.folder.mkdir(parents=True)
+    try:
+        row = _row(shape, seconds=0.0, **_evaluate(shape))
+    except Exception as exc:  # recorded in the row; the sweep goes on
+        return _row(shape, status="error", seconds=time.perf_counter() - start,
+                    error=str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    from bertopt.run import write_json
+
+    write_json(shape.folder / RESULT_NAME, row)
+    return row
+
+
+def _evaluate(shape: Shape) -> dict:
+    from bertopt.backends.ascend import AtcOptions, compile_om
+    from bertopt.backends.ort import OrtBackend
+    from bertopt.conformance import check_ascend
+    from bertopt.pipeline import Instruments, PassManager, PassOptions
+    from bertopt.run import OM_PREFIX, OPTIMIZED_NAME, optimize_file
+    from bertopt.validate import validate_candidates
+
+    optimized = shape.folder / OPTIMIZED_NAME
+    manager = PassManager(shape.passes, PassOptions(batch=shape.batch, seq=shape.seq, target="ascend"),
+                          Instruments(reproducer_dir=shape.folder / "reproducer"))
+    graph, facts, records = optimize_file(shape.original, optimized, manager)
+    atc = compile_om(shape.folder, AtcOptions(model=OPTIMIZED_NAME, output=OM_PREFIX, soc_version=shape.soc),
+                     shape.soc_source)
+    conformance = check_ascend(graph)
+    del graph  # before the two ORT sessions load the weights again
+    report = validate_candidates(shape.original, [OrtBackend(optimized, name="optimized ONNX fp32 (ORT CPU)")], facts,
+                                 batch=shape.batch, seq=shape.seq, samples=shape.samples)[0]
+    comparison = report.comparison
+    parity_max = max(o.max_abs for o in comparison.outputs) if comparison else None
+    passed = report.passed is True and conformance.conforming
+    return {"status": "passed" if passed else "failed",
+            "passes_changed": [r.name for r in records if r.changed],
+            "conforming": conformance.conforming,
+            "parity_max_abs": parity_max, "parity_passed": report.passed,
+            "parity": comparison.summary_line() if comparison else report.error,
+            "atc": atc.status}
+
+
+def _row(shape: Shape, *, status: str, seconds: float, error: str | None = None, **fields) -> dict:
+    base = {"size": shape.size, "seq": shape.seq, "batch": shape.batch, "status": status,
+            "passes_changed": [], "conforming": None, "parity_max_abs": None, "parity_passed": None,
+            "parity": None, "atc": None, "error": error, "seconds": round(seconds, 2),
+            "folder": str(shape.folder), "done_before": False}
+    return dict(base, **fields)
+
+
+# --------------------------------------------------------------------------- summary
+
+def _sorted_rows(rows: list[dict], config: SweepConfig) -> list[dict]:
+    order = [Path(size).name for size in config.sizes]
+    return sorted(rows, key=lambda row: (order.index(row["size"]), row["seq"], row["batch"]))
+
+
+def render_table(rows: list[dict]) -> str:
+    """A Markdown table, one row per model: what the terminal shows and summary.md holds."""
+    lines = ["| size | seq | batch | passes changed | conforming | parity max abs | parity | status | seconds |",
+             "|---|---:|---:|---|---|---:|---|---|---:|"]
+    for row in rows:
+        parity = {True: "PASSED", False: "FAILED", None: "-"}[row["parity_passed"]]
+        worst = "-" if row["parity_max_abs"] is None else f"{row['parity_max_abs']:.2e}"
+        status = row["status"] + (" (done before)" if row["done_before"] else "")
+        status += f": {row['error']}" if row.get("error") else ""
+        lines.append(f"| {row['size']} | {row['seq']} | {row['batch']} | {len(row['passes_changed'])} "
+                     f"| {_yes_no(row['conforming'])} | {worst} | {parity} | {status} | {row['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def _yes_no(value: bool | None) -> str:
+    return {True: "yes", False: "NO", None: "-"}[value]
+
+
+def _write_summary(output: Path, rows: list[dict]) -> None:
+    from bertopt.run import write_json
+
+    passed = sum(row["status"] == "passed" for row in rows)
+    write_json(output / SUMMARY_JSON, {"passed": passed == len(rows), "counts": {
+        "shapes": len(rows), "passed": passed, "done_before": sum(row["done_before"] for row in rows)},
+        "rows": rows})
+    text = f"# bertopt sweep\n\n{passed} of {len(rows)} shape(s) passed.\n\n{render_table(rows)}\n"
+    tmp = output / f".{SUMMARY_MD}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, output / SUMMARY_MD)
