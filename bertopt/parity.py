@@ -36,6 +36,9 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
 # Polygraphy adds this to zero reference values so relative differences stay finite.
 REL_EPSILON = 2.220446049250313e-16
+# |candidate - reference| histogram bins: half decades from 1e-9 to 10, the same for every output and
+# candidate so their pictures compare (fp32 rewrites land near 1e-7, fp16 near 1e-3).
+HISTOGRAM_EDGES = tuple(float(10.0 ** (k / 2)) for k in range(-18, 3))
 
 # bert-base vocabularies (uncased and cased, and MiniLM which reuses them) put [PAD] at 0 and
 # [CLS]/[SEP] at 101/102; small test vocabularies keep their special tokens in ids 0..3.
@@ -215,6 +218,19 @@ def _first_line(exc: Exception) -> str:
 # --------------------------------------------------------------------------- comparison
 
 @dataclass
+class AbsHistogram:
+    """Counts of the defined absolute differences in HISTOGRAM_EDGES bins: 20 numbers instead of
+    the raw diffs, so the HTML report can draw the distribution and report.json stays small.
+
+    Differences below the first edge (but not zero) count in the first bin, above the last in the last.
+    """
+
+    edges: list[float]
+    counts: list[int]
+    zeros: int  # exactly equal elements, which no log-spaced bin holds
+
+
+@dataclass
 class OutputStats:
     """Differences for one output over all samples; `reason` says why it could not be compared."""
 
@@ -234,6 +250,7 @@ class OutputStats:
     min_atol_to_pass: float
     min_rtol_to_pass: float
     reason: str | None = None
+    abs_histogram: AbsHistogram | None = None
 
 
 @dataclass
@@ -352,7 +369,7 @@ def _compare_one(name: str, reference: list[dict], candidate: list[dict], atol: 
         atol=atol, rtol=rtol, passed=not bool(np.any(abs_over & rel_over)),
         nan_or_inf=int(np.count_nonzero(~np.isfinite(cand))),
         min_atol_to_pass=_smallest_passing(absdiff[rel_over]),
-        min_rtol_to_pass=_smallest_passing(reldiff[abs_over]))
+        min_rtol_to_pass=_smallest_passing(reldiff[abs_over]), abs_histogram=_abs_histogram(absdiff))
 
 
 def _incomparable(name: str, reference: list[dict], candidate: list[dict]) -> str | None:
@@ -388,6 +405,13 @@ def _summary(diff: np.ndarray) -> tuple[float, float, float, float]:
     with np.errstate(invalid="ignore", over="ignore"):
         return (float(defined.max()), float(defined.mean()), float(np.median(defined)),
                 float(np.percentile(defined, 99)))
+
+
+def _abs_histogram(absdiff: np.ndarray) -> AbsHistogram:
+    defined = absdiff[~np.isnan(absdiff)]
+    nonzero = np.clip(defined[defined > 0], HISTOGRAM_EDGES[0], HISTOGRAM_EDGES[-1])
+    counts, _ = np.histogram(nonzero, bins=HISTOGRAM_EDGES)
+    return AbsHistogram(list(HISTOGRAM_EDGES), [int(c) for c in counts], int(defined.size - (defined > 0).sum()))
 
 
 def _smallest_passing(needed: np.ndarray) -> float:

@@ -155,6 +155,9 @@ class Instruments:
     parity_probe: ParityProbe | None = None
     reproducer_dir: Path | None = None
     on_pass_start: Callable[[str], None] | None = None
+    # (index, name, graph before, graph after) of a pass that changed something, called while both are
+    # alive: what needs them (the HTML report's pictures) keeps what it draws, not a copy of each graph.
+    on_pass_changed: Callable[[int, str, gs.Graph, gs.Graph], None] | None = None
 
 
 class PassFailed(CheckFailed):
@@ -197,6 +200,8 @@ class PassManager:
             facts = facts.refreshed(graph)
             record.verify_seconds = self._verify(index, info.name, before, graph)
             self._dump(index, info.name, before, graph)
+            if self.instruments.on_pass_changed:
+                self.instruments.on_pass_changed(index, info.name, before, graph)
             self._probe_parity(index, info.name, before, graph, facts, record)
         return record, facts
 

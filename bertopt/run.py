@@ -27,6 +27,7 @@ from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord
 from bertopt.validate import CandidateReport, validate_candidates
 
 if TYPE_CHECKING:
+    from bertopt.report_html import PassPictures
     from bertopt.squad.check import SquadCheck
 
 OPTIMIZED_NAME = "optimized.onnx"
@@ -56,6 +57,7 @@ class RunConfig:
     atc_args: tuple[str, ...] = ()
     device: int = 0
     evaluate: str | None = None  # "squad" (the hub) or "squad=PATH"
+    report: str = "json"  # "html" also writes report.html (and draws each pass's changes while it runs)
 
     def output_dir(self) -> Path:
         if self.output is not None:
@@ -110,9 +112,12 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
     out_dir = config.output_dir()
     _refuse_existing_results(out_dir, config.force)
     _check_target(config.target)
+    pictures = _pass_pictures(config.report)
     squad_data = _squad_data(config.evaluate) if config.evaluate else None
     atc_plan = _atc_options(config) if config.target == "ascend" else None
     manager = PassManager(config.passes, _pass_options(config), _instruments(config, out_dir))
+    if pictures is not None:
+        manager.instruments.on_pass_changed = pictures
     original, description = _obtain_onnx(config, out_dir, progress)
     if config.check_each_pass:
         manager.instruments.parity_probe = _parity_probe(original, config)
@@ -132,6 +137,10 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
     if squad_data is not None:
         report.squad = _squad_check(config, squad_data, original, optimized, out_dir, progress)
     write_json(out_dir / REPORT_NAME, report.to_dict())
+    if pictures is not None:
+        from bertopt.report_html import REPORT_HTML, write_html_report
+
+        write_html_report(report, pictures.pictures, out_dir / REPORT_HTML)
     return report
 
 
@@ -180,6 +189,17 @@ def _squad_check(config: RunConfig, data: str, original: Path, optimized: Path, 
 
     return check_run(config.model, original, optimized, data, out_dir / "squad", seq=config.seq,
                      batch=config.batch, emulation=config.target == "ascend", progress=progress)
+
+
+def _pass_pictures(report: str) -> PassPictures | None:
+    """The instrument that draws each pass's changes, only for the HTML report: JSON runs keep no diffs."""
+    if report not in ("json", "html"):
+        raise BertoptError(f"--report {report!r}: expected json or html")
+    if report == "json":
+        return None
+    from bertopt.report_html import PassPictures  # imports the diff and Graphviz helpers: only when asked
+
+    return PassPictures()
 
 
 def _check_target(target: str) -> None:
@@ -251,9 +271,17 @@ def _parity_probe(original: Path, config: RunConfig):
 
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically (temporary file beside it, then rename)."""
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` whole or not at all: a temporary file beside `path`, renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -96,3 +96,17 @@ def test_refuses_a_folder_that_is_not_a_sweep(tmp_path):
     with pytest.raises(BertoptError, match="not a sweep folder"):
         sweep(tiny_config(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_sweep_command_resumes_and_refuses_bad_lists(tmp_path):
+    from test_cli import assert_one_line_error, bertopt
+
+    args = ("sweep", "--sizes", "bert-tiny", "--seq", "16", "--batch", "1,2", "--jobs", "2",
+            "--output", str(tmp_path / "s"))
+    first = bertopt(*args)
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "s" / "summary.md").exists()
+    again = bertopt(*args)
+    assert again.returncode == 0 and again.stdout.count("done before") == 2
+    assert_one_line_error(bertopt("sweep", "--seq", "16,x", "--output", str(tmp_path / "t")), 2,
+                          "expected comma-separated integers")
