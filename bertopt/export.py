@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-from bertopt.errors import BertoptError
+from bertopt.errors import BertoptError, first_line
 
 EXPORTERS = ("legacy", "dynamo")
 DEFAULT_OPSET = {"legacy": 14, "dynamo": 18}
@@ -172,7 +172,7 @@ def _pretrained_model(folder: Path, attention: str, head: str):
         model = _head_class(head).from_pretrained(str(folder), attn_implementation=attention,
                                                   local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise BertoptError(f"{folder}: cannot load the checkpoint ({_first_line(exc)})") from None
+        raise BertoptError(f"{folder}: cannot load the checkpoint ({first_line(exc)})") from None
     return model.eval()
 
 
@@ -345,8 +345,3 @@ def _library_versions() -> dict[str, str]:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

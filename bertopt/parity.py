@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bertopt.errors import BertoptError
+from bertopt.errors import BertoptError, first_line
 from bertopt.facts import ModelFacts
 from bertopt.graph import fits_protobuf, save_model
 
@@ -185,7 +185,7 @@ class OrtRunner:
         try:
             values = self._session.run(self.output_names, feeds)
         except Exception as exc:  # ORT raises its own exception types, all without a base class
-            raise BertoptError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from None
+            raise BertoptError(f"ONNX Runtime failed to run the model: {first_line(exc)}") from None
         return dict(zip(self.output_names, values))
 
 
@@ -207,12 +207,7 @@ def _create_session(model: Path | str | onnx.ModelProto, options: ort.SessionOpt
     except BertoptError:
         raise
     except Exception as exc:  # ORT's Fail/InvalidGraph/... share no public base class
-        raise BertoptError(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise BertoptError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from None
 
 
 # --------------------------------------------------------------------------- comparison

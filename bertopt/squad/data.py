@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertopt.errors import BertoptError
+from bertopt.errors import BertoptError, first_line
 
 HUB_NAME = "squad"
 SPLIT = "validation"
@@ -108,7 +108,7 @@ def _load_from_disk(folder: Path):
     try:
         loaded = datasets.load_from_disk(str(folder))
     except (FileNotFoundError, ValueError, OSError) as exc:
-        raise BertoptError(f"--data {folder}: not a saved `datasets` folder ({_first_line(exc)})") from None
+        raise BertoptError(f"--data {folder}: not a saved `datasets` folder ({first_line(exc)})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if SPLIT not in loaded:
             raise BertoptError(f"--data {folder}: no {SPLIT!r} split (it has {', '.join(loaded)})")
@@ -121,7 +121,7 @@ def _load_from_hub():
     try:
         return datasets.load_dataset(HUB_NAME, split=SPLIT)
     except Exception as exc:  # network, hub and cache failures share no base class
-        raise BertoptError(f"cannot load {HUB_NAME!r} from the hub ({_first_line(exc)}); "
+        raise BertoptError(f"cannot load {HUB_NAME!r} from the hub ({first_line(exc)}); "
                            "give the official dev-v1.1.json with --data") from None
 
 
@@ -133,11 +133,6 @@ def _from_records(records, where: str) -> list[Example]:
     return [Example(str(row["id"]), str(row.get("title", "")), row["context"], row["question"],
                     tuple(row["answers"]["text"]), tuple(int(s) for s in row["answers"]["answer_start"]))
             for row in records]
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- checks
