@@ -200,6 +200,7 @@ def diff(
     svg: Optional[Path] = typer.Option(None, "--svg", help="draw one representative layer's changes (SVG)"),
     png: Optional[Path] = typer.Option(None, "--png", help="the same picture as PNG"),
     context: int = typer.Option(1, "--context", help="hops of unchanged neighbours drawn around the changes"),
+    whole: bool = typer.Option(False, "--whole", help="draw the pictured layer whole, not only its changes"),
 ) -> None:
     """Structural, name-insensitive diff of two ONNX graphs: signature, op histogram, changes by region."""
     from bertopt.diff import diff_graphs
@@ -211,7 +212,7 @@ def diff(
     out.print(result.text(), end="", markup=False, soft_wrap=True)
     for fmt, path in (("svg", svg), ("png", png)):
         if path is not None:
-            out.print(render_diff(result, path, fmt, context).note, markup=False, soft_wrap=True)
+            out.print(render_diff(result, path, fmt, context, whole).note, markup=False, soft_wrap=True)
 
 
 @app.command()

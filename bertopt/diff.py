@@ -11,13 +11,17 @@ Matching, in three steps (networkx's graph matchers take minutes on 1000+ nodes;
    the same positions; backwards, one that feeds the twins of its consumers at the same positions.
    An exact twin (same attributes and constants) wins; otherwise the candidate must be the only one
    both ways round. So a Reshape whose shape input became a constant is "changed", and matching goes
-   on past it instead of losing everything downstream.
+   on past it instead of losing everything downstream. Propagation looks through unmatched
+   view-only nodes (PASS_THROUGH: an inserted or removed Reshape), and backwards it starts from the
+   graph outputs, which both graphs name alike.
 3. What is left is removed (old graph only) or added (new graph only). A matched pair whose op
    attributes, constants or matched inputs differ is changed.
 
 Removed, added and changed nodes that touch each other (an edge, a changed pair, or feeding the
 same matched consumer) and lie in the same region (bertopt.regions) form one edit, printed as
-"Div(8.0) -> Mul(0.125)". Regions whose edits read the same are collapsed ("layers 0-11 attention").
+"Div(8.0) -> Mul(0.125)". Removed nodes that computed only from Shape ops and constants (what
+freezing shapes folds) are one "folded to constants" line per region instead, so they do not bury the
+rewrites. Regions whose edits read the same are collapsed ("layers 0-11 attention").
 Constants are compared by value (large ones by a hash of their bytes) and shown by value when small,
 by shape and dtype when large.
 """
@@ -47,6 +51,10 @@ VALUE_WIDTH = 32
 
 NO_DIFFERENCE = "no structural difference"
 
+# Ops that only re-view their first input. While unmatched, the matcher looks through them, so a
+# Reshape a pass inserted between two nodes does not cut the propagation (it shows as added).
+PASS_THROUGH = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+
 
 @dataclass(frozen=True)
 class NodeInfo:
@@ -65,8 +73,11 @@ class Edit:
     old: list[NodeInfo]
     new: list[NodeInfo]
     details: list[str] = field(default_factory=list)  # what differs when the labels look the same
+    folded: bool = False  # removed nodes that computed constants (see _folded_to_constants), shown apart
 
     def text(self) -> str:
+        if self.folded:
+            return f"folded to constants: {_side_text(self.old)}"
         old, new = _side_text(self.old), _side_text(self.new)
         line = f"removed {old}" if not self.new else f"added {new}" if not self.old else f"{old} -> {new}"
         return line + (f" ({'; '.join(self.details)})" if self.details else "")
@@ -181,9 +192,11 @@ class DiffSide:
         self.regions = node_regions(graph, self.order)
         self.inputs = {t.name: t for t in graph.inputs}
         self.output_names = {id(t): t.name for t in graph.outputs}
+        self.output_tensors = {t.name: t for t in graph.outputs}
         self.partner: dict[int, int] = {}  # node index -> index of its twin in the other graph
         self.status: dict[int, str] = {}   # node index -> unchanged | changed | removed/added
         self.edit_regions: dict[int, str] = {}  # node index -> region of its edit (a changed pair: the old one)
+        self.folded: set[int] = set()  # removed nodes that only computed constants (old side)
 
     def node(self, index: int) -> gs.Node:
         return self.order[index]
@@ -299,21 +312,65 @@ class _Matcher:
         if forward:
             for tensor in this.node(index).inputs:
                 for twin_tensor in self._twin_tensors(side, tensor):
-                    for consumer in twin_tensor.outputs:
-                        found[other.index[id(consumer)]] = None
-        else:
-            for _, consumer, slot in this.consumers(index):
-                if consumer not in this.partner:
-                    continue
-                twin = other.node(this.partner[consumer])
-                slots = range(len(twin.inputs)) if twin.op in COMMUTATIVE else range(slot, min(slot + 1, len(twin.inputs)))
-                for source in (other.producer(twin.inputs[s]) for s in slots):
-                    if source is not None:
-                        found[source[0]] = None
+                    found.update(dict.fromkeys(self._readers(1 - side, twin_tensor)))
+            return sorted(found)
+        for _, consumer, slot in self._uses(side, index):
+            if consumer not in this.partner:
+                continue
+            twin = other.node(this.partner[consumer])
+            slots = range(len(twin.inputs)) if twin.op in COMMUTATIVE else range(slot, min(slot + 1, len(twin.inputs)))
+            for s in slots:
+                found.update(dict.fromkeys(self._writers(1 - side, twin.inputs[s])))
+        for tensor in this.node(index).outputs:
+            if id(tensor) in this.output_names and this.output_names[id(tensor)] in other.output_tensors:
+                found.update(dict.fromkeys(self._writers(1 - side, other.output_tensors[this.output_names[id(tensor)]])))
         return sorted(found)
+
+    def _see_through(self, side: int, index: int) -> bool:
+        """Whether an unmatched view-only node is looked through (see PASS_THROUGH)."""
+        node = self.sides[side].node(index)
+        return index not in self.sides[side].partner and node.op in PASS_THROUGH and bool(node.inputs)
+
+    def _resolved(self, side: int, tensor: gs.Tensor) -> gs.Tensor:
+        """The tensor an unmatched chain of view-only nodes re-views (the tensor itself if none)."""
+        this = self.sides[side]
+        while (source := this.producer(tensor)) is not None and self._see_through(side, source[0]):
+            tensor = this.node(source[0]).inputs[0]
+        return tensor
+
+    def _writers(self, side: int, tensor: gs.Tensor) -> list[int]:
+        """The producer of `tensor` and, through looked-through nodes, the producers behind it."""
+        this, found = self.sides[side], []
+        while (source := this.producer(tensor)) is not None:
+            found.append(source[0])
+            if not self._see_through(side, source[0]):
+                break
+            tensor = this.node(source[0]).inputs[0]
+        return found
+
+    def _readers(self, side: int, tensor: gs.Tensor) -> list[int]:
+        """The consumers of `tensor` and, through looked-through nodes, the consumers behind them."""
+        this, found = self.sides[side], []
+        for consumer in tensor.outputs:
+            index = this.index[id(consumer)]
+            found.append(index)
+            if self._see_through(side, index) and consumer.inputs[0] is tensor:
+                found += self._readers(side, consumer.outputs[0])
+        return found
+
+    def _uses(self, side: int, index: int) -> list[tuple[int, int, int]]:
+        """DiffSide.consumers, with looked-through consumers replaced by the uses of their output."""
+        this, uses = self.sides[side], []
+        for position, consumer, slot in this.consumers(index):
+            if slot == 0 and self._see_through(side, consumer):
+                uses += [(position, c, s) for _, c, s in self._uses(side, consumer)]
+            else:
+                uses.append((position, consumer, slot))
+        return uses
 
     def _twin_tensors(self, side: int, tensor: gs.Tensor) -> list[gs.Tensor]:
         this, other = self.sides[side], self.sides[1 - side]
+        tensor = self._resolved(side, tensor)
         if tensor.name in this.inputs and not tensor.inputs and tensor.name in other.inputs:
             return [other.inputs[tensor.name]]
         source = this.producer(tensor)
@@ -335,7 +392,9 @@ class _Matcher:
         for tensor in this.node(index).inputs:
             if isinstance(tensor, gs.Constant):
                 anchors.append(("const",))
-            elif tensor.name in this.inputs and not tensor.inputs:
+                continue
+            tensor = self._resolved(side, tensor)
+            if tensor.name in this.inputs and not tensor.inputs:
                 anchors.append(("input", tensor.name))
             elif not tensor.inputs:
                 anchors.append(("none", tensor.name))
@@ -349,7 +408,7 @@ class _Matcher:
         """Per use of an output: (output position, matched consumer, slot) or None; graph outputs by name."""
         this = self.sides[side]
         anchors = []
-        for position, consumer, slot in this.consumers(index):
+        for position, consumer, slot in self._uses(side, index):
             pair = self._pair_id(side, consumer)
             commutative = this.node(consumer).op in COMMUTATIVE
             anchors.append(None if pair is None else ("use", position, pair, -1 if commutative else slot))
@@ -455,7 +514,8 @@ class _Groups:
 
 def _edits(matcher: _Matcher) -> list[Edit]:
     old, new = matcher.sides
-    region = {("old", i): old.region(i) for i, s in old.status.items() if s != "unchanged"}
+    old.folded = _folded_to_constants(old)
+    region = {("old", i): old.region(i) for i, s in old.status.items() if s != "unchanged" and i not in old.folded}
     region.update({("new", i): old.region(new.partner[i]) if s == "changed" else new.region(i)
                    for i, s in new.status.items() if s != "unchanged"})
     for (name, index), where in region.items():
@@ -480,7 +540,33 @@ def _edits(matcher: _Matcher) -> list[Edit]:
     for item in region:
         members[groups.find(item)].append(item)
     edits = [_edit(matcher, sorted(items), region[items[0]]) for items in members.values()]
-    return sorted(edits, key=lambda e: (region_rank(e.region), e.text()))
+    edits += _folded_edits(old)
+    return sorted(edits, key=lambda e: (region_rank(e.region), e.folded, e.text()))
+
+
+def _folded_to_constants(side: DiffSide) -> set[int]:
+    """Removed nodes computing only from Shape ops and constants: what freezing shapes folds away.
+
+    They are listed apart, one line per region, so the rewrites that matter are not buried under
+    the Shape -> Gather -> Unsqueeze -> Concat chains every dynamic Reshape used to have.
+    """
+    found: set[int] = set()
+    for index, node in enumerate(side.order):  # topological: producers are decided first
+        if side.status[index] != "removed":
+            continue
+        sources = [side.producer(t) for t in node.inputs if not isinstance(t, gs.Constant)]
+        if node.op == "Shape" or all(source is not None and source[0] in found for source in sources):
+            found.add(index)
+    return found
+
+
+def _folded_edits(side: DiffSide) -> list[Edit]:
+    by_region: dict[str, list[int]] = defaultdict(list)
+    for index in sorted(side.folded):
+        by_region[side.region(index)].append(index)
+        side.edit_regions[index] = side.region(index)
+    return [Edit(region, [node_info(side, i, named=False) for i in indices], [], folded=True)
+            for region, indices in by_region.items()]
 
 
 def _join_shared_uses(matcher: _Matcher, join) -> None:

@@ -41,8 +41,12 @@ class RenderResult:
         return self.path is not None
 
 
-def render_diff(diff: GraphDiff, path: str | os.PathLike, fmt: str = "svg", context: int = 1) -> RenderResult:
+def render_diff(diff: GraphDiff, path: str | os.PathLike, fmt: str = "svg", context: int = 1,
+                whole: bool = False) -> RenderResult:
     """Draw the diff's representative changes to `path` (written whole or not at all).
+
+    `whole` draws every node of the pictured regions (e.g. one whole attention layer before and
+    after), not only the changes; `context` hops of neighbours are added around either.
 
     Raises BertoptError for an unknown format or a negative context, and when `dot` itself fails.
     """
@@ -56,7 +60,7 @@ def render_diff(diff: GraphDiff, path: str | os.PathLike, fmt: str = "svg", cont
     if dot is None:
         return RenderResult(None, "no picture: Graphviz `dot` is not installed (Debian: apt-get install graphviz)")
     regions = representative_regions(diff)
-    _run_dot(dot, dot_source(diff, regions, context), Path(path), fmt)
+    _run_dot(dot, dot_source(diff, regions, context, whole), Path(path), fmt)
     return RenderResult(Path(path), f"picture of {', '.join(sorted(regions))}: {path}")
 
 
@@ -74,24 +78,32 @@ def representative_regions(diff: GraphDiff) -> set[str]:
     return {edit.region for edit in diff.edits if (layer_of(edit.region) or (None,))[0] == layer}
 
 
-def dot_source(diff: GraphDiff, regions: set[str], context: int) -> str:
+def dot_source(diff: GraphDiff, regions: set[str], context: int, whole: bool = False) -> str:
     """The Graphviz text: one cluster per graph with the changed nodes of `regions` and their context."""
     lines = ["digraph diff {", "  rankdir=TB; newrank=true; compound=true;",
              '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=11];',
              '  edge [color="#777777", arrowsize=0.6];']
     for prefix, side, title in (("old", diff.old, f"before: {diff.old_label}"),
                                 ("new", diff.new, f"after: {diff.new_label}")):
-        lines += _cluster(prefix, side, title, _picked(side, regions, context))
+        folded = sum(1 for i in side.folded if side.edit_regions[i] in regions)
+        title += f" ({folded} nodes folded to constants, not drawn)" if folded else ""
+        lines += _cluster(prefix, side, title, _picked(side, regions, context, whole))
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
-def _picked(side: DiffSide, regions: set[str], context: int) -> list[int]:
-    """Changed nodes of `regions` (a changed node counts by its old region) and `context` hops around."""
-    changed = {i for i, status in side.status.items() if status != "unchanged" and side.edit_regions.get(i) in regions}
+def _picked(side: DiffSide, regions: set[str], context: int, whole: bool) -> list[int]:
+    """Changed nodes of `regions` (a changed node counts by its old region), or all their nodes when
+    `whole`, and `context` hops around. Nodes folded to constants are left out: the cluster's title
+    counts them instead.
+    """
+    changed = {i for i, status in side.status.items()
+               if status != "unchanged" and side.edit_regions.get(i) in regions and i not in side.folded}
+    if whole:
+        changed |= {i for i in range(len(side.order)) if side.region(i) in regions and i not in side.folded}
     picked, frontier = set(changed), set(changed)
     for _ in range(context):
-        frontier = {n for i in frontier for n in _neighbours(side, i)} - picked
+        frontier = {n for i in frontier for n in _neighbours(side, i)} - picked - side.folded
         picked |= frontier
     return sorted(picked)
 

@@ -129,6 +129,46 @@ def test_freeze_shapes_before_after(tiny_export):
     assert "Shape                9 -> 0      -9" in text
 
 
+def _insert_after(graph: gs.Graph, tensor: gs.Variable, op: str) -> gs.Node:
+    """A view-only node between `tensor` and all its consumers, as a pass inserting a Reshape would."""
+    viewed = gs.Variable(f"{tensor.name}_viewed", dtype=tensor.dtype, shape=tensor.shape)
+    for consumer in list(tensor.outputs):
+        _set_inputs(consumer, [viewed if t is tensor else t for t in consumer.inputs])
+    node = gs.Node(op, f"inserted_{op}", inputs=[tensor], outputs=[viewed])
+    graph.nodes.append(node)
+    return node
+
+
+def test_an_inserted_view_node_is_the_only_change(tiny_export):
+    path = tiny_export("legacy14")
+    edited = load_graph(path)
+    layer_norm_out = next(n for n in edited.toposort().nodes if n.op == "Add" and
+                          any(c.op == "MatMul" for c in n.outputs[0].outputs)).outputs[0]
+    _insert_after(edited, layer_norm_out, "Identity")
+    diff = diff_graphs(path, edited)
+    assert diff.counts == {"unchanged": len(edited.nodes) - 1, "changed": 0, "removed": 0, "added": 1}
+    assert [(e.region, e.text()) for e in diff.edits] == [("layer 0 attention", "added Identity named inserted_Identity")]
+
+
+def test_default_pipeline_diff_keeps_the_unchanged_layers_matched(tiny_export):
+    path = tiny_export("legacy14")
+    after = run_spec(path, "default", batch=TINY_BATCH, seq=TINY_SEQ).graph
+    diff = diff_graphs(load_graph(path), after, "original", "bertopt")
+    regions = {e.region for e in diff.edits}
+    assert not any(region.endswith("ffn") for region in regions)  # Gelu is written back in ATC's erf form
+    added = Counter(n.op for e in diff.edits for n in e.new)
+    assert set(added) <= {"Reshape", "Transpose", "MatMul", "Unsqueeze", "Cast", "Sub", "Mul", "Expand", "Add"}
+    assert diff.counts["added"] <= 2 * 2 + 5 + 2  # per layer a K Transpose, the 2-D Reshapes, the new mask
+    folded = [e for e in diff.edits if e.folded]
+    assert {e.region for e in folded} >= {"layer 0 attention", "layer 1 attention", "mask"}
+    assert all(n.op not in ("MatMul", "Softmax") for e in folded for n in e.old)
+    text = diff.text()
+    layer_0, layer_1 = (text.split(f"layer {n} attention:\n")[1].split("\n", 1)[0] for n in (0, 1))
+    assert layer_0 == layer_1  # the same rewrite in both; layer 0 also gets the first 2-D Reshape
+    assert "  added Reshape([-1, 32]) named bertopt_Reshape_*\n" in text.split("layer 1 attention:")[0]
+    assert "  folded to constants: " in text
+
+
 def test_bad_model_path_is_one_line_error(tmp_path):
     with pytest.raises(BertoptError, match="no such file"):
         diff_graphs(tmp_path / "missing.onnx", tmp_path / "missing.onnx")
@@ -141,21 +181,49 @@ def frozen_diff(tiny_export):
     return diff_graphs(load_graph(path), after, "dynamic", "frozen")
 
 
+def _svg_groups(path) -> list:
+    return list(ElementTree.parse(path).getroot().iter(f"{SVG}g"))
+
+
+def _node_kinds(groups: list) -> Counter:
+    return Counter(g.get("class") for g in groups if (g.get("class") or "").startswith("node"))
+
+
 @pytest.mark.skipif(render.shutil.which("dot") is None, reason="Graphviz dot is not installed")
-def test_render_svg_has_both_clusters_and_coloured_nodes(frozen_diff, tmp_path):
+def test_render_svg_has_both_clusters_and_leaves_folded_shape_arithmetic_out(frozen_diff, tmp_path):
     result = render_diff(frozen_diff, tmp_path / "diff.svg", "svg", context=1)
     assert result.drawn and result.path == tmp_path / "diff.svg"
     assert "layer 0 attention" in result.note  # one representative layer, not both
-    root = ElementTree.parse(result.path).getroot()
-    groups = list(root.iter(f"{SVG}g"))
+    groups = _svg_groups(result.path)
     titles = [g.find(f"{SVG}text").text for g in groups if g.get("class") == "cluster"]
-    assert titles == ["before: dynamic", "after: frozen"]
-    kinds = Counter(g.get("class") for g in groups if (g.get("class") or "").startswith("node"))
-    assert kinds["node removed"] > 0 and kinds["node changed"] > 0 and kinds["node unchanged"] > 0
-    assert kinds["node added"] == 0
-    fills = {p.get("fill") for g in groups if g.get("class") == "node removed" for p in g.iter() if p.get("fill")}
-    assert render.FILL["removed"] in fills
+    assert titles == ["before: dynamic (16 nodes folded to constants, not drawn)", "after: frozen"]
+    kinds = _node_kinds(groups)
+    assert kinds["node changed"] > 0 and kinds["node unchanged"] > 0
+    assert kinds["node removed"] == kinds["node added"] == 0  # freezing only folds and makes shapes constant
     assert not list(tmp_path.glob(".diff.svg.*"))  # the staging file is gone
+
+
+@pytest.mark.skipif(render.shutil.which("dot") is None, reason="Graphviz dot is not installed")
+def test_render_colours_removed_and_added_nodes(tiny_export, tmp_path):
+    path = tiny_export("legacy14")
+    edited = load_graph(path)
+    _flip_scale(edited, layer=1)
+    groups = _svg_groups(render_diff(diff_graphs(path, edited), tmp_path / "diff.svg").path)
+    assert _node_kinds(groups) == Counter({"node removed": 1, "node added": 1, "node unchanged": 4})
+    for kind in ("removed", "added"):
+        fills = {p.get("fill") for g in groups if g.get("class") == f"node {kind}" for p in g.iter() if p.get("fill")}
+        assert render.FILL[kind] in fills
+
+
+@pytest.mark.skipif(render.shutil.which("dot") is None, reason="Graphviz dot is not installed")
+def test_render_whole_draws_the_unchanged_nodes_of_the_layer_too(frozen_diff, tmp_path):
+    def drawn(**options) -> Counter:
+        return _node_kinds(_svg_groups(render_diff(frozen_diff, tmp_path / "diff.svg", context=0, **options).path))
+
+    changes, whole = drawn(), drawn(whole=True)
+    assert changes["node unchanged"] == 0
+    assert whole["node unchanged"] > 10 and whole["node changed"] == changes["node changed"]
+    assert ">Softmax(axis=&#45;1)<" in (tmp_path / "diff.svg").read_text()  # unchanged, drawn only when whole
 
 
 @pytest.mark.skipif(render.shutil.which("dot") is None, reason="Graphviz dot is not installed")
