@@ -102,12 +102,24 @@ def test_bert_of_another_size(tiny_export):
     assert_parity(path, result)
 
 
+BERT_MEDIUM = {"num_hidden_layers": 8, "hidden_size": 512, "num_attention_heads": 8, "intermediate_size": 2048}
+
+
 @pytest.mark.integration
-def test_roberta_base(tmp_path):
+@pytest.mark.parametrize("preset, overrides, head, inputs", [
+    ("roberta-base", {}, "qa", {"input_ids", "attention_mask"}),
+    ("distilbert-base", {}, "cls", {"input_ids", "attention_mask"}),
+    ("albert-base", {}, "qa", {"input_ids", "attention_mask", "token_type_ids"}),
+    ("bert-base", BERT_MEDIUM, "qa", {"input_ids", "attention_mask", "token_type_ids"}),
+], ids=["roberta-base", "distilbert-base-cls", "albert-base", "bert-medium"])
+def test_base_sized_families(tmp_path, preset, overrides, head, inputs):
     from bertopt.export import export_onnx, resolve_source
 
-    path = export_onnx(resolve_source("roberta-base"), tmp_path / "r.onnx").path
+    source = resolve_source(preset, config_overrides=overrides)
+    path = export_onnx(source, tmp_path / "m.onnx", head=head).path
     result = run_spec(path, "default", batch=1, seq=128)
     assert_ready_for_atc(result.graph)
-    assert result.facts.input_for("token_type_ids") is None
+    assert {role for role in ("input_ids", "attention_mask", "token_type_ids")
+            if result.facts.input_for(role) is not None} == inputs
+    assert result.facts.hidden == overrides.get("hidden_size", 768)
     assert_parity(path, result, samples=1)
