@@ -28,8 +28,9 @@ by shape and dtype when large.
 
 from __future__ import annotations
 
-import hashlib
+import math
 import re
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ import onnx_graphsurgeon as gs
 
 from bertopt.golden import (SMALL_CONSTANT, attr_text, constant_text, parse_graph_text, structural_hashes,
                             topological_order, type_text)
-from bertopt.graph import ModelSource, load_graph
+from bertopt.graph import ModelSource, constant_bytes, load_graph
 from bertopt.pattern import COMMUTATIVE
 from bertopt.regions import layer_of, node_regions, region_rank
 
@@ -160,22 +161,22 @@ def _label(source, default: str) -> str:
 
 
 def _fast_constant_text() -> Callable[[gs.Constant], str]:
-    """golden's constant text for small constants; large ones hashed by their bytes, memoised.
+    """golden's constant text for small constants; large ones by a CRC of their bytes, memoised.
 
     golden rounds every element in Python to be stable across exporters, minutes on bert-large;
-    two graphs of one export share their weights bit for bit, so a byte hash is the right test here.
+    two graphs of one export share their weights bit for bit, so a byte checksum is the right test
+    here. The bytes are read straight from the TensorProto (bertopt.graph.constant_bytes): loading
+    bert-large's weights into numpy would double the diff's memory and time.
     """
     memo: dict[int, str] = {}
 
     def text(tensor: gs.Constant) -> str:
         if id(tensor) not in memo:
-            values = np.ascontiguousarray(tensor.values)
-            if values.size <= SMALL_CONSTANT:
+            if math.prod(tensor.shape) <= SMALL_CONSTANT:
                 memo[id(tensor)] = constant_text(tensor)
             else:
-                shape = "x".join(str(d) for d in values.shape)
-                digest = hashlib.blake2b(values.view(np.uint8).reshape(-1), digest_size=4).hexdigest()
-                memo[id(tensor)] = f"const[{shape} {values.dtype} #{digest}]"
+                shape = "x".join(str(d) for d in tensor.shape)
+                memo[id(tensor)] = f"const[{shape} {np.dtype(tensor.dtype)} #{zlib.crc32(constant_bytes(tensor)):08x}]"
         return memo[id(tensor)]
 
     return text

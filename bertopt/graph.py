@@ -186,6 +186,15 @@ def peek_values(tensor: gs.Constant) -> np.ndarray:
     return lazy.load() if isinstance(lazy, LazyValues) else tensor.values
 
 
+def constant_bytes(tensor: gs.Constant) -> bytes | memoryview:
+    """A constant's bytes (little-endian, C order) without converting them: the TensorProto's raw
+    data while the weight is still lazily imported, else the loaded array's buffer."""
+    lazy = tensor._values
+    if isinstance(lazy, LazyValues) and lazy.tensor.raw_data:
+        return lazy.tensor.raw_data
+    return memoryview(np.ascontiguousarray(peek_values(tensor))).cast("B")
+
+
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if tensor.inputs else None
 

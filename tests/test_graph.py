@@ -113,3 +113,14 @@ def test_piecewise_save_reads_back_as_the_same_model(tmp_path):
     G.save_model(model, tmp_path / "m.onnx")
     loaded = onnx.load(str(tmp_path / "m.onnx"))
     assert loaded == model
+
+
+def test_constant_bytes_read_lazy_weights_without_loading_them(tiny_export):
+    graph = G.load_graph(tiny_export("legacy14"))
+    table = next(n for n in graph.nodes if n.op == "Gather").inputs[0]
+    assert isinstance(table._values, G.LazyValues)
+    raw = G.constant_bytes(table)
+    assert isinstance(table._values, G.LazyValues)  # still lazy: nothing was converted or kept
+    assert bytes(raw) == np.ascontiguousarray(table.values).tobytes()
+    edited = gs.Constant("edited", np.arange(6, dtype=np.float32).reshape(2, 3).T)  # not C-contiguous
+    assert bytes(G.constant_bytes(edited)) == np.ascontiguousarray(edited.values).tobytes()
