@@ -78,7 +78,7 @@ def detect_facts(graph: gs.Graph) -> ModelFacts:
         heads=hidden // head_dim,
         head_dim=head_dim,
         vocab_size=int(word_table.shape[0]),
-        max_positions=_max_positions(lookups, int(word_table.shape[1])),
+        max_positions=_max_positions(graph, lookups, int(word_table.shape[1])),
         type_vocab_size=int(type_table.shape[0]) if type_table is not None else None,
         roles=roles,
         batch=batch,
@@ -120,10 +120,32 @@ def _token_type_table(from_inputs, ids, roles: dict[str, str]) -> gs.Constant | 
     return None
 
 
-def _max_positions(lookups, width: int) -> int | None:
+def _max_positions(graph: gs.Graph, lookups, width: int) -> int | None:
     """Position tables (as wide as the word table) are looked up by computed ids, not a graph input."""
     rows = [t.shape[0] for t, source in lookups if source is None and t.shape[1] == width]
-    return int(max(rows)) if rows else None
+    return int(max(rows)) - _position_offset(graph) if rows else None
+
+
+def _position_offset(graph: gs.Graph) -> int:
+    """RoBERTa numbers positions from padding_idx + 1 (cumsum of the mask, plus padding_idx), so
+    its 514-row table holds 512 positions; BERT's positions start at 0."""
+    for node in graph.nodes:
+        if node.op != "Add":
+            continue
+        scalars = [t for t in node.inputs if isinstance(t, gs.Constant) and int(np.prod(t.shape)) == 1
+                   and np.dtype(t.dtype).kind == "i"]
+        others = [t for t in node.inputs if not isinstance(t, gs.Constant)]
+        if len(scalars) == 1 and len(others) == 1 and _computed_by_cumsum(others[0]):
+            return int(np.asarray(scalars[0].values).reshape(-1)[0]) + 1
+    return 0
+
+
+def _computed_by_cumsum(tensor: gs.Tensor, hops: int = 4) -> bool:
+    if hops == 0 or not tensor.inputs:
+        return False
+    node = tensor.inputs[0]
+    return node.op == "CumSum" or any(_computed_by_cumsum(t, hops - 1) for t in node.inputs
+                                      if not isinstance(t, gs.Constant))
 
 
 def _attention_layers(graph: gs.Graph) -> tuple[int, int | None]:

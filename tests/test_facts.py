@@ -71,13 +71,14 @@ def test_embeddings_without_attention_are_refused():
         detect_facts(graph)
 
 
-@pytest.mark.parametrize("preset, roles", [
-    ("roberta-tiny", {"input_ids", "attention_mask"}),
-    ("distilbert-tiny", {"input_ids", "attention_mask"}),
-    ("albert-tiny", {"input_ids", "attention_mask", "token_type_ids"}),
+@pytest.mark.parametrize("preset, roles, positions", [
+    ("roberta-tiny", {"input_ids", "attention_mask"}, 128),  # 130 rows: positions start at padding_idx + 1
+    ("distilbert-tiny", {"input_ids", "attention_mask"}, 128),
+    ("albert-tiny", {"input_ids", "attention_mask", "token_type_ids"}, 128),
 ])
 @pytest.mark.parametrize("variant", ["legacy14", "dynamo18"])
-def test_other_families(tiny_export, preset, roles, variant):
+def test_other_families(tiny_export, preset, roles, positions, variant):
     facts = detect_facts(load_graph(tiny_export(variant, preset=preset)))
     assert (facts.num_layers, facts.hidden, facts.heads, facts.head_dim, facts.vocab_size) == (2, 32, 2, 16, 1000)
     assert set(facts.roles.values()) == roles
+    assert facts.max_positions == positions
