@@ -17,6 +17,7 @@ The table goes into BENCHMARKS.md between this tool's markers, with the machine,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -30,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "BENCHMARKS.md"
 BEGIN, END = "<!-- bench_pipeline:begin -->", "<!-- bench_pipeline:end -->"
-PRESETS = {"base": "bert-base", "large": "bert-large"}
+PRESETS = {"tiny": "bert-tiny", "base": "bert-base", "large": "bert-large"}
 
 FLOOR = "import onnx, sys; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])"
 ONNXSIM = """import onnx, onnxsim, sys
@@ -40,6 +41,21 @@ shapes = {i.name: [batch, seq] for i in model.graph.input}
 model, ok = onnxsim.simplify(model, overwrite_input_shapes=shapes)
 assert ok
 onnx.save(model, sys.argv[2])"""
+# bertopt optimize's steps, timed in one process: where the time goes, verification's share included.
+PHASES = """import json, sys, time
+from bertopt.facts import detect_facts
+from bertopt.graph import load_graph, save_graph
+from bertopt.pipeline import PassManager, PassOptions
+batch, seq = int(sys.argv[3]), int(sys.argv[4])
+start = time.perf_counter()
+graph = load_graph(sys.argv[1])
+facts = detect_facts(graph)
+loaded = time.perf_counter()
+_, records = PassManager("default", PassOptions(batch=batch, seq=seq)).run(graph, facts)
+passed = time.perf_counter()
+save_graph(graph, sys.argv[2])
+print(json.dumps({"load": loaded - start, "passes": passed - loaded, "save": time.perf_counter() - passed,
+                  "per_pass": {r.name: [r.seconds, r.verify_seconds] for r in records}}))"""
 ORT_OPTIMIZER = """import sys
 from onnxruntime.transformers.optimizer import optimize_model
 optimize_model(sys.argv[1], model_type="bert", num_heads=int(sys.argv[3]), hidden_size=int(sys.argv[4])
@@ -108,6 +124,24 @@ def bench_size(size: str, batch: int, seq: int, repeat: int, folder: Path) -> li
     return results
 
 
+def phases(size: str, batch: int, seq: int, folder: Path) -> str:
+    """One in-process `default` run split into load, each pass (its verification apart), save."""
+    done = subprocess.run([sys.executable, "-c", PHASES, str(export(size, folder)), str(folder / "out.onnx"),
+                           str(batch), str(seq)], capture_output=True, text=True, check=True)
+    times = json.loads(done.stdout.splitlines()[-1])
+    total = times["load"] + times["passes"] + times["save"]
+    verify = sum(v for _, v in times["per_pass"].values())
+    rows = [f"| bert-{size}, one run | seconds | share |", "|---|---:|---:|",
+            f"| load | {times['load']:.2f} | {times['load'] / total:.0%} |"]
+    rows += [f"| {name} (its verification {v:.2f} s) | {s + v:.2f} | {(s + v) / total:.0%} |"
+             for name, (s, v) in times["per_pass"].items()]
+    other = times["passes"] - sum(s + v for s, v in times["per_pass"].values())
+    rows += [f"| between passes (graph copy kept for reproducers, facts refresh) | {other:.2f} | {other / total:.0%} |",
+             f"| save | {times['save']:.2f} | {times['save'] / total:.0%} |",
+             f"| **verification after every pass, in all** | **{verify:.2f}** | **{verify / total:.0%}** |"]
+    return "\n".join(rows)
+
+
 def table(size: str, results: list[Measurement]) -> str:
     floor = results[0]
     rows = [f"| bert-{size} | tool | wall s (median) | x floor | peak RSS MiB (median) | x floor |",
@@ -133,15 +167,17 @@ def environment() -> str:
             f"torch {torch.__version__}, transformers {transformers.__version__}")
 
 
-def write_section(text: str) -> None:
-    current = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in current:
-        head, rest = current.split(BEGIN, 1)
-        current = head + block + rest.split(END, 1)[1]
+def write_section(text: str, begin: str = BEGIN, end: str = END, path: Path = BENCHMARKS) -> None:
+    """Replace the text between `begin` and `end` in `path` (tools/bench_models.py has its own markers);
+    append the section when the markers are absent."""
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{begin}\n{text}\n{end}"
+    if begin in current:
+        head, rest = current.split(begin, 1)
+        current = head + block + rest.split(end, 1)[1]
     else:
         current = current.rstrip("\n") + "\n\n" + block + "\n"
-    BENCHMARKS.write_text(current)
+    path.write_text(current)
 
 
 def main() -> None:
@@ -156,6 +192,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         for size in args.sizes.split(","):
             sections.append(table(size, bench_size(size, args.batch, args.seq, args.repeat, Path(tmp))))
+            sections.append(phases(size, args.batch, args.seq, Path(tmp)))
     command = "python tools/bench_pipeline.py " + " ".join(sys.argv[1:])
     text = (f"## Pipeline cost (tools/bench_pipeline.py)\n\nMeasured {time.strftime('%Y-%m-%d')} with "
             f"`{command.strip()}`: legacy opset-14 export, batch {args.batch}, seq {args.seq}, median of "
