@@ -238,7 +238,8 @@ def sweep(
     config = SweepConfig(sizes=tuple(_names("--sizes", sizes)), seqs=tuple(_ints("--seq", seq)),
                          batches=tuple(_ints("--batch", batch)), output=output, jobs=jobs,
                          memory_budget_gib=memory_budget, passes=passes, samples=samples, soc=soc)
-    result = run_sweep(config, lambda message: err.print(message, markup=False))
+    # Not rich: a Ctrl-C inside its print leaves the line in its buffer, printed again with "interrupted".
+    result = run_sweep(config, lambda message: sys.stderr.write(f"{message}\n"))
     out.print(render_table(result.rows), markup=False)
     out.print(f"summary: {output / 'summary.md'}, {output / 'summary.json'}")
     failed = [f"{r['size']} seq{r['seq']} bs{r['batch']}" for r in result.rows if r["status"] != "passed"]
@@ -444,7 +445,8 @@ def _squad_table(result, batch: int, seq: int) -> Table:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        if app(standalone_mode=False) == 130:  # typer 0.29 turns Ctrl-C into Exit(130), returned when not standalone
+            raise KeyboardInterrupt
     except BertoptError as exc:
         err.print(f"bertopt: error: {exc}", soft_wrap=True, markup=False)
         sys.exit(exc.exit_code)

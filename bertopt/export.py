@@ -318,6 +318,8 @@ def _link_or_copy(cached: Path, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     for src in [cached, *cached.parent.glob(cached.name + ".data")]:
         dst = output.parent / (output.name + src.name[len(cached.name):])
+        if dst.exists() and os.path.samefile(src, dst):
+            continue  # already linked: rename(2) between two links of one file would leave the temporary one
         tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
         try:
             os.link(src, tmp)

@@ -10,21 +10,26 @@
 Shapes run in spawned worker processes (a fresh one per job, so a finished job's memory goes back
 to the system), never more at once than `jobs` nor than fit the memory budget. A shape with a
 result.json is done and skipped on a re-run; a shape folder without one is redone from scratch.
+A worker that dies (the OOM killer) costs only its own shape, an error row; Ctrl-C stops every
+worker and removes the folders of the shapes they had not finished.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
+import signal
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable, Iterator
 
-from bertopt.errors import BertoptError
+from bertopt.errors import BertoptError, first_line
 
 SIZE_ALIASES = {"base": "bert-base", "large": "bert-large"}
 MARKER_NAME = "sweep.json"
@@ -37,6 +42,9 @@ GIB = 1 << 30
 # /usr/bin/time -v: bert-base (435.8 MB file), seq 384, batch 8, 2 samples: 2.52 GB peak = 5.9x.
 # Rounded up; bert-large's activations are a smaller share of its peak, so 6x covers it too.
 PEAK_FACTOR = 6.0
+# How long a stopped worker may take to clean up (its SIGTERM waits for a running ORT call to return)
+# before it is killed.
+STOP_GRACE_SECONDS = 5.0
 
 Progress = Callable[[str], None]
 
@@ -186,8 +194,11 @@ class PreparedSize:
 def _prepare_size(size: str, name: str, config: SweepConfig, progress: Progress) -> PreparedSize:
     """Export (or link the cached export) in a spawned process, so torch's memory is not kept here."""
     progress(f"{size}: exporting {name} (cached by content)")
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        prepared = pool.submit(export_and_measure, name, config.output / size / ORIGINAL_NAME).result()
+    worker = Worker(export_and_measure, name, config.output / size / ORIGINAL_NAME)
+    try:
+        prepared = worker.outcome()
+    finally:  # on Ctrl-C: the worker ignores it
+        stop_workers([worker])
     too_long = [seq for seq in config.seqs if prepared.max_positions and seq > prepared.max_positions]
     if too_long:
         raise BertoptError(f"--seq {too_long[0]}: {size} has {prepared.max_positions} position embeddings")
@@ -220,34 +231,158 @@ def _done_row(shape: Shape) -> dict:
     return dict(row, done_before=True)
 
 
+# --------------------------------------------------------------------------- worker processes
+
+class WorkerDied(BertoptError):
+    """A worker process ended without sending its outcome: killed (the OOM killer's SIGKILL) or crashed."""
+
+    exit_code = 1
+
+
+class Worker:
+    """`target(*args)` in a fresh spawned process; what it returns or raises comes back through a pipe.
+
+    Not a ProcessPoolExecutor: when one of a pool's processes dies, the pool breaks, terminates its
+    other processes and fails every pending job, and cannot say which job killed it. A process of
+    its own per job dies alone, and its exit code says how.
+
+    Workers ignore Ctrl-C. The terminal sends SIGINT to the whole process group, and a worker
+    raising KeyboardInterrupt by itself prints a traceback when it is hit while starting up; the
+    interrupted sweep stops its workers itself (`stop_workers`).
+    """
+
+    def __init__(self, target: Callable, *args: Any) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.results, sender = context.Pipe(duplex=False)
+        self.process = context.Process(target=_work, args=(sender, target, *args))
+        with _sigint_ignored():  # an ignored signal stays ignored through exec: from the worker's first instruction
+            self.process.start()
+        sender.close()  # the worker now holds the only sending end, so its death reads as end-of-file here
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def outcome(self) -> Any:
+        """Wait for what `target` returned, or raise what it raised; WorkerDied when it sent nothing."""
+        try:
+            returned, value = self.results.recv()
+        except EOFError:
+            self.reap()
+            raise WorkerDied(_death_note(self.process.exitcode)) from None
+        self.reap()
+        if not returned:
+            raise value
+        return value
+
+    def reap(self) -> None:
+        """Wait for the process to end (killing it after the grace period) and release the pipe."""
+        self.process.join(STOP_GRACE_SECONDS)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.results.close()
+
+
+def finished_workers(workers: Iterable[Worker]) -> list[Worker]:
+    """Block until at least one of `workers` has sent its outcome or died; those that have."""
+    by_pipe = {worker.results: worker for worker in workers}
+    return [by_pipe[pipe] for pipe in multiprocessing.connection.wait(list(by_pipe))]
+
+
+def stop_workers(workers: Iterable[Worker]) -> None:
+    """End `workers` now: SIGTERM to all at once (each runs its `finally` blocks), then reap them."""
+    workers = list(workers)
+    for worker in workers:
+        worker.process.terminate()
+    for worker in workers:
+        worker.reap()
+
+
+def _work(sender: multiprocessing.connection.Connection, target: Callable, *args: Any) -> None:
+    """Worker side: run `target` and send (returned, value); SIGTERM becomes SystemExit, which exits quietly."""
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        outcome = (True, target(*args))
+    except Exception as exc:  # re-raised in the sweep
+        outcome = (False, exc)
+    try:
+        sender.send(outcome)
+    except BrokenPipeError:  # the sweep itself was killed; a result.json written is still the shape's
+        pass
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored meanwhile: a Ctrl-C in these few milliseconds is lost (press it again).
+
+    Only the main thread may change it, and only there does Ctrl-C raise KeyboardInterrupt.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _death_note(exitcode: int) -> str:
+    if exitcode < 0:
+        how = f"killed by {signal.Signals(-exitcode).name}"
+        how += ", e.g. by the OOM killer" if -exitcode == signal.SIGKILL else ""
+    else:
+        how = f"exit code {exitcode}"
+    return f"worker process died ({how}); rerun the sweep to retry"
+
+
 # --------------------------------------------------------------------------- running the shapes
 
 def _run_all(shapes: list[Shape], jobs: int, budget: int, progress: Progress) -> list[dict]:
-    """Start shapes in order whenever `admits` lets them; collect rows as they finish."""
+    """Start shapes in order whenever `admits` lets them; collect rows as they finish.
+
+    Whatever ends this early (Ctrl-C), no worker outlives it and no unfinished shape folder stays.
+    """
     pending, rows = list(shapes), []
-    running: dict[Future, Shape] = {}
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max(1, min(jobs, len(shapes))), mp_context=context, max_tasks_per_child=1) as pool:
+    running: dict[Worker, Shape] = {}
+    try:
         while pending or running:
             while pending and admits([s.estimate for s in running.values()], pending[0].estimate, budget, jobs):
                 shape = pending.pop(0)
-                progress(f"{shape.size} seq {shape.seq} batch {shape.batch}: started")
-                running[pool.submit(run_shape, shape)] = shape
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                row = _collect(future, running.pop(future))
+                worker = Worker(run_shape, shape)
+                running[worker] = shape
+                progress(f"{shape.size} seq {shape.seq} batch {shape.batch}: started (pid {worker.pid})")
+            for worker in finished_workers(running):
+                row = _collect(worker, running[worker])
+                del running[worker]  # only now: a Ctrl-C while collecting still finds it in `running`
                 progress(f"{row['size']} seq {row['seq']} batch {row['batch']}: {row['status']} "
                          f"({row['seconds']:.1f} s)")
                 rows.append(row)
+    finally:
+        stop_workers(running)
+        for shape in running.values():
+            _discard_unfinished(shape)
     return rows
 
 
-def _collect(future: Future, shape: Shape) -> dict:
-    """The worker's row, or an error row when the worker itself died (e.g. killed for memory)."""
+def _collect(worker: Worker, shape: Shape) -> dict:
+    """The worker's row, or an error row when the worker died (e.g. killed for memory) before sending one."""
     try:
-        return future.result()
-    except Exception as exc:  # BrokenProcessPool and the like: the shape has no result.json, so it reruns
-        return _row(shape, status="error", seconds=0.0, error=f"{type(exc).__name__}: {exc}")
+        return worker.outcome()
+    except WorkerDied as died:
+        _discard_unfinished(shape)
+        return _row(shape, status="error", seconds=0.0, error=str(died))
+
+
+def _discard_unfinished(shape: Shape) -> None:
+    """Remove what a stopped or dead worker was writing (e.g. a model half saved in a temporary folder)."""
+    if not (shape.folder / RESULT_NAME).is_file():
+        shutil.rmtree(shape.folder, ignore_errors=True)
 
 
 def run_shape(shape: Shape) -> dict:
@@ -262,8 +397,7 @@ def run_shape(shape: Shape) -> dict:
     try:
         row = _row(shape, seconds=0.0, **_evaluate(shape))
     except Exception as exc:  # recorded in the row; the sweep goes on
-        return _row(shape, status="error", seconds=time.perf_counter() - start,
-                    error=str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        return _row(shape, status="error", seconds=time.perf_counter() - start, error=first_line(exc))
     row["seconds"] = round(time.perf_counter() - start, 2)
     from bertopt.run import write_json
 

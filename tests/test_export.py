@@ -18,6 +18,8 @@ def test_export_is_cached_by_content(tmp_path):
     other = export_onnx(resolve_source("bert-tiny", config_overrides={"num_hidden_layers": 1, "hidden_act": "gelu_new"}),
                         tmp_path / "c.onnx", cache_dir=tmp_path / "cache")
     assert not other.cached and other.key != first.key
+    again = export_onnx(source, tmp_path / "a.onnx", cache_dir=tmp_path / "cache")  # over its own link
+    assert again.cached and sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx", "c.onnx", "cache"]
 
 
 def test_outputs_and_dynamic_axes(tiny_export):
