@@ -6,6 +6,7 @@ layer (cli.py) only parses arguments, shows progress and prints what this module
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tempfile
@@ -114,7 +115,7 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
     _check_target(config.target)
     pictures = _pass_pictures(config.report)
     squad_data = _squad_data(config.evaluate) if config.evaluate else None
-    atc_plan = _atc_options(config) if config.target == "ascend" else None
+    atc_options, soc_source = _atc_options(config) if config.target == "ascend" else (None, None)
     manager = PassManager(config.passes, _pass_options(config), _instruments(config, out_dir))
     if pictures is not None:
         manager.instruments.on_pass_changed = pictures
@@ -123,11 +124,13 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
         manager.instruments.parity_probe = _parity_probe(original, config)
     optimized = out_dir / OPTIMIZED_NAME
     graph, facts, records = optimize_file(original, optimized, manager, progress)
+    atc_options = _with_input_shape(atc_options, graph, config) if atc_options else None
+    del graph  # its weights: atc and validation read optimized.onnx, so keeping it only raises their peak
+    gc.collect()  # a gs graph is a reference cycle: it goes only when the collector runs
     atc = None
-    if atc_plan is not None:
+    if atc_options is not None:
         progress("atc: compiling the OM")
-        options, soc_source = atc_plan
-        atc = compile_om(out_dir, _with_input_shape(options, graph, config), soc_source, echo or progress)
+        atc = compile_om(out_dir, atc_options, soc_source, echo or progress)
     progress("validating the candidates against the original graph (ONNX Runtime fp32)")
     validation = validate_candidates(original, _candidates(config, optimized, atc), facts,
                                      batch=config.batch, seq=config.seq, samples=config.samples,

@@ -16,6 +16,7 @@ worker and removes the folders of the shapes they had not finished.
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -421,6 +422,7 @@ def _evaluate(shape: Shape) -> dict:
                      shape.soc_source)
     conformance = check_ascend(graph)
     del graph  # before the two ORT sessions load the weights again
+    gc.collect()  # a gs graph is a reference cycle: it goes only when the collector runs
     report = validate_candidates(shape.original, [OrtBackend(optimized, name="optimized ONNX fp32 (ORT CPU)")], facts,
                                  batch=shape.batch, seq=shape.seq, samples=shape.samples)[0]
     comparison = report.comparison

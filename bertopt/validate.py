@@ -75,16 +75,27 @@ def validate_candidates(reference: Path, candidates: list[Backend | Skipped], fa
                         batch: int, seq: int, samples: int = 2, seed: int = 0,
                         atol: dict[str, float] | None = None, rtol: dict[str, float] | None = None,
                         threads: int | None = None) -> list[CandidateReport]:
-    """Run the reference once on realistic feeds, then every candidate on the same feeds.
+    """Run the reference once on realistic feeds, then every candidate on the same feeds, in order.
+
+    One model session is alive at a time, so the peak memory is one model's, not the sum of all:
+    the reference runs on every feed and its session is released before any candidate runs (only its
+    outputs are kept); each candidate builds its session on its first `run` (backends are lazy, see
+    bertopt.backends) and is closed once it has run on every feed, before the next one starts. A
+    candidate that fails to build or to run is reported with its error, and the others still run.
 
     `atol`/`rtol` map a candidate kind to its tolerance; kinds they leave out get the defaults.
     """
     specs = input_specs_of(graph_only(reference))
     feeds = realistic_feeds(facts, specs, batch=batch, seq=seq, seed=seed, count=samples)
-    runner = OrtRunner(reference, threads=threads)
-    expected = [runner.run(feed) for feed in feeds]
+    expected = _reference_outputs(reference, feeds, threads)
     masks = _masks(facts, feeds)
     return [_check(candidate, feeds, expected, masks, atol or {}, rtol or {}) for candidate in candidates]
+
+
+def _reference_outputs(reference: Path, feeds: list[dict], threads: int | None) -> list[dict]:
+    """The reference's outputs on every feed; its session goes when this returns."""
+    runner = OrtRunner(reference, threads=threads)
+    return [runner.run(feed) for feed in feeds]
 
 
 def _check(candidate: Backend | Skipped, feeds: list[dict], expected: list[dict], masks,
@@ -99,6 +110,8 @@ def _check(candidate: Backend | Skipped, feeds: list[dict], expected: list[dict]
     except BertoptError as exc:
         report.error = str(exc)
         return report
+    finally:
+        candidate.close()
     tol_a, tol_r = tolerances(candidate.kind, atol.get(candidate.kind), rtol.get(candidate.kind))
     report.comparison = compare_outputs(expected, actual, atol=tol_a, rtol=tol_r, masks=masks)
     return report

@@ -1,8 +1,10 @@
-"""Backends: ORT candidates, the OM backend's refusal without ais_bench, and the Ascend fp16 emulation."""
+"""Backends: ORT candidates, the OM backend (its refusal without ais_bench, its session's lifetime), and
+the Ascend fp16 emulation."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -11,11 +13,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bertopt.backends import Skipped
-from bertopt.backends.ascend import om_backend
+from bertopt.backends.ascend import AisBenchBackend, om_backend
 from bertopt.backends.emulation import EmulationBackend, emulate_ascend_fp16
 from bertopt.backends.ort import OrtBackend, ort_backends
+from bertopt.errors import BertoptError
 from bertopt.graph import to_model
-from bertopt.parity import realistic_feeds
+from bertopt.parity import OrtRunner, realistic_feeds
 from bertopt.testing import run_spec
 from bertopt.validate import validate_candidates
 from conftest import TINY_BATCH, TINY_SEQ
@@ -55,6 +58,55 @@ def test_om_backend_is_skipped_without_an_om_or_ais_bench(tmp_path):
     skipped = om_backend(om)
     assert isinstance(skipped, Skipped) and skipped.kind == "npu"
     assert "ais_bench is not installed" in skipped.reason
+
+
+class OnnxAsOm:
+    """What AisBenchBackend calls on ais_bench's InferSession (which needs an NPU), answered by ORT."""
+
+    def __init__(self, path: str) -> None:
+        self._runner = OrtRunner(path)
+        self.freed = False
+
+    def get_inputs(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(name=name) for name in self._runner.input_names]
+
+    def get_outputs(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(name=name) for name in self._runner.output_names]
+
+    def infer(self, feeds: list[np.ndarray], mode: str) -> list[np.ndarray]:
+        return list(self._runner.run(dict(zip(self._runner.input_names, feeds))).values())
+
+    def free_resource(self) -> None:
+        self.freed = True
+
+
+def test_the_om_is_loaded_on_the_first_run_and_freed_on_close(tmp_path):
+    model = tmp_path / "model.onnx"
+    onnx.save(qa_model(), model)
+    loaded: list[OnnxAsOm] = []
+
+    def load(device_id: int, path: str) -> OnnxAsOm:
+        loaded.append(OnnxAsOm(path))
+        return loaded[-1]
+
+    backend = AisBenchBackend(model, 0, load)
+    assert loaded == []
+    [feed] = realistic_feeds(qa_facts(), batch=2, seq=8)
+    backend.run(feed)
+    outputs = backend.run(feed)
+    np.testing.assert_array_equal(outputs["end_logits"], OrtRunner(model).run(feed)["end_logits"])
+    assert len(loaded) == 1
+    backend.close()
+    assert loaded[0].freed
+
+
+def test_an_om_that_cannot_load_is_a_bertopt_error(tmp_path):
+    def refuse(device_id: int, path: str):
+        raise RuntimeError("aclmdlLoadFromFile failed\nstack trace")
+
+    [feed] = realistic_feeds(qa_facts(), batch=2, seq=8)
+    with pytest.raises(BertoptError, match=r"ais_bench cannot load .*model.om on device 3: aclmdlLoadFromFile failed$"):
+        AisBenchBackend(tmp_path / "model.om", 3, refuse).run(feed)
 
 
 # --------------------------------------------------------------------------- emulation numerics

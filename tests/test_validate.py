@@ -1,4 +1,5 @@
-"""ais_bench folders: writing inputs, reading results (checked file by file), and the offline comparison.
+"""Live candidates (one session at a time), and ais_bench folders: writing inputs, reading results
+(checked file by file), and the offline comparison.
 
 The result files here are written by the tests in ais_bench's layout from ONNX Runtime outputs: they
 exercise the folder handling and the comparison, not an NPU.
@@ -7,15 +8,23 @@ exercise the folder handling and the comparison, not an NPU.
 from __future__ import annotations
 
 import re
+import weakref
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
+from bertopt.backends import Skipped
+from bertopt.backends.emulation import EmulationBackend
+from bertopt.backends.ort import OrtBackend
 from bertopt.errors import BertoptError
 from bertopt.graph import save_graph
 from bertopt.parity import OrtRunner, graph_only, input_specs_of
 from bertopt.testing import run_spec
-from bertopt.validate import read_inputs, reference_facts, run_reference_rows, validate_results, write_inputs
+from bertopt.validate import (read_inputs, reference_facts, run_reference_rows, validate_candidates,
+                              validate_results, write_inputs)
 
 SEQ, BATCH, SAMPLES = 16, 8, 13  # 13 samples at batch 8: the second batch carries 3 padded rows
 
@@ -155,3 +164,56 @@ def test_several_result_subfolders_need_a_choice(models, inputs_dir, tmp_path):
     with pytest.raises(BertoptError, match="several result folders"):
         validate_results(static, inputs_dir, tmp_path / "result")
     assert validate_results(static, inputs_dir, tmp_path / "result" / "result_bs8").passed
+
+
+# --------------------------------------------------------------------------- live candidates
+
+class SessionCount:
+    """Every ONNX Runtime session created, and how many were alive (itself included) when it was."""
+
+    def __init__(self) -> None:
+        self.alive: weakref.WeakSet = weakref.WeakSet()
+        self.alive_at_creation: list[int] = []
+
+
+@pytest.fixture
+def sessions(monkeypatch) -> SessionCount:
+    count = SessionCount()
+
+    class CountedSession(ort.InferenceSession):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            count.alive.add(self)
+            count.alive_at_creation.append(len(count.alive))
+
+    monkeypatch.setattr(ort, "InferenceSession", CountedSession)
+    return count
+
+
+def unloadable_model() -> onnx.ModelProto:
+    """A well-formed model ONNX Runtime refuses to load: its one op exists in no opset."""
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_candidates_run_one_session_at_a_time(models, sessions):
+    original, static = models
+    candidates = [OrtBackend(static, name="optimized"), EmulationBackend(static),
+                  Skipped("OM", "npu", "no device")]
+    assert sessions.alive_at_creation == [], "a backend builds its session on its first run, not before"
+    reports = validate_candidates(original, candidates, reference_facts(original), batch=BATCH, seq=SEQ)
+    assert [r.passed for r in reports] == [True, True, None]
+    assert sessions.alive_at_creation == [1, 1, 1], "reference, optimized, emulation: each alone"
+    assert len(sessions.alive) == 0, "every session is released once its candidate has run"
+
+
+def test_a_candidate_that_cannot_load_is_an_error_and_the_others_still_run(models, sessions):
+    original, static = models
+    candidates = [OrtBackend(unloadable_model(), name="broken"), OrtBackend(static, name="optimized")]
+    broken, optimized = validate_candidates(original, candidates, reference_facts(original), batch=BATCH, seq=SEQ)
+    assert broken.passed is False and broken.comparison is None
+    assert "ONNX Runtime cannot load the model" in broken.error
+    assert optimized.passed is True and optimized.error is None
+    assert max(sessions.alive_at_creation) == 1 and len(sessions.alive) == 0

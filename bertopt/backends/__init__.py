@@ -10,6 +10,11 @@ Every backend answers ``run(feeds) -> outputs`` (numpy arrays by name) and says 
 
 A backend that cannot run here is not constructed; the code that looks for it returns a `Skipped`
 saying why, so a report always lists what was not checked.
+
+Constructing a backend is cheap: its session (an ONNX Runtime session holding the weights, an
+ais_bench session holding the OM on the device) is built on the first ``run`` and released by
+``close``, so a list of candidates costs nothing until each is used, and validation keeps one
+session alive at a time. A failure to build the session surfaces from ``run`` as a BertoptError.
 """
 
 from __future__ import annotations
@@ -32,7 +37,11 @@ class Backend(Protocol):
     kind: str
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs by name for one batch of feeds (graph input name -> array)."""
+        """Outputs by name for one batch of feeds (graph input name -> array); the first call builds
+        the session."""
+
+    def close(self) -> None:
+        """Release the session; a later `run` builds it again."""
 
 
 @dataclass(frozen=True)

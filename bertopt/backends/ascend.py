@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from bertopt.backends import Skipped
-from bertopt.errors import BertoptError
+from bertopt.errors import BertoptError, first_line
 
 DEFAULT_SOC = "Ascend310P3"
 CANN_SET_ENV = Path("/usr/local/Ascend/ascend-toolkit/set_env.sh")
@@ -232,23 +232,41 @@ def _stream(command: list[str], log: Path, echo: Callable[[str], None]) -> tuple
 # --------------------------------------------------------------------------- the OM on the NPU
 
 class AisBenchBackend:
-    """The compiled OM on an Ascend device through ais_bench's InferSession (static shapes)."""
+    """The compiled OM on an Ascend device through ais_bench's InferSession (static shapes).
+
+    The OM is loaded onto the device on the first `run` and unloaded by `close` (see bertopt.backends).
+    """
 
     kind = "npu"
 
     def __init__(self, om: Path, device_id: int, session_class) -> None:
         self.name = f"OM on NPU {device_id} (ais_bench)"
-        self._session = session_class(device_id, str(om))
-        self._inputs = [arg.name for arg in self._session.get_inputs()]
-        self._outputs = [arg.name for arg in self._session.get_outputs()]
+        self._om = om
+        self._device_id = device_id
+        self._session_class = session_class
+        self._session = None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [name for name in self._inputs if name not in feeds]
+        session = self._session or self._open()
+        inputs = [arg.name for arg in session.get_inputs()]
+        missing = [name for name in inputs if name not in feeds]
         if missing:
             raise BertoptError(f"the OM has input(s) {missing} the reference does not feed")
-        arrays = [np.ascontiguousarray(feeds[name]) for name in self._inputs]
-        outputs = self._session.infer(feeds=arrays, mode="static")
-        return dict(zip(self._outputs, outputs))
+        outputs = session.infer(feeds=[np.ascontiguousarray(feeds[name]) for name in inputs], mode="static")
+        return dict(zip([arg.name for arg in session.get_outputs()], outputs))
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.free_resource()
+            self._session = None
+
+    def _open(self):
+        try:
+            self._session = self._session_class(self._device_id, str(self._om))
+        except Exception as exc:  # aclruntime raises bare RuntimeErrors (and others) for a bad OM or device
+            raise BertoptError(f"ais_bench cannot load {self._om} on device {self._device_id}: "
+                               f"{first_line(exc)}") from None
+        return self._session
 
 
 def ais_bench_session_class():

@@ -3,12 +3,13 @@
 This is an emulation, labelled so everywhere; it never stands in for a run on the device. It
 reproduces the two numeric choices the seed's OM makes (facts note, section 4):
 
-- **fp16**, ATC's default precision on 310P. Every float weight is rounded to fp16, and every float
-  tensor an op produces is rounded to fp16 (``Cast`` to fp16 and back after each op) while the op
-  itself runs on ONNX Runtime's fp32 kernels. Graph int inputs stay int64; outputs are fp32 holding
-  fp16 values. So values beyond +-65504 become inf (a -3.4e38 mask constant is -inf), and each tensor
-  carries fp16's 11-bit precision, as on the NPU, whose cube units also accumulate in fp32 and write
-  fp16.
+- **fp16**, ATC's default precision on 310P. Every float weight is rounded to fp16 (read through a
+  ``Cast`` to fp16 and back, which ONNX Runtime folds into the weight when it builds the session, with
+  numpy's rounding, so no rounded copy of the weights is made here), and every float tensor an op
+  produces is rounded to fp16 (``Cast`` to fp16 and back after each op) while the op itself runs on
+  ONNX Runtime's fp32 kernels. Graph int inputs stay int64; outputs are fp32 holding fp16 values. So
+  values beyond +-65504 become inf (a -3.4e38 mask constant is -inf), and each tensor carries fp16's
+  11-bit precision, as on the NPU, whose cube units also accumulate in fp32 and write fp16.
 - **The high-performance Gelu** (``--optypelist_for_implmode=Gelu
   --op_select_implmode=high_performance``): the tanh approximation
   ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, the same function as Ascend's fast Gelu
@@ -24,9 +25,13 @@ for the all-fp16 graph, and both give the same NaNs from a -3.4e38 mask constant
 
 from __future__ import annotations
 
+import gc
 import math
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -35,7 +40,7 @@ from onnx import TensorProto
 
 from bertopt.backends.ort import OrtBackend
 from bertopt.graph import (ModelSource, add_node, constant_value, infer_shapes, load_graph, make_constant,
-                           to_model)
+                           peek_values, replace_uses, save_model, to_model)
 
 FP16_MAX = float(np.finfo(np.float16).max)
 # Gelu's erf form feeds Erf with x / sqrt(2) (a Div by 1.4142 or a Mul by 0.7071).
@@ -59,8 +64,8 @@ def emulate_ascend_fp16(model: ModelSource) -> Emulated:
     graph = load_graph(model)
     infer_shapes(graph)  # every op output needs its dtype to be rounded
     gelus = _tanh_gelu(graph)
-    hazards = _round_constants(graph)
     _round_every_output(graph)
+    hazards = _round_constants(graph)  # after the outputs: its own Casts need no second rounding
     graph.toposort()
     return Emulated(to_model(graph), hazards, gelus)
 
@@ -108,18 +113,32 @@ def _replace_erf_by_tanh(graph: gs.Graph, erf: gs.Node) -> None:
 
 
 def _round_constants(graph: gs.Graph) -> list[str]:
+    """Every float weight read through fp16; returns the weights that overflow fp16."""
     hazards = []
-    for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Constant) and tensor.values.dtype == np.float32:
-            values = tensor.values
-            overflow = np.isfinite(values) & (np.abs(values) > FP16_MAX)
-            if overflow.any():
-                example = float(values[overflow].flat[0])
-                hazards.append(f"constant {tensor.name} ({example:.4g}) overflows fp16: becomes "
-                               f"{'-' if example < 0 else '+'}inf on the NPU")
-            with np.errstate(over="ignore"):
-                tensor.values = values.astype(np.float16).astype(np.float32)
+    for tensor in [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and t.dtype == np.float32]:
+        hazards += _fp16_overflow(tensor)
+        _read_through_fp16(graph, tensor)
     return hazards
+
+
+def _fp16_overflow(constant: gs.Constant) -> list[str]:
+    values = peek_values(constant)
+    overflow = np.isfinite(values) & (np.abs(values) > FP16_MAX)
+    if not overflow.any():
+        return []
+    example = float(values[overflow].flat[0])
+    return [f"constant {constant.name} ({example:.4g}) overflows fp16: becomes {'-' if example < 0 else '+'}inf "
+            f"on the NPU"]
+
+
+def _read_through_fp16(graph: gs.Graph, constant: gs.Constant) -> None:
+    """Consumers read Cast(Cast(constant, fp16), fp32); ONNX Runtime folds it into one rounded weight."""
+    rounded = gs.Variable(f"{constant.name}__fp16", dtype=np.float32, shape=constant.shape)
+    replace_uses(constant, rounded, graph)
+    half = add_node(graph, "Cast", [constant], name=f"{constant.name}__to_fp16", attrs={"to": TensorProto.FLOAT16},
+                    dtype=np.float16, shape=constant.shape)[0]
+    graph.nodes.append(gs.Node("Cast", name=f"{constant.name}__from_fp16", attrs={"to": TensorProto.FLOAT},
+                               inputs=[half], outputs=[rounded]))
 
 
 def _round_every_output(graph: gs.Graph) -> None:
@@ -136,14 +155,33 @@ def _round_every_output(graph: gs.Graph) -> None:
                                        inputs=[half], outputs=[tensor]))
 
 
+def _save_emulation(model: ModelSource, path: Path) -> list[str]:
+    """Write the emulated model to `path`; returns its fp16 hazards."""
+    emulated = emulate_ascend_fp16(model)
+    save_model(emulated.model, path)
+    return emulated.hazards
+
+
 class EmulationBackend(OrtBackend):
-    """The emulated model on ORT CPU; `notes` carry the graph's fp16 hazards for the report."""
+    """The emulated model on ORT CPU; `notes` carry the graph's fp16 hazards for the report.
+
+    The emulated model is built for the session, on the first `run`, and not kept: `notes` are
+    known from then on.
+    """
 
     def __init__(self, model: ModelSource | Path, *, threads: int | None = None) -> None:
-        emulated = emulate_ascend_fp16(model)
-        super().__init__(emulated.model, name=EMULATION_NAME, kind="emulation", threads=threads)
-        self.notes = list(emulated.hazards)
-        self.gelus = emulated.gelus
+        super().__init__(model, name=EMULATION_NAME, kind="emulation", threads=threads)
+        self.notes: list[str] = []
+
+    @contextmanager
+    def _session_model(self) -> Iterator[Path]:
+        # A file, with the emulated graph and model gone before ONNX Runtime loads it: handed the
+        # ModelProto, ORT would hold it, its serialised bytes and its own copy of the weights at once.
+        with tempfile.TemporaryDirectory(prefix="bertopt-emulation-") as folder:
+            path = Path(folder) / "emulated.onnx"
+            self.notes = _save_emulation(self._model, path)
+            gc.collect()  # the emulated gs graph is a reference cycle that holds the weights
+            yield path
 
     def padding_row_check(self, feed: dict[str, np.ndarray]) -> str | None:
         """Run one all-padding batch (zero ids, mask, types), which is how ais_bench fills the last batch.
