@@ -369,7 +369,7 @@ def squad_prep(
     import tempfile
 
     from bertopt.squad.data import load_examples
-    from bertopt.squad.files import refuse_used_folder
+    from bertopt.files import refuse_used_folder
     from bertopt.squad.model import load_tokenizer, obtain_model, tokenizer_folder
     from bertopt.squad.prep import prepare_features, write_features
 

@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 from bertopt.diff import diff_graphs
 from bertopt.parity import AbsHistogram, OutputStats
 from bertopt.render import render_diff, representative_regions
-from bertopt.run import write_text
+from bertopt.files import write_text
 
 if TYPE_CHECKING:
     from bertopt.backends.ascend import AtcResult

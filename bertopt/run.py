@@ -7,9 +7,6 @@ layer (cli.py) only parses arguments, shows progress and prints what this module
 from __future__ import annotations
 
 import gc
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -22,6 +19,7 @@ from bertopt.backends.emulation import EmulationBackend
 from bertopt.backends.ort import ort_backends
 from bertopt.errors import BertoptError
 from bertopt.facts import ModelFacts, check_shape, detect_facts
+from bertopt.files import write_json
 from bertopt.graph import is_static, load_graph, save_graph, to_model
 from bertopt.parity import Comparison, parity_check
 from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord
@@ -270,21 +268,3 @@ def _parity_probe(original: Path, config: RunConfig):
         return comparison.passed, worst, comparison.summary_line()
 
     return probe
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temporary file beside it, then rename)."""
-    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write `text` whole or not at all: a temporary file beside `path`, renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

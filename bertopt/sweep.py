@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from bertopt.errors import BertoptError, first_line
+from bertopt.files import write_json
 
 SIZE_ALIASES = {"base": "bert-base", "large": "bert-large"}
 MARKER_NAME = "sweep.json"
@@ -178,8 +179,6 @@ def _claim_output(output: Path, config: SweepConfig) -> None:
     if output.is_dir() and any(output.iterdir()) and not marker.is_file():
         raise BertoptError(f"--output {output}: holds files but no {MARKER_NAME}, so it is not a sweep folder; "
                            "choose another folder")
-    from bertopt.run import write_json
-
     write_json(marker, {"bertopt_sweep": 1, "last_request": {
         "sizes": list(config.sizes), "seqs": list(config.seqs), "batches": list(config.batches),
         "passes": config.passes, "samples": config.samples}})
@@ -400,8 +399,6 @@ def run_shape(shape: Shape) -> dict:
     except Exception as exc:  # recorded in the row; the sweep goes on
         return _row(shape, status="error", seconds=time.perf_counter() - start, error=first_line(exc))
     row["seconds"] = round(time.perf_counter() - start, 2)
-    from bertopt.run import write_json
-
     write_json(shape.folder / RESULT_NAME, row)
     return row
 
@@ -470,8 +467,6 @@ def _yes_no(value: bool | None) -> str:
 
 
 def _write_summary(output: Path, rows: list[dict]) -> None:
-    from bertopt.run import write_json
-
     passed = sum(row["status"] == "passed" for row in rows)
     write_json(output / SUMMARY_JSON, {"passed": passed == len(rows), "counts": {
         "shapes": len(rows), "passed": passed, "done_before": sum(row["done_before"] for row in rows)},

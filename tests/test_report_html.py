@@ -16,7 +16,7 @@ import pytest
 
 from bertopt.parity import HISTOGRAM_EDGES, compare_outputs
 from bertopt.report_html import histogram_svg
-from bertopt.run import write_text
+from bertopt.files import write_text
 from test_cli import TIMEOUT, assert_one_line_error, bertopt
 
 SECTIONS = ("summary", "passes", "pictures", "atc", "validation", "histograms")

@@ -18,7 +18,7 @@ import numpy as np
 from bertopt.errors import BertoptError
 from bertopt.parity import graph_only, input_specs_of
 from bertopt.squad.data import Example, gold_answers, load_examples
-from bertopt.squad.files import new_folder, refuse_used_folder, write_json
+from bertopt.files import new_folder, refuse_used_folder, write_json
 from bertopt.squad.infer import Runner, read_results, run_features, static_batch
 from bertopt.squad.metric import SquadMetrics, evaluate
 from bertopt.squad.post import predict_answers

@@ -21,7 +21,7 @@ import numpy as np
 
 from bertopt.errors import BertoptError
 from bertopt.squad.data import Example
-from bertopt.squad.files import new_folder, read_json, write_json
+from bertopt.files import new_folder, read_json, write_json
 
 FEATURES_FILE = "features.json"
 FORMAT = "bertopt-squad-features/1"

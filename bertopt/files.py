@@ -1,4 +1,4 @@
-"""Output folders written whole or not at all, and the small JSON files SQuAD runs leave behind."""
+"""Files and folders written whole or not at all (a temporary name beside them, renamed into place)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,21 @@ def refuse_used_folder(output: Path) -> None:
 
 
 def write_json(path: Path, data: object) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Write JSON whole or not at all; what JSON cannot hold (paths, numpy scalars) as its str()."""
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` whole or not at all: a temporary file beside `path`, renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: Path, what: str) -> object:
