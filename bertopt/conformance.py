@@ -462,15 +462,23 @@ def unsupported_ops(graph: gs.Graph) -> Counter[str]:
 
 def fp16_unsafe_constants(graph: gs.Graph) -> list[gs.Constant]:
     """Float constants with an element beyond the fp16 range (inf or |x| > 65504)."""
-    unsafe = []
-    for tensor in graph.tensors().values():
-        if not isinstance(tensor, gs.Constant) or np.dtype(tensor.dtype).kind != "f":
-            continue
-        values = peek_values(tensor)
-        magnitude = np.abs(values[~np.isnan(values)])
-        if magnitude.size and float(magnitude.max()) > FP16_MAX:
-            unsafe.append(tensor)
-    return unsafe
+    return [tensor for tensor in graph.tensors().values()
+            if isinstance(tensor, gs.Constant) and np.dtype(tensor.dtype).kind == "f"
+            and exceeds_fp16(peek_values(tensor))]
+
+
+def exceeds_fp16(values: np.ndarray) -> bool:
+    """Whether an element lies beyond fp16's range (inf included, NaN not).
+
+    From the minimum and maximum, which make no temporary arrays: bert-large's 1.3 GB of weights
+    are scanned in a fraction of the time `abs(values[~isnan(values)])` took.
+    """
+    if values.size == 0:
+        return False
+    low, high = values.min(), values.max()
+    if np.isnan(low) or np.isnan(high):  # rare: NaN propagates through min/max, so drop them first
+        return exceeds_fp16(values[~np.isnan(values)])
+    return max(-float(low), float(high)) > FP16_MAX
 
 
 def check_model_level(graph: gs.Graph) -> list[Check]:

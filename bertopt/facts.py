@@ -96,7 +96,8 @@ def _embedding_lookups(graph: gs.Graph) -> list[tuple[gs.Constant, gs.Variable |
         if node.op != "Gather" or len(node.inputs) < 2:
             continue
         table = node.inputs[0]
-        if isinstance(table, gs.Constant) and table.values.ndim == 2 and table.values.dtype.kind == "f":
+        # shape and dtype, not values: reading .values would load the table and keep it loaded
+        if isinstance(table, gs.Constant) and len(table.shape) == 2 and np.dtype(table.dtype).kind == "f":
             source = _trace_to_input(node.inputs[1], inputs)
             lookups.append((table, source))
     return lookups
@@ -222,10 +223,10 @@ def _projection_width(attention: gs.Node, depth: int = 12) -> int | None:
 def _weight_width(node: gs.Node) -> int | None:
     if node.op not in ("MatMul", "Gemm"):
         return None
-    weights = [t for t in node.inputs if isinstance(t, gs.Constant) and t.values.ndim == 2]
+    weights = [t for t in node.inputs if isinstance(t, gs.Constant) and len(t.shape) == 2]
     if not weights:
         return None
-    shape = weights[0].values.shape
+    shape = weights[0].shape
     return int(shape[0] if node.attrs.get("transB") else shape[1])
 
 

@@ -7,8 +7,10 @@ O(1) per step and no pass needs an index of its own or touches protobuf by hand.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -105,43 +107,109 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     Models whose tensors exceed ~1.8 GB are written with their weights in `<name>.data`.
     An interrupted save leaves no half-written file under the final name.
     """
-    path = Path(path)
+    if fits_protobuf(model):
+        head = _without_initializers(model)
+        return _write_staged(Path(path), lambda staged: _write_pieces(staged, head, model.graph.initializer))
+    return _write_staged(Path(path), lambda staged: _write_external(model, staged))
+
+
+def save_graph(graph: gs.Graph, path: str | os.PathLike) -> Path:
+    """Export and write `graph` like save_model, without the exporter's two copies of every weight.
+
+    gs.export_onnx copies each TensorProto into the GraphProto and the GraphProto into the model
+    (2 s of bert-large's 5 s save). Weights still lazily imported (all a pass did not touch) are
+    swapped for data-less stand-ins while the rest of the model is exported, then written straight
+    from their own TensorProto.
+    """
+    constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    if sum(t._values.nbytes for t in constants) > EXTERNAL_DATA_THRESHOLD:  # nbytes: from the shape, never loads
+        return save_model(to_model(graph), path)
+    lazy = {t.name: t for t in constants
+            if type(t._values) is LazyValues and t._values.tensor.HasField("raw_data")}  # not SparseValues
+    weights = {name: t._values for name, t in lazy.items()}
+    try:
+        for name, tensor in lazy.items():
+            tensor._values = LazyValues(_data_less(weights[name].tensor))
+        head = to_model(graph)
+    finally:
+        for name, tensor in lazy.items():
+            tensor._values = weights[name]
+    tensors = [weights[name].tensor for name in lazy]
+    for name, tensor in zip(lazy, tensors):
+        tensor.name = name  # what gs's exporter does to the TensorProto it exports
+    small = [t for t in head.graph.initializer if t.name not in lazy]
+    head = _without_initializers(head)
+    return _write_staged(Path(path), lambda staged: _write_pieces(staged, head, [*small, *tensors]))
+
+
+def _data_less(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    stand_in = onnx.TensorProto()
+    _copy_fields(tensor, stand_in, skip="raw_data")
+    return stand_in
+
+
+def _write_staged(path: Path, write) -> Path:
+    """`write(staged path)` into a temporary folder beside `path`, then rename what it wrote into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    external = not fits_protobuf(model)
     data_name = path.name + ".data"
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        staged = staging / path.name
-        if external:
-            onnx.save_model(model, str(staged), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-            if (staging / data_name).exists():
-                os.replace(staging / data_name, path.parent / data_name)
+        write(staging / path.name)
+        if (staging / data_name).exists():
+            os.replace(staging / data_name, path.parent / data_name)
         else:
-            _write_piecewise(model, staged)
             (path.parent / data_name).unlink(missing_ok=True)
-        os.replace(staged, path)
+        os.replace(staging / path.name, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
-def _write_piecewise(model: onnx.ModelProto, path: Path) -> None:
-    """Serialise `model` one weight at a time, so no second copy of the whole model is ever in memory.
+def _write_external(model: onnx.ModelProto, staged: Path) -> None:
+    onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=staged.name + ".data", size_threshold=1024)
 
-    Protobuf merges concatenated messages: the model without its initializers, followed by one
-    ModelProto per initializer (holding just that tensor), parses as the whole model, initializers in
-    order. onnx.save_model would build the full 1.3 GB string of bert-large first.
-    """
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     head = onnx.ModelProto()
     _copy_fields(model, head, skip="graph")
     _copy_fields(model.graph, head.graph, skip="initializer")
+    return head
+
+
+_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+
+
+def _write_pieces(path: Path, head: onnx.ModelProto, initializers: Sequence[onnx.TensorProto]) -> None:
+    """Serialise a model one weight at a time, so no second copy of the whole model is ever in memory.
+
+    Protobuf merges concatenated messages: `head` (the model without its initializers) followed by,
+    per initializer, the bytes of a ModelProto whose graph holds just that tensor parses as the whole
+    model. Those bytes are two length-delimited field headers and the tensor's own serialisation,
+    written here by hand so the tensor is not copied into a message first.
+    """
     with open(path, "wb") as handle:
         handle.write(head.SerializeToString())
-        for tensor in model.graph.initializer:
-            piece = onnx.ModelProto()
-            piece.graph.initializer.append(tensor)
-            handle.write(piece.SerializeToString())
+        for tensor in initializers:
+            data = tensor.SerializeToString()
+            inner = _field_header(_INITIALIZER_FIELD, len(data))
+            handle.write(_field_header(_GRAPH_FIELD, len(inner) + len(data)) + inner)
+            handle.write(data)
+
+
+def _field_header(number: int, length: int) -> bytes:
+    """Tag (wire type 2, length-delimited) and varint length of one protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _copy_fields(source, target, *, skip: str) -> None:
@@ -159,14 +227,16 @@ def _copy_fields(source, target, *, skip: str) -> None:
 def fits_protobuf(model: onnx.ModelProto) -> bool:
     """Whether the weights leave room for the rest of the model under protobuf's 2 GiB.
 
-    Counted from the initializers' bytes: ModelProto.ByteSize() takes ~8 s on bert-large.
+    Counted from the initializers' sizes: ModelProto.ByteSize() takes ~8 s on bert-large.
     """
-    weights = sum(len(t.raw_data) if t.raw_data else t.ByteSize() for t in model.graph.initializer)
-    return weights <= EXTERNAL_DATA_THRESHOLD
+    return sum(tensor_nbytes(t) for t in model.graph.initializer) <= EXTERNAL_DATA_THRESHOLD
 
 
-def save_graph(graph: gs.Graph, path: str | os.PathLike) -> Path:
-    return save_model(to_model(graph), path)
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """A TensorProto's data size from its dims and type: reading `raw_data` would copy the bytes."""
+    if tensor.HasField("raw_data"):
+        return math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return tensor.ByteSize()
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
@@ -177,20 +247,31 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
 
 
 def peek_values(tensor: gs.Constant) -> np.ndarray:
-    """A constant's values without keeping them loaded on the tensor.
+    """A constant's values (read-only) without keeping them loaded on the tensor.
 
     gs imports weights lazily and exports untouched ones straight from their TensorProto; reading
     `.values` would keep a numpy copy of every weight scanned (1.3 GB on bert-large) until the end.
     """
     lazy = tensor._values
+    if type(lazy) is LazyValues and lazy.tensor.data_type in _PLAIN_TYPES and lazy.tensor.HasField("raw_data"):
+        # a read-only view of the one copy reading raw_data makes; lazy.load() would make two more
+        raw = lazy.tensor
+        return np.frombuffer(raw.raw_data, onnx.helper.tensor_dtype_to_np_dtype(raw.data_type)).reshape(raw.dims)
     return lazy.load() if isinstance(lazy, LazyValues) else tensor.values
+
+
+# Types whose raw_data is the little-endian numpy array itself (not bfloat16, float8 or packed int4).
+_PLAIN_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                          onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+                          onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
+                          onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}) if sys.byteorder == "little" else frozenset()
 
 
 def constant_bytes(tensor: gs.Constant) -> bytes | memoryview:
     """A constant's bytes (little-endian, C order) without converting them: the TensorProto's raw
     data while the weight is still lazily imported, else the loaded array's buffer."""
     lazy = tensor._values
-    if isinstance(lazy, LazyValues) and lazy.tensor.raw_data:
+    if isinstance(lazy, LazyValues) and lazy.tensor.HasField("raw_data"):
         return lazy.tensor.raw_data
     return memoryview(np.ascontiguousarray(peek_values(tensor))).cast("B")
 
@@ -247,9 +328,18 @@ def make_constant(graph: gs.Graph, name: str, value: np.ndarray) -> gs.Constant:
 
 
 def unique_name(graph: gs.Graph, prefix: str) -> str:
-    """`prefix_N`, unused by any node or tensor (a graph bertopt already rewrote holds such names)."""
-    taken = {node.name for node in graph.nodes} | set(graph.tensors().keys())
-    return graph._generate_name(prefix, taken)
+    """`prefix_N`, unused by any node or tensor (a graph bertopt already rewrote holds such names).
+
+    The names in use are collected once per graph and the ones handed out added to them: collecting
+    them per call made a pass adding a node per layer quadratic. N comes from gs's counter, which
+    only grows, so a name made since then by other means clashes only if it has this very form.
+    """
+    taken = graph.__dict__.get("_bertopt_names")
+    if taken is None:
+        taken = graph.__dict__["_bertopt_names"] = {node.name for node in graph.nodes} | set(graph.tensors())
+    name = graph._generate_name(prefix, taken)
+    taken.add(name)
+    return name
 
 
 def opset_of(graph: gs.Graph) -> int:

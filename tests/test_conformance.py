@@ -9,7 +9,7 @@ import onnxsim
 import pytest
 from onnx import TensorProto, helper
 
-from bertopt.conformance import CONDITIONS, check_ascend
+from bertopt.conformance import CONDITIONS, check_ascend, exceeds_fp16
 from bertopt.errors import BertoptError
 from bertopt.testing import run_spec
 from conftest import TINY_BATCH, TINY_SEQ
@@ -119,3 +119,16 @@ def test_not_an_onnx_file_is_a_clear_error(tmp_path):
     (tmp_path / "junk.onnx").write_text("hello")
     with pytest.raises(BertoptError, match="not a readable ONNX model|not an ONNX model"):
         check_ascend(tmp_path / "junk.onnx")
+
+
+@pytest.mark.parametrize("values, beyond", [
+    ([1.0, -65504.0, 65504.0], False),
+    ([1.0, -70000.0], True),
+    ([np.inf, 0.0], True),
+    ([np.nan, 3.0], False),
+    ([np.nan, -1e9], True),
+    ([np.nan, np.nan], False),
+    ([], False),
+])
+def test_exceeds_fp16(values, beyond):
+    assert exceeds_fp16(np.asarray(values, np.float32)) is beyond

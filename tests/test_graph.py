@@ -124,3 +124,22 @@ def test_constant_bytes_read_lazy_weights_without_loading_them(tiny_export):
     assert bytes(raw) == np.ascontiguousarray(table.values).tobytes()
     edited = gs.Constant("edited", np.arange(6, dtype=np.float32).reshape(2, 3).T)  # not C-contiguous
     assert bytes(G.constant_bytes(edited)) == np.ascontiguousarray(edited.values).tobytes()
+
+
+def test_save_graph_writes_what_the_exporter_would(tiny_export, tmp_path):
+    from bertopt.testing import run_spec
+
+    graph = run_spec(tiny_export("legacy14"), "default", batch=2, seq=16).graph  # lazy and edited weights
+    lazy = [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and isinstance(t._values, G.LazyValues)]
+    assert lazy and len(lazy) < sum(isinstance(t, gs.Constant) for t in graph.tensors().values())
+    expected = G.to_model(graph)
+    G.save_graph(graph, tmp_path / "m.onnx")
+    loaded = onnx.load(str(tmp_path / "m.onnx"))
+    assert all(isinstance(t._values, G.LazyValues) for t in lazy)  # the stand-ins are gone again
+    by_name = {t.name: t for t in loaded.graph.initializer}
+    assert sorted(by_name) == sorted(t.name for t in expected.graph.initializer)
+    assert all(by_name[t.name] == t for t in expected.graph.initializer)
+    loaded.graph.ClearField("initializer")
+    expected.graph.ClearField("initializer")
+    assert loaded == expected
+    assert list(tmp_path.iterdir()) == [tmp_path / "m.onnx"]

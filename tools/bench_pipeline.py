@@ -41,6 +41,14 @@ shapes = {i.name: [batch, seq] for i in model.graph.input}
 model, ok = onnxsim.simplify(model, overwrite_input_shapes=shapes)
 assert ok
 onnx.save(model, sys.argv[2])"""
+# Starts argv[2:], waits for it, writes "<wall seconds> <peak RSS KiB>" to argv[1]; exits with its code.
+LAUNCHER = """import os, sys, time
+start = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as report:
+    report.write(f"{time.perf_counter() - start} {usage.ru_maxrss}")
+sys.exit(os.waitstatus_to_exitcode(status))"""
 # bertopt optimize's steps, timed in one process: where the time goes, verification's share included.
 PHASES = """import json, sys, time
 from bertopt.facts import detect_facts
@@ -78,16 +86,23 @@ class Measurement:
 
 
 def measure(argv: list[str], repeat: int) -> tuple[list[float], list[float]]:
-    """Run `argv` `repeat` times; wall seconds and peak RSS (MiB) of each run."""
+    """Run `argv` `repeat` times; wall seconds and peak RSS (MiB) of each run.
+
+    Each run is started by a small launcher process (LAUNCHER), not by this one: Linux carries the
+    high-water RSS of the process that forks across the child's exec, so a child of this process,
+    which may hold an exported bert-large, would report this process's peak instead of its own.
+    """
     seconds, peaks = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(process.pid, 0)
-        seconds.append(time.perf_counter() - start)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"failed: {' '.join(argv)}\n{process.stderr.read().decode()[-2000:]}")
-        peaks.append(usage.ru_maxrss / 1024)
+        with tempfile.TemporaryFile() as errors, tempfile.NamedTemporaryFile("r") as report:
+            done = subprocess.run([sys.executable, "-c", LAUNCHER, report.name, *argv], stdout=subprocess.DEVNULL,
+                                  stderr=errors)
+            if done.returncode != 0:
+                errors.seek(0)
+                raise SystemExit(f"failed: {' '.join(argv)}\n{errors.read().decode()[-2000:]}")
+            wall, peak_kib = report.read().split()
+        seconds.append(float(wall))
+        peaks.append(int(peak_kib) / 1024)
     return seconds, peaks
 
 

@@ -39,10 +39,10 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from bertopt.backends.ort import OrtBackend
+from bertopt.conformance import FP16_MAX, exceeds_fp16
 from bertopt.graph import (ModelSource, add_node, constant_value, infer_shapes, load_graph, make_constant,
                            peek_values, replace_uses, save_model, to_model)
 
-FP16_MAX = float(np.finfo(np.float16).max)
 # Gelu's erf form feeds Erf with x / sqrt(2) (a Div by 1.4142 or a Mul by 0.7071).
 SQRT2 = math.sqrt(2.0)
 # With u = x / sqrt(2), the tanh form's argument sqrt(2/pi) (x + 0.044715 x^3) is
@@ -123,6 +123,8 @@ def _round_constants(graph: gs.Graph) -> list[str]:
 
 def _fp16_overflow(constant: gs.Constant) -> list[str]:
     values = peek_values(constant)
+    if not exceeds_fp16(values):
+        return []
     overflow = np.isfinite(values) & (np.abs(values) > FP16_MAX)
     if not overflow.any():
         return []
