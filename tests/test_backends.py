@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bertopt.backends import Skipped
-from bertopt.backends.ascend import AisBenchBackend, om_backend
+from bertopt.ascend.npu import AisBenchBackend, om_backend
 from bertopt.backends.emulation import EmulationBackend, emulate_ascend_fp16
 from bertopt.backends.ort import OrtBackend, ort_backends
 from bertopt.errors import BertoptError
