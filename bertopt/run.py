@@ -21,7 +21,7 @@ from bertopt.backends.emulation import EmulationBackend
 from bertopt.backends.ort import ort_backends
 from bertopt.errors import BertoptError
 from bertopt.facts import ModelFacts, check_shape, detect_facts
-from bertopt.files import write_json
+from bertopt.files import check_writable_folder, write_json
 from bertopt.graph import is_static, load_graph, save_graph, to_model
 from bertopt.parity import Comparison, parity_check
 from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord
@@ -112,6 +112,7 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
     """
     out_dir = config.output_dir()
     _refuse_existing_results(out_dir, config.force)
+    check_writable_folder(out_dir, "--output")
     _check_target(config.target)
     pictures = _pass_pictures(config.report)
     squad_data = _squad_data(config.evaluate) if config.evaluate else None
@@ -171,6 +172,7 @@ def optimize(source: Path, output: Path, spec: str, *, batch: int, seq: int, tar
         raise BertoptError(f"--output {output} is the input model; bertopt never overwrites its input")
     if output.exists() and not force:
         raise BertoptError(f"--output {output} exists; pass --force to overwrite it")
+    check_writable_folder(output.parent, "--output")
     _check_target(target)
     options = PassOptions(batch=batch, seq=seq, target=target)
     instruments = Instruments(reproducer_dir=output.parent / f"{output.stem}.reproducer")

@@ -130,3 +130,21 @@ def test_check_exit_codes(tmp_path, tiny_export):
                                             (("transmogrify",), "No such command")])
 def test_usage_errors_are_one_line(args, fragment):
     assert_one_line_error(bertopt(*args), 2, fragment)
+
+
+@pytest.mark.parametrize("command", ["run", "optimize"])
+def test_an_output_that_cannot_be_created_is_refused_before_any_work(tmp_path, tiny_export, command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    target = blocker / "sub" / ("out.onnx" if command == "optimize" else "out")
+    result = bertopt(command, str(tiny_export("legacy14")), "--output", str(target), "--batch", "2", "--seq", "16")
+    assert_one_line_error(result, 2, "is a file, not a folder")
+
+
+def test_an_unwritable_output_parent_is_refused(tmp_path, monkeypatch):
+    from bertopt.errors import BertoptError
+    from bertopt.files import check_writable_folder
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # what a read-only filesystem answers
+    with pytest.raises(BertoptError, match="not writable"):
+        check_writable_folder(tmp_path / "new" / "out", "--output")
