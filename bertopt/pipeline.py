@@ -23,6 +23,7 @@ from typing import Callable, Protocol
 import onnx
 import onnx_graphsurgeon as gs
 
+from bertopt.ascend.cann import DEFAULT_VERSION, CannTarget, cann_target
 from bertopt.errors import BertoptError, CheckFailed
 from bertopt.facts import ModelFacts
 from bertopt.graph import is_static, save_graph, verify
@@ -40,6 +41,7 @@ class PassOptions:
     seq: int = 384
     target: str = "ascend"
     mask_value: float = -10000.0
+    cann: CannTarget = field(default_factory=lambda: cann_target(DEFAULT_VERSION))  # legalize-ascend's target
 
 
 @dataclass
