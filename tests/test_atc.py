@@ -1,4 +1,4 @@
-"""The atc invocation: argv rendering, atc.sh, soc detection, and our handling of the atc process.
+"""The atc invocation: argv rendering, atc.sh, and our handling of the atc process.
 
 A fake `atc` on PATH tests only bertopt's subprocess handling (argv, log streaming, exit codes); no
 test claims an OM was compiled or validated.
@@ -15,27 +15,11 @@ import pytest
 
 from bertopt.ascend import atc as ascend
 from bertopt.ascend.atc import AtcOptions, compile_om
-from bertopt.ascend.soc import detect_soc, parse_npu_smi
 from bertopt.errors import BertoptError
 
 SEED_ARGV = ["atc", "--model", "onnx/bert_base_seq384_bs1_fix.onnx", "--output", "om/bert_base_seq384_bs1",
              "--framework", "5", "--log=error", "--soc_version", "Ascend310P3",
              "--optypelist_for_implmode=Gelu", "--op_select_implmode=high_performance"]
-
-# `npu-smi info` as printed in the seed guide (two 310P3 cards).
-NPU_SMI_310P3 = """\
-+-------------------+-----------------+------------------------------------------------------+
-| NPU     Name      | Health          | Power(W)     Temp(C)           Hugepages-Usage(page) |
-| Chip    Device    | Bus-Id          | AICore(%)    Memory-Usage(MB)                        |
-+===================+=================+======================================================+
-| 0       310P3     | OK              | 15.8         42                0    / 0              |
-| 0       0         | 0000:82:00.0    | 0            1074 / 21534                            |
-+===================+=================+======================================================+
-| 1       310P3     | OK              | 15.4         43                0    / 0              |
-| 0       1         | 0000:89:00.0    | 0            1070 / 21534                            |
-+===================+=================+======================================================+
-"""
-
 
 def seed_options(**overrides) -> AtcOptions:
     values = dict(model="onnx/bert_base_seq384_bs1_fix.onnx", output="om/bert_base_seq384_bs1")
@@ -80,18 +64,6 @@ def test_script_quotes_values_and_sources_cann_when_present(tmp_path):
     [command] = [line for line in text.splitlines() if line.startswith("atc ")]
     assert shlex.split(command) == argv
     assert "'my model.onnx'" in command and "'--input_shape=input_ids:1,384;attention_mask:1,384'" in command
-
-
-def test_soc_from_the_seed_npu_smi_table():
-    assert parse_npu_smi(NPU_SMI_310P3) == "Ascend310P3"
-    assert parse_npu_smi("npu-smi: command failed\n") is None
-
-
-def test_soc_source_is_reported():
-    assert detect_soc("Ascend910B", run_npu_smi=lambda: NPU_SMI_310P3) == ("Ascend910B", "option")
-    assert detect_soc(None, run_npu_smi=lambda: NPU_SMI_310P3) == ("Ascend310P3", "npu-smi")
-    assert detect_soc(None, run_npu_smi=lambda: None) == ("Ascend310P3", "default")
-    assert detect_soc(None, run_npu_smi=lambda: "garbled") == ("Ascend310P3", "default")
 
 
 # --------------------------------------------------------------------------- running atc
