@@ -185,6 +185,31 @@ def test_mul_add_needs_the_scale_read_by_the_mask_add_alone(bertopt_output):
     assert mul_add.verdict == FORM and mul_add.reasons == ["the Mul is read by Add, Identity, not by one Add"]
 
 
+@pytest.mark.parametrize("where, reason", [
+    ("context", "the context MatMul's name 'bert/gradient_tape/MatMul' contains 'gradient_tape'"),
+    ("dense", "'bert/Quant_dense', reading the context, has 'Quant' in its name"),
+])
+def test_attention_score_skips_tapes_and_quantised_graphs_by_name(bertopt_output, where, reason):
+    graph = bertopt_output.copy()
+    softmax = [n for n in graph.nodes if n.op == "Softmax"][0]
+    context = next(n for n in softmax.outputs[0].outputs if n.op == "MatMul")
+    if where == "context":
+        context.name = "bert/gradient_tape/MatMul"
+    else:
+        reshape = context.outputs[0].outputs[0].outputs[0].outputs[0]
+        reshape.outputs[0].outputs[0].name = "bert/Quant_dense"
+    score = verdict(predict(graph), 0, "attention-score")
+    assert score.verdict == FORM and score.reasons == [reason]
+
+
+def test_failures_group_blocks_with_the_same_verdict(bertopt_output):
+    failures = predict(bertopt_output).failures()
+    assert ("attention-score (shape) in all 2 blocks: ZAttentionScoreFusionPass: heads = 2 is not 12 or 16; "
+            "head_dim = 16 is not 64; seq = 16 is not a multiple of 32; batch*heads = 4 is not a multiple of 8"
+            ) in failures
+    assert not any(line.startswith(("gelu", "mul-add")) for line in failures)
+
+
 def gelu_input(graph: gs.Graph, layer: int = 0) -> tuple[gs.Node, gs.Tensor]:
     div = [n for n in graph.nodes if n.op == "Div" and n.outputs[0].outputs
            and n.outputs[0].outputs[0].op == "Erf"][layer]

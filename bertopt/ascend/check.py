@@ -118,21 +118,10 @@ class ConformanceReport:
     __str__ = render
 
     def _fusion_rows(self) -> list[str]:
-        """One row per fusion and run of consecutive blocks with the same verdict and reasons."""
         width = max(len(name) for name in FUSIONS)
-        rows = []
-        for fusion in FUSIONS:
-            runs: list[tuple[list[int], object]] = []
-            for block in self.fusion.blocks:
-                verdict = block.verdict(fusion)
-                if runs and (runs[-1][1].verdict, runs[-1][1].line()) == (verdict.verdict, verdict.line()):
-                    runs[-1][0].append(block.layer)
-                else:
-                    runs.append(([block.layer], verdict))
-            for layers, verdict in runs:
-                label = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
-                rows.append(f"  {label:<12} {fusion:<{width}}  {verdict.verdict:<5}  {verdict.line()}")
-        return rows
+        grouped = self.fusion.grouped()
+        blocks_width = max((len(blocks) for blocks, _ in grouped), default=0)
+        return [f"  {blocks:<{blocks_width}}  {v.fusion:<{width}}  {v.verdict:<5}  {v.line()}" for blocks, v in grouped]
 
 
 def _status(check: Check) -> str:

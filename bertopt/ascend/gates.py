@@ -256,15 +256,20 @@ class FusionPrediction:
                 counts[v.pass_name] += v.fuses
         return counts
 
+    def grouped(self) -> list[tuple[str, FusionVerdict]]:
+        """(which blocks, verdict) per fusion in FUSIONS order, blocks with the same verdict together."""
+        rows = []
+        for fusion in FUSIONS:
+            groups: dict[tuple[str, str], tuple[list[int], FusionVerdict]] = {}
+            for block in self.blocks:
+                v = block.verdict(fusion)
+                groups.setdefault((v.verdict, v.line()), ([], v))[0].append(block.layer)
+            rows += [(_layers(layers, len(self.blocks)), v) for layers, v in groups.values()]
+        return rows
+
     def failures(self) -> list[str]:
-        """One line per distinct failing verdict, with how many blocks (and which) it holds for."""
-        grouped: dict[tuple, list[int]] = {}
-        for block in self.blocks:
-            for v in block.verdicts:
-                if not v.fuses:
-                    grouped.setdefault((v.fusion, v.verdict, v.line()), []).append(block.layer)
-        return [f"{fusion} ({verdict}) in {_layers(layers, len(self.blocks))}: {line}"
-                for (fusion, verdict, line), layers in grouped.items()]
+        """One line per distinct failing verdict, naming the pass, the gate and the blocks it holds for."""
+        return [f"{v.fusion} ({v.verdict}) in {blocks}: {v.line()}" for blocks, v in self.grouped() if not v.fuses]
 
     def to_dict(self) -> dict:
         return {"cann": self.cann, "soc": self.soc, "ai_core_count": self.ai_core_count,
