@@ -16,6 +16,9 @@ What it reproduces (sources in bertopt/ascend/npu.py's docstring):
 from __future__ import annotations
 
 import enum
+import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,3 +135,91 @@ def _desc(name: str, numpy_dtype: np.dtype, shape: tuple[int, ...]) -> TensorDes
 
 def _numpy(acl: enum.Enum) -> np.dtype:
     return np.dtype({"double": np.float64, "bool": np.bool_}.get(acl.name, acl.name))
+
+
+# --------------------------------------------------------------------------- python -m ais_bench, on disk
+
+def natural_sort(names: list[str]) -> list[str]:
+    """utils.natural_sort: numbers as integers, text lower-cased."""
+    return sorted(names, key=lambda key: [int(c) if c.isdigit() else c.lower() for c in re.split("([0-9]+)", key)])
+
+
+def list_split(items: list, size: int, padding):
+    """utils.list_split: chunks of `size`, the last one filled with `padding`."""
+    for start in range(0, len(items), size):
+        chunk = items[start:start + size]
+        yield chunk + [padding] * (size - len(chunk))
+
+
+def ais_bench_run(model: Path, input_dirs: list[Path], output: Path, dirname: str, *, batch: int,
+                  devices: list[int] | None = None, shift: float = 0.0, generation: str = "2022",
+                  npu_times_ms: list[float] | None = None) -> list[Path]:
+    """What ``python -m ais_bench --model M --input d1,d2,.. --output O --output_dirname D --outfmt NPY
+    --batchsize B [--device 0,1]`` leaves on disk, with ONNX Runtime running `model` where the OM would
+    run (a double: no OM, no NPU). Returns the result folders (one per device).
+
+    As io_oprations.py / __main__.py do it: the folders bound to the model's inputs by position, files in
+    natural order; with several devices each gets a share (split_inputs_new) and writes ``D/device<N>/``;
+    files of a batch are concatenated, a last partial batch filled with copies of its first file; outputs
+    written per real row as ``<first input file name up to its first dot>_<output index>.npy``, nothing for
+    padding; the summary JSON beside each folder in summary.py's format (`generation` "ait" spells
+    NPU_compute_time's percentile key as that version's source does). `shift` is added to every output.
+    """
+    files = [natural_sort([str(f) for f in folder.glob("*.npy")]) for folder in input_dirs]
+    runner = OrtRunner(model)
+    args = ["ais_bench", "--model", "model.om", "--input", ",".join(map(str, input_dirs)), "--output", str(output),
+            "--output_dirname", dirname, "--outfmt", "NPY", "--batchsize", str(batch)]
+    run = dict(runner=runner, batch=batch, shift=shift, generation=generation, npu_times_ms=npu_times_ms)
+    if devices is None:
+        return [_device_run(files, output / dirname, args=args, **run)]
+    args += ["--device", ",".join(map(str, devices))]
+    shares = _split_inputs(files, len(devices))
+    return [_device_run(share, output / dirname / f"device{device}", args=args, **run)
+            for device, share in zip(devices, shares)]
+
+
+def _split_inputs(files: list[list[str]], jobs: int) -> list[list[list[str]]]:
+    """__main__.split_inputs_new: each input's files cut in `jobs` consecutive parts, one per device."""
+    per_job = math.ceil(len(files[0]) / jobs)
+    parts = [list(list_split(input_files, per_job, None)) for input_files in files]
+    return [[[f for f in part[job] if f] if job < len(part) else [] for part in parts] for job in range(jobs)]
+
+
+def _device_run(files: list[list[str]], folder: Path, *, runner: OrtRunner, batch: int, shift: float,
+                generation: str, npu_times_ms: list[float] | None, args: list[str]) -> Path:
+    folder.mkdir(parents=True)
+    padding = "padding_infer_fake_file"
+    batches = list(zip(*[list(list_split(input_files, batch, padding)) for input_files in files]))
+    filesinfo = {}
+    for index, infiles in enumerate(batches):
+        feed = {name: np.concatenate([np.load(f if f != padding else per_input[0]) for f in per_input])
+                for name, per_input in zip(runner.input_names, infiles)}
+        outputs = list(runner.run(feed).values())
+        for row in range(batch):
+            if infiles[0][row] == padding:
+                continue
+            stem = Path(infiles[0][row]).name.split(".")[0]
+            outfiles = []
+            for output_index, value in enumerate(outputs):
+                path = folder / f"{stem}_{output_index}.npy"
+                np.save(path, value[row:row + 1] + np.float32(shift))
+                outfiles.append(str(path))
+            filesinfo[index * batch + row] = {"infiles": [per_input[row] for per_input in infiles], "outfiles": outfiles}
+    times = npu_times_ms or [4.0 + 0.01 * i for i in range(len(batches))]
+    summary = _summary(filesinfo, times, batch, generation, args)
+    (folder.parent / f"{folder.name}_summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def _summary(filesinfo: dict, times: list[float], batch: int, generation: str, args: list[str]) -> dict:
+    """summary.py's report(): the dict it json.dumps (int sample ids become strings)."""
+    def stats(values, percentile_key="percentile(99%)"):
+        return {"min": float(np.min(values)), "max": float(np.max(values)), "mean": float(np.mean(values)),
+                "median": float(np.median(values)), percentile_key: float(np.percentile(values, 99)),
+                "count": len(values)}
+
+    # ait's summary.py breaks this string literal over two lines with a backslash: the key keeps the indent.
+    npu_key = "percentile(99%" + " " * 36 + ")" if generation == "ait" else "percentile(99%)"
+    return {"filesinfo": filesinfo, "args": args, "NPU_compute_time": stats(times, npu_key),
+            "H2D_latency": stats([0.5] * len(times)), "D2H_latency": stats([0.2] * len(times)),
+            "throughput": 1000 * batch / float(np.mean(times)), "npu_compute_time_list": times, "pid": 4242}
