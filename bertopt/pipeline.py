@@ -70,7 +70,8 @@ _REGISTRY: dict[str, PassInfo] = {}
 
 # Named pipelines, one per target; `default` in a spec means the pipeline of the run's target.
 PIPELINES: dict[str, list[str]] = {
-    "ascend": ["freeze-shapes", "fold-attention-mask", "fuse-gelu", "attention-bigkernel", "legalize-ascend"],
+    "ascend": ["freeze-shapes", "fold-attention-mask", "fuse-gelu", "layernorm-for-atc", "attention-bigkernel",
+               "legalize-ascend"],
     "ort": ["freeze-shapes", "fold-attention-mask", "fuse-gelu", "legalize-ort"],
 }
 DEFAULT = "default"

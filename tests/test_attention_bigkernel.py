@@ -1,4 +1,6 @@
-"""attention-bigkernel: goldens per export variant, parity, the six points of the standard form."""
+"""attention-bigkernel: goldens per export variant, parity, the six points of the standard form: where the
+2-D Reshape goes for both LayerNorm forms, a mask Expand per layer, the scale Mul's name, the block
+input's four readers."""
 
 import math
 
@@ -9,9 +11,11 @@ import onnxsim
 import pytest
 
 from bertopt.ascend.check import check_ascend
+from bertopt.ascend.form import scale_named_for_atc
+from bertopt.ascend.layernorm import layernorm_pattern
 from bertopt.errors import BertoptError
 from bertopt.golden import assert_graph_matches, graph_text
-from bertopt.graph import load_graph, save_graph, to_model
+from bertopt.graph import load_graph, producer, save_graph, to_model, unique_name
 from bertopt.pipeline import Instruments, PassManager, PassOptions
 from bertopt.testing import SpecResult, assert_parity, run_spec
 from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
@@ -34,7 +38,23 @@ def frozen(path, spec: str = "freeze-shapes") -> SpecResult:
 
 
 def scale_nodes(graph: gs.Graph) -> list[gs.Node]:
-    return [n for n in graph.nodes if n.op == "Mul" and n.name.startswith("bert_")]
+    """The Muls right after a scores MatMul (Q times K transposed)."""
+    return [n for n in graph.nodes if n.op == "Mul" and producer(n.inputs[0]) is not None
+            and producer(n.inputs[0]).op == "MatMul" and not isinstance(producer(n.inputs[0]).inputs[1], gs.Constant)]
+
+
+def layernorms(graph: gs.Graph) -> list:
+    return layernorm_pattern().find_all(graph, allow_escape=True)
+
+
+def block_inputs(graph: gs.Graph) -> list[gs.Tensor]:
+    """Per layer, the tensor its Q, K and V projections read."""
+    read = [n.inputs[0] for n in graph.nodes if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant)]
+    return list({id(t): t for t in read if sum(r.op == "MatMul" for r in t.outputs) == 3}.values())
+
+
+def residual_add(x: gs.Tensor) -> gs.Node:
+    return next(n for n in x.outputs if n.op == "Add")
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +70,9 @@ def onnxsim_export(tiny_export, tmp_path_factory):
 
 
 @pytest.mark.golden
-@pytest.mark.parametrize("variant, masks_expanded", [("legacy14", 0), ("legacy17", 0), ("dynamo18", 0)])
-def test_golden_and_parity_per_export(tiny_export, variant, masks_expanded):
+@pytest.mark.parametrize("variant, scales_rewritten", [("legacy14", 0), ("legacy17", 0), ("dynamo18", 2)])
+def test_golden_and_parity_per_export(tiny_export, variant, scales_rewritten):
+    """Legacy exports name the scale Mul '/model/bert/.../Mul': it keeps its name; dynamo's are renamed."""
     path = tiny_export(variant)
     before = frozen(path)
     after = run_pass(before)
@@ -61,8 +82,9 @@ def test_golden_and_parity_per_export(tiny_export, variant, masks_expanded):
     assert record.changed
     assert record.counts["blocks_rewritten"] == record.counts["blocks_total"] == 2
     assert record.counts["k_transposes_split"] == 2
-    assert record.counts["scales_rewritten"] == 2
-    assert record.counts["masks_expanded"] == masks_expanded
+    assert record.counts["scales_rewritten"] == scales_rewritten
+    assert all(scale_named_for_atc(n.name) for n in scale_nodes(after.graph))
+    assert record.counts["masks_expanded"] == 0  # transformers 5 expands its mask to [batch, 1, seq, seq]
     assert record.counts["reshapes_2d"] == 4  # first, last, two context Reshapes
     assert check_ascend(after.graph).blocks_conforming
     assert_parity(path, after)
@@ -89,12 +111,13 @@ def test_golden_with_the_folded_mask(tiny_export):
     before = frozen(path, "freeze-shapes,fold-attention-mask")
     after = run_pass(before)
     assert_graph_matches(after.graph, GOLDEN / "legacy14-folded.after.txt")
-    assert after.record(PASS).counts["masks_expanded"] == 1
+    assert after.record(PASS).counts["masks_expanded"] == 2
     expands = [n for n in after.graph.nodes if n.op == "Expand"]
-    assert len(expands) == 1 and expands[0].outputs[0].shape == [TINY_BATCH, 1, TINY_SEQ, TINY_SEQ]
-    assert len(expands[0].outputs[0].outputs) == 2  # one Expand shared by both layers
+    assert [e.outputs[0].shape for e in expands] == [[TINY_BATCH, 1, TINY_SEQ, TINY_SEQ]] * 2
+    assert [[r.op for r in e.outputs[0].outputs] for e in expands] == [["Add"], ["Add"]]  # one per layer
+    assert expands[0].inputs[0] is expands[1].inputs[0]  # of the one folded mask
     report = check_ascend(after.graph)
-    assert report.conforming, report.render()
+    assert report.blocks_conforming, report.render()  # legality for the CANN version is legalize-ascend's
     assert_parity(path, after)
 
 
@@ -204,3 +227,96 @@ def test_bert_base_seq384(tmp_path):
     assert len(report.blocks) == 12 and report.blocks_conforming, report.render()
     assert after.record(PASS).counts["blocks_rewritten"] == 12
     assert_parity(path, after, samples=1)
+
+
+# ----------------------------------------------------------------------------- the 2-D Reshape's place
+
+@pytest.mark.parametrize("variant, form", [("legacy14", "Add"), ("legacy17", "LayerNormalization")])
+def test_reshape_goes_on_the_first_layernorms_input(tiny_export, variant, form):
+    """Both forms: the first LayerNorm reads [batch*seq, hidden] and its own output feeds Q, K, V, residual."""
+    path = tiny_export(variant)
+    after = run_pass(frozen(path))
+    first = layernorms(after.graph)[0]
+    assert first.root.op == form
+    reshape = producer(first["x"])
+    assert reshape.op == "Reshape" and reshape.inputs[1].values.tolist() == [-1, 32]
+    assert reshape.inputs[0].shape == [TINY_BATCH, TINY_SEQ, 32]
+    assert first["x"].shape == [TINY_BATCH * TINY_SEQ, 32]
+    x = first.root.outputs[0]
+    assert x is block_inputs(after.graph)[0]
+    assert sorted(n.op for n in x.outputs) == ["Add", "MatMul", "MatMul", "MatMul"]
+    last = layernorms(after.graph)[-1].root.outputs[0]
+    assert [(n.op, n.inputs[1].values.tolist()) for n in last.outputs] == [("Reshape", [TINY_BATCH, TINY_SEQ, 32])]
+    assert check_ascend(after.graph).blocks_conforming
+    assert_parity(path, after)
+
+
+def test_albert_reshape_goes_above_the_embedding_projection(tiny_export):
+    """ALBERT's first block reads MatMul + Add of the embedding LayerNorm: that LayerNorm is the first."""
+    path = tiny_export("legacy14", preset="albert-tiny")
+    after = run_pass(frozen(path))
+    first = layernorms(after.graph)[0]
+    assert producer(first["x"]).op == "Reshape"
+    embedding = first["x"].shape[-1]
+    assert producer(first["x"]).inputs[1].values.tolist() == [-1, embedding] != [-1, after.facts.hidden]
+    x = block_inputs(after.graph)[0]
+    assert producer(x).op == "Add" and x.shape == [TINY_BATCH * TINY_SEQ, after.facts.hidden]
+    assert_parity(path, after)
+
+
+# ----------------------------------------------------------------------------- the scale Mul's name
+
+def test_scale_names_containing_bert_are_kept(tiny_export):
+    """ATC's MulAddFusionPass looks for 'bert' anywhere in the name; other names become bert_*."""
+    path = tiny_export("legacy14")
+    before = frozen(path)
+    first, second = scale_nodes(before.graph)
+    first.name, second.name = "layer0/attention/scale", "encoder.my_bert_scale"
+    after = run_pass(before)
+    assert after.record(PASS).counts["scales_rewritten"] == 1
+    names = [n.name for n in scale_nodes(after.graph)]
+    assert names[0].startswith("bert_Mul") and names[1] == "encoder.my_bert_scale"
+    assert check_ascend(after.graph).blocks_conforming
+    assert_parity(path, after)
+
+
+# ----------------------------------------------------------------------------- four readers of the block input
+
+def test_residual_through_a_copy_reads_the_block_input(tiny_export):
+    """A residual reading the block input through an Identity: ATC's kernel would take the Identity as
+    the fourth reader, bertopt's form wants the residual Add itself there, so the Add reads the input."""
+    path = tiny_export("legacy14")
+    before = frozen(path)
+    for x in block_inputs(before.graph):
+        residual = residual_add(x)
+        copy = gs.Variable(unique_name(before.graph, "copy"), dtype=np.float32, shape=x.shape)
+        before.graph.nodes.append(gs.Node("Identity", unique_name(before.graph, "Identity"), inputs=[x],
+                                          outputs=[copy]))
+        residual.inputs[list(residual.inputs).index(x)] = copy
+    before.graph.toposort()
+    assert [len(x.outputs) for x in block_inputs(before.graph)] == [4, 4]  # Q, K, V and the Identity
+    after = run_pass(before)
+    assert after.record(PASS).counts["residuals_rewired"] == 2
+    assert not any(n.op == "Identity" for n in after.graph.nodes)
+    report = check_ascend(after.graph)
+    assert report.blocks_conforming, report.render()
+    assert_parity(path, after)
+
+
+def test_residual_reading_something_else_is_named(tiny_export, tmp_path):
+    """Layer 0's residual edited to read the LayerNorm's input (as a pre-LN block does): three readers
+    stay, the notes say why, and nothing dead is added (the pipeline's cleanup would drop it)."""
+    before = frozen(tiny_export("legacy14"))
+    x = block_inputs(before.graph)[0]
+    residual = residual_add(x)
+    residual.inputs[list(residual.inputs).index(x)] = layernorms(before.graph)[0]["x"]
+    edited = save_graph(before.graph, tmp_path / "pre-ln-layer0.onnx")
+    after = run_pass(before)
+    record = after.record(PASS)
+    assert record.counts["residuals_rewired"] == 0
+    note = next(n for n in record.notes if n.startswith("layer 0:"))
+    assert "has 3 readers, ATC's LayerNorm+QKV kernel wants 4" in note and "not the block input" in note
+    assert [len(x.outputs) for x in block_inputs(after.graph)] == [3, 4]
+    failing = {c.name for c in check_ascend(after.graph).blocks[0].checks if c.ok is False}
+    assert failing == {"ln-consumers"}
+    assert_parity(edited, after)

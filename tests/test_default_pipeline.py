@@ -25,7 +25,7 @@ def test_ascend_default_conforms_with_parity(tiny_export, variant):
     path = tiny_export(variant)
     result = run_spec(path, "default", batch=TINY_BATCH, seq=TINY_SEQ)
     assert [r.name for r in result.records] == ["freeze-shapes", "fold-attention-mask", "fuse-gelu",
-                                                 "attention-bigkernel", "legalize-ascend"]
+                                                 "layernorm-for-atc", "attention-bigkernel", "legalize-ascend"]
     assert_ready_for_atc(result.graph)
     assert result.record("attention-bigkernel").counts["blocks_rewritten"] == 2  # shapes seen past fused Gelus
     assert_parity(path, result)
@@ -82,7 +82,7 @@ def test_other_families_conform_with_parity(tiny_export, preset, variant):
     path = tiny_export(variant, preset=preset)
     result = run_spec(path, "default", batch=TINY_BATCH, seq=TINY_SEQ)
     assert_ready_for_atc(result.graph)
-    assert all(record.changed for record in result.records)
+    assert all(record.changed for record in result.records if record.name != "layernorm-for-atc")
     assert_parity(path, result)
 
 
