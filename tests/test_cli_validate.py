@@ -108,13 +108,17 @@ def tiny_run(tmp_path_factory):
 def test_run_writes_atc_and_validation(tiny_run):
     result, out = tiny_run
     assert result.returncode == 0, result.stderr
-    assert "atc not found" in result.stdout and "atc --model optimized.onnx --output om/optimized" in result.stdout
-    assert "Ascend fp16 emulation" in result.stdout and "same span" in result.stdout
+    assert "atc not found" in result.stdout and "atc --model ../optimized.onnx --output ../om/optimized" in result.stdout
+    assert "Ascend emulation: force_fp16, Gelu high_performance" in result.stdout and "same span" in result.stdout
+    assert "warning: ATC is not predicted to fuse attention" in result.stdout and "hidden = 32" in result.stdout
     assert "skipped: no compiled OM" in result.stdout
     report = json.loads((out / "report.json").read_text())
-    assert {"original_model", "optimized_model", "facts", "passes", "parity", "atc", "validation"} <= report.keys()
+    assert {"original_model", "optimized_model", "facts", "passes", "parity", "atc", "check", "validation",
+            "warnings"} <= report.keys()
     atc = report["atc"]
     assert atc["status"] == "not-found" and atc["soc"] == "Ascend310P3" and atc["soc_source"] == "default"
+    assert atc["cann"] == {"version": "6.0", "source": "default"} and atc["overrides"] == {}
+    assert report["check"]["legal"] is True and report["check"]["fusion_predicted"] is False
     assert atc["argv"][-2:] == ["--optypelist_for_implmode=Gelu", "--op_select_implmode=high_performance"]
     assert (out / "atc.sh").is_file()
     kinds = [(c["kind"], c["passed"]) for c in report["validation"]]
@@ -154,6 +158,15 @@ def test_run_with_a_failing_atc_exits_1_with_its_log_tail(tmp_path):
 
 
 def test_run_refuses_a_bad_atc_arg_before_any_work(tmp_path):
-    result = bertopt("run", "bert-tiny", "--output", str(tmp_path / "o"), "--atc-arg=--soc_version=X")
-    assert_one_line_error(result, 2, "use --soc")
+    result = bertopt("run", "bert-tiny", "--output", str(tmp_path / "o"), "--atc-arg=soc_version=X")
+    assert_one_line_error(result, 2, "start with '--'")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [(("--cann", "4.0"), "CANN"),
+                                            (("--cann", "6.0", "--atc-arg=--precision_mode_v2=fp16"), "no such flag"),
+                                            (("--gelu-impl", "fastest"), "--gelu-impl")])
+def test_run_refuses_a_cann_version_flag_or_gelu_kernel_it_cannot_honour(tmp_path, args, fragment):
+    result = bertopt("run", "bert-tiny", "--output", str(tmp_path / "o"), *args)
+    assert_one_line_error(result, 2, fragment)
     assert not (tmp_path / "o").exists()
