@@ -120,9 +120,10 @@ def row(label: str, logits: tuple[np.ndarray, np.ndarray], reference, score, rea
 
 def section(args: argparse.Namespace, rows: list[Row], info: dict) -> str:
     command = " ".join(["    .venv/bin/python tools/bench_gelu.py", *sys.argv[1:]])
+    data = args.data.relative_to(REPO) if args.data.is_relative_to(REPO) else args.data
     lines = ["## Gelu kernels on a real model (tools/bench_gelu.py)", "",
              f"{info['model']}, optimized with the Ascend `default` pipeline at batch {args.batch}, seq {args.seq}; "
-             f"{info['questions']} questions of `{args.data.relative_to(REPO) if args.data.is_relative_to(REPO) else args.data}` "
+             f"{info['questions']} questions of `{data}` "
              f"({info['features']} features). Emulated kernels (CANN {info['cann']}): "
              + "; ".join(f"`{gelu}` = {text}" for gelu, text in info["kernels"].items()) + ". "
              "Shifts are |logit - original fp32 logit| over real tokens of every feature (start and end); "

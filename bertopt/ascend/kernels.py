@@ -87,8 +87,9 @@ def gelu_kernel(impl_mode: str, cann: str) -> GeluKernel:
 
 
 def kernel_steps(form: str) -> list[Step]:
-    """The kernel's steps in its own order, with its constants (from the data file)."""
-    k = _data()["forms"][form]["constants"]
+    """The kernel's steps in its own order, with its constants (from the data file; floats, so that no
+    constant reads as a step index)."""
+    k = {name: float(value) for name, value in _data()["forms"][form]["constants"].items()}
     if form == QUADRATIC:
         return [("Mul", ("x", k["c"])), ("Abs", (0,)), ("Min", (1, k["clip"])), ("Add", (2, -k["clip"])),
                 ("Mul", (3, 3)), ("Mul", (4, k["a_half"])), ("Add", (5, k["half"])), ("Sign", ("x",)),
