@@ -209,8 +209,17 @@ class PassManager:
         return record, facts
 
     def _check_requirements(self, info: PassInfo, graph: gs.Graph, facts: ModelFacts) -> None:
-        if "static-shapes" in info.requires and not all(is_static(t) for t in graph.inputs):
-            raise BertoptError(f"pass {info.name} requires that {REQUIREMENTS['static-shapes']}")
+        dynamic = [t for t in graph.inputs if not is_static(t)]
+        if "static-shapes" not in info.requires or not dynamic:
+            return
+        roleless = [t for t in dynamic if facts.roles and t.name not in facts.roles]
+        if roleless:
+            dims = roleless[0].shape
+            shape = f"[{', '.join(map(str, dims))}]" if dims is not None else "of unknown shape"
+            raise BertoptError(f"pass {info.name} requires static shapes, but input {roleless[0].name} {shape} "
+                               "has no static shape: freeze-shapes fixes only the inputs it knows the role of "
+                               f"({', '.join(sorted(facts.roles))}); give a model whose other inputs are static")
+        raise BertoptError(f"pass {info.name} requires that {REQUIREMENTS['static-shapes']}")
 
     def _verify(self, index: int, name: str, before: gs.Graph, graph: gs.Graph) -> float:
         if not self.instruments.verify_each:
