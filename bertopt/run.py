@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import onnx_graphsurgeon as gs
 
 from bertopt.backends import Backend, Skipped
-from bertopt.ascend.atc import AtcOptions, AtcResult, compile_om, in_work_dir
+from bertopt.ascend.atc import GELU_IMPLS, AtcOptions, AtcResult, compile_om, in_work_dir
 from bertopt.ascend.cann import CannTarget, resolve_cann
 from bertopt.ascend.check import ConformanceReport, check_ascend
 from bertopt.ascend.legality import check_model_level
@@ -84,11 +84,15 @@ class AscendSetup:
     options: AtcOptions
 
     def warnings(self) -> list[str]:
+        found = []
         soc = self.options.soc_version
-        if is_310p(soc):
-            return []
-        return [f"soc {soc} is not a 310P: ATC's attention big kernels fuse only on Atlas inference products "
-                "(310P; canndev's ZAttentionScoreFusionPass, msit's big-kernel README)"]
+        if not is_310p(soc):
+            found.append(f"soc {soc} is not a 310P: ATC's attention big kernels fuse only on Atlas inference "
+                         "products (310P; canndev's ZAttentionScoreFusionPass, msit's big-kernel README)")
+        if self.options.gelu_mode() is None:
+            found.append(f"your atc flags leave Gelu's kernel to ATC (an --op_precision_mode ini, or Gelu not in "
+                         f"--optypelist_for_implmode): the emulation assumes --gelu-impl {self.options.gelu_impl}")
+        return found
 
 
 @dataclass
@@ -161,7 +165,8 @@ class RunReport:
         if self.ascend is not None:
             problems += self.ascend.failures(self.require_fusion)
         for candidate in self.validation:
-            if candidate.passed is False and (candidate.kind != "emulation" or strict_emulation):
+            counts = not candidate.informational and (candidate.kind != "emulation" or strict_emulation)
+            if candidate.passed is False and counts:
                 problems.append(f"{candidate.name} failed validation"
                                 + (f": {candidate.error}" if candidate.error else ""))
         return problems
@@ -349,6 +354,9 @@ def _candidates(config: RunConfig, optimized: Path, output_names: list[str], atc
     gelu = options.gelu_mode() or config.gelu_impl
     precision = options.precision()[1]
     found.append(EmulationBackend(optimized, gelu=gelu, precision=precision, cann=ascend.cann.version))
+    other = next(impl for impl in GELU_IMPLS if impl != gelu)
+    found.append(EmulationBackend(optimized, gelu=other, precision=precision, cann=ascend.cann.version,
+                                  informational=True))
     # the OM's outputs bind to the graph's by position (its own names are "<op>:<index>:<name>")
     found.append(om_backend(atc.om if atc else None, config.device, output_names=output_names))
     return found

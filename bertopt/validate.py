@@ -67,6 +67,7 @@ class CandidateReport:
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     performance: list[dict] = field(default_factory=list)
+    informational: bool = False  # shown for comparison, never the run's verdict
 
     @property
     def passed(self) -> bool | None:
@@ -76,7 +77,8 @@ class CandidateReport:
         return self.comparison is not None and self.comparison.passed
 
     def to_dict(self) -> dict:
-        data = {"name": self.name, "kind": self.kind, "passed": self.passed, "skipped": self.skipped,
+        data = {"name": self.name, "kind": self.kind, "informational": self.informational,
+                "passed": self.passed, "skipped": self.skipped,
                 "error": self.error, "notes": self.notes, "performance": self.performance}
         if self.comparison is not None:
             data.update(self.comparison.to_dict())
@@ -122,7 +124,7 @@ def _check(candidate: Backend | Skipped, feeds: list[dict], expected: list[dict]
            atol: dict[str, float], rtol: dict[str, float]) -> CandidateReport:
     if isinstance(candidate, Skipped):
         return CandidateReport(candidate.name, candidate.kind, skipped=candidate.reason)
-    report = CandidateReport(candidate.name, candidate.kind)
+    report = CandidateReport(candidate.name, candidate.kind, informational=candidate.informational)
     try:
         actual = [candidate.run(feed) for feed in feeds]
         if isinstance(candidate, EmulationBackend):

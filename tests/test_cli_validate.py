@@ -123,6 +123,10 @@ def test_run_writes_atc_and_validation(tiny_run):
     assert (out / "atc.sh").is_file()
     kinds = [(c["kind"], c["passed"]) for c in report["validation"]]
     assert kinds[0] == ("onnx", True) and ("emulation", True) in kinds and ("npu", None) in kinds
+    emulations = [c for c in report["validation"] if c["kind"] == "emulation"]
+    assert [(c["informational"], "Gelu high_performance" in c["name"]) for c in emulations] == [(False, True),
+                                                                                              (True, False)]
+    assert "Gelu high_precision" in emulations[1]["name"] and "[for comparison]" in emulations[1]["name"]
     fp32 = report["validation"][0]
     assert {"max_abs", "p99_abs", "max_rel", "p99_rel", "atol", "rtol", "passed"} <= fp32["outputs"][0].keys()
     assert fp32["span_agreement"] == 1.0

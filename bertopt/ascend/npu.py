@@ -58,6 +58,7 @@ class AisBenchBackend:
     """
 
     kind = "npu"
+    informational = False
 
     def __init__(self, om: Path, device_id: int, session_class, output_names: Sequence[str] | None = None) -> None:
         self.name = f"OM on NPU {device_id} (ais_bench)"

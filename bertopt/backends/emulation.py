@@ -324,7 +324,8 @@ def _save_emulation(model: ModelSource, path: Path, **choices: str) -> list[str]
 class EmulationBackend(OrtBackend):
     """The emulated model on ORT CPU; `notes` carry the graph's fp16 hazards and what is not modelled.
 
-    `gelu`: the Gelu implementation mode ATC compiles with; `precision`: the value of the user's
+    `gelu`: the Gelu implementation mode ATC compiles with (`informational`: a mode atc was not asked
+    for, emulated beside the one it was so a user can compare the two); `precision`: the value of the user's
     ``--precision_mode`` or ``--precision_mode_v2`` (both flags' values are distinct), None for ATC's
     default; `cann`: the CANN version, which decides the Gelu kernel. A bad `gelu` or `cann` is a
     BertoptError here; a precision mode the emulation cannot model is emulated as force_fp16 and said so
@@ -333,10 +334,12 @@ class EmulationBackend(OrtBackend):
     """
 
     def __init__(self, model: ModelSource | Path, *, gelu: str = DEFAULT_GELU, precision: str | None = None,
-                 cann: str | None = None, threads: int | None = None) -> None:
+                 cann: str | None = None, threads: int | None = None, informational: bool = False) -> None:
         self.precision = precision or DEFAULT_PRECISION
         self.gelu_kernel = gelu_kernel(gelu, cann or DEFAULT_VERSION)
-        super().__init__(model, name=emulation_name(self.precision, gelu), kind="emulation", threads=threads)
+        name = emulation_name(self.precision, gelu) + (" [for comparison]" if informational else "")
+        super().__init__(model, name=name, kind="emulation", threads=threads)
+        self.informational = informational
         self.notes: list[str] = []
 
     @contextmanager
