@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import onnx_graphsurgeon as gs
 
 from bertopt.backends import Backend, Skipped
-from bertopt.ascend.atc import GELU_IMPLS, AtcOptions, AtcResult, compile_om, in_work_dir
+from bertopt.ascend.atc import AtcOptions, AtcResult, compile_om, gelu_impls_from, in_work_dir
 from bertopt.ascend.cann import CannTarget, resolve_cann
 from bertopt.ascend.check import ConformanceReport, check_ascend
 from bertopt.ascend.legality import check_model_level
@@ -82,6 +82,10 @@ class AscendSetup:
     cann_source: str  # option | toolkit | default
     soc_source: str  # option | npu-smi | default
     options: AtcOptions
+
+    def emulated_gelu(self) -> str:
+        """The Gelu kernel atc compiles, as far as its flags tell; else the one --gelu-impl names."""
+        return self.options.gelu_mode() or self.options.gelu_impl
 
     def warnings(self) -> list[str]:
         found = []
@@ -215,7 +219,7 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
                        validation[0].comparison, atc, outcome, validation, warnings=warnings,
                        require_fusion=config.require_fusion)
     if squad_data is not None:
-        report.squad = _squad_check(config, squad_data, original, optimized, out_dir, progress)
+        report.squad = _squad_check(config, squad_data, original, optimized, out_dir, ascend, progress)
     write_json(out_dir / REPORT_NAME, report.to_dict())
     if pictures is not None:
         from bertopt.report_html import REPORT_HTML, write_html_report
@@ -302,11 +306,13 @@ def _squad_data(evaluate: str) -> str:
 
 
 def _squad_check(config: RunConfig, data: str, original: Path, optimized: Path, out_dir: Path,
-                 progress: Progress):
-    from bertopt.squad.check import check_run  # imports the tokenizers: only when asked
+                 ascend: AscendSetup | None, progress: Progress):
+    from bertopt.squad.check import check_run, emulations_of  # imports the tokenizers: only when asked
 
+    emulations = [] if ascend is None else emulations_of(
+        optimized, gelu=ascend.emulated_gelu(), precision=ascend.options.precision()[1], cann=ascend.cann.version)
     return check_run(config.model, original, optimized, data, out_dir / "squad", seq=config.seq,
-                     batch=config.batch, emulation=config.target == "ascend", progress=progress)
+                     batch=config.batch, emulations=emulations, progress=progress)
 
 
 def _pass_pictures(report: str) -> PassPictures | None:
@@ -351,12 +357,9 @@ def _candidates(config: RunConfig, optimized: Path, output_names: list[str], atc
     if ascend is None:
         return found
     options = ascend.options
-    gelu = options.gelu_mode() or config.gelu_impl
-    precision = options.precision()[1]
-    found.append(EmulationBackend(optimized, gelu=gelu, precision=precision, cann=ascend.cann.version))
-    other = next(impl for impl in GELU_IMPLS if impl != gelu)
-    found.append(EmulationBackend(optimized, gelu=other, precision=precision, cann=ascend.cann.version,
-                                  informational=True))
+    found += [EmulationBackend(optimized, gelu=gelu, precision=options.precision()[1], cann=ascend.cann.version,
+                               informational=index > 0)
+              for index, gelu in enumerate(gelu_impls_from(ascend.emulated_gelu()))]
     # the OM's outputs bind to the graph's by position (its own names are "<op>:<index>:<name>")
     found.append(om_backend(atc.om if atc else None, config.device, output_names=output_names))
     return found

@@ -54,6 +54,11 @@ PRECISION_FLAGS = ("--precision_mode", "--precision_mode_v2")
 ERROR_CODE = re.compile(r"\b[EW][0-9A-Z][0-9]{4}\b")
 
 
+def gelu_impls_from(chosen: str) -> list[str]:
+    """Every Gelu kernel atc offers, `chosen` first."""
+    return [chosen] + [impl for impl in GELU_IMPLS if impl != chosen]
+
+
 def in_work_dir(path: str) -> str:
     """A path relative to the output folder, as atc sees it from WORK_DIR."""
     return f"../{path}"
