@@ -261,6 +261,7 @@ def sweep(
     passes: str = typer.Option("default", "--passes", help="pipeline: default | a,b,c | default,-name"),
     samples: int = typer.Option(2, "--samples", help="realistic samples per parity check"),
     soc: Optional[str] = typer.Option(None, "--soc", help="atc --soc_version (default: from `npu-smi info`, else Ascend310P3)"),
+    cann: Optional[str] = typer.Option(None, "--cann", help=CANN_HELP),
 ) -> None:
     """Export once per size, then optimize, write atc.sh, validate and check every shape in parallel.
 
@@ -271,7 +272,7 @@ def sweep(
 
     config = SweepConfig(sizes=tuple(_names("--sizes", sizes)), seqs=tuple(_ints("--seq", seq)),
                          batches=tuple(_ints("--batch", batch)), output=output, jobs=jobs,
-                         memory_budget_gib=memory_budget, passes=passes, samples=samples, soc=soc)
+                         memory_budget_gib=memory_budget, passes=passes, samples=samples, soc=soc, cann=cann)
     # Not rich: a Ctrl-C inside its print leaves the line in its buffer, printed again with "interrupted".
     result = run_sweep(config, lambda message: sys.stderr.write(f"{message}\n"))
     out.print(render_table(result.rows), markup=False)
