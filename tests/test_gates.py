@@ -5,6 +5,9 @@ directly; the structural verdicts on tiny exports edited the way other tools spe
 """
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -303,3 +306,11 @@ def test_prediction_serialises(bertopt_output):
     assert data["cann"] == "6.0" and data["soc"] == P310 and data["ai_core_count"] == 8
     assert [f["fusion"] for f in data["blocks"][0]["fusions"]] == ["layer-norm", "ln-qkv", "mul-add",
                                                                   "attention-score", "gelu"]
+
+
+def test_the_readme_table_of_fusing_shapes_is_what_the_gates_say():
+    """README.md's table comes from tools/fusion_table.py; a change of the gates data must regenerate it."""
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "fusion_table.py"
+    done = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, "README.md's fusion table is stale: run python tools/fusion_table.py"
