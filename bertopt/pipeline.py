@@ -193,8 +193,8 @@ class PassManager:
         try:
             result = info.run(graph, facts, self.options)
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        except BertoptError as exc:
-            raise BertoptError(f"pass {info.name}: {exc}") from None
+        except BertoptError as exc:  # the same kind (bad input, exit 2, or a failed check, exit 1), named
+            raise type(exc)(f"pass {info.name}: {exc}") from None
         except Exception as exc:
             raise self._failure(index, info.name, before, f"raised {type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - start

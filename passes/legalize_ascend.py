@@ -55,7 +55,7 @@ from bertopt.ascend.cann import CannTarget
 from bertopt.ascend.layernorm import write_decomposed_layernorm
 from bertopt.ascend.legality import (LAYER_NORMALIZATION, ONNX_DOMAINS, fp16_unsafe_constants, onnx_op_types,
                                      opset_window, ops_outside_opset, unsupported_ops)
-from bertopt.errors import BertoptError
+from bertopt.errors import BertoptError, CheckFailed
 from bertopt.facts import ModelFacts
 from bertopt.graph import add_node, constant_value, make_constant, unique_name
 from bertopt.passes.fuse_gelu import (CUBE_COEFF, ERF, SQRT2, SQRT_2_OVER_PI, TANH, erf_gelu_pattern,
@@ -203,11 +203,12 @@ def _decompose_layernorm(graph: gs.Graph, node: gs.Node, target: CannTarget) -> 
 # ----------------------------------------------------------------------------- 3. operator list
 
 def check_atc_operators(graph: gs.Graph, target: CannTarget) -> None:
-    """Raise BertoptError naming every op the target's ONNX parser does not support."""
+    """Raise CheckFailed (exit 1: the model is valid, the target cannot take it) naming every op the target's
+    ONNX parser does not support."""
     missing = unsupported_ops(graph, target)
     if missing:
         listed = ", ".join(f"{op} (x{n})" for op, n in sorted(missing.items()))
-        raise BertoptError(f"{target.label}'s ONNX operator list (bertopt/data/cann.json) has no {listed}; "
+        raise CheckFailed(f"{target.label}'s ONNX operator list (bertopt/data/cann.json) has no {listed}; "
                            "atc would reject this model")
 
 
@@ -227,7 +228,7 @@ def target_opset(graph: gs.Graph, target: CannTarget) -> int:
         why = (f"it holds {', '.join(outside)}" if outside
                else f"it takes opset {target.opset_range[0]}-{target.opset_range[1]} and bertopt does not raise "
                     f"a model's opset (this one is {graph.opset})")
-        raise BertoptError(f"no opset suits {target.label} for this graph: {why}")
+        raise CheckFailed(f"no opset suits {target.label} for this graph: {why}")
     return opset
 
 
@@ -252,14 +253,14 @@ def _check_signature_at(node: gs.Node, source: int, target: int, cann: CannTarge
     where = f"{node.op} '{node.name}' (opset {source})"
     needed = f"{cann.label} needs opset {target}"
     if not onnx.defs.has(node.op, target):
-        raise BertoptError(f"{where} has no opset-{target} form; {needed}")
+        raise CheckFailed(f"{where} has no opset-{target} form; {needed}")
     schema = onnx.defs.get_schema(node.op, target)
     unknown = sorted(set(node.attrs) - set(schema.attributes))
     if unknown:
-        raise BertoptError(f"{where} uses attribute(s) {unknown} that opset {target} lacks; {needed} and "
+        raise CheckFailed(f"{where} uses attribute(s) {unknown} that opset {target} lacks; {needed} and "
                            "bertopt has no lowering for it")
     if len(node.inputs) > schema.max_input:
-        raise BertoptError(f"{where} has {len(node.inputs)} inputs, opset {target} takes at most "
+        raise CheckFailed(f"{where} has {len(node.inputs)} inputs, opset {target} takes at most "
                            f"{schema.max_input}; {needed} and bertopt has no lowering for it")
 
 

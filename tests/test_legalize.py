@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 
-from bertopt.errors import BertoptError
+from bertopt.errors import BertoptError, CheckFailed
 from bertopt.golden import assert_graph_matches, graph_text
 from bertopt.graph import to_model, verify
 from bertopt.passes.fuse_gelu import SQRT_2_OVER_PI, gelu_kind
@@ -344,8 +344,9 @@ def test_ops_outside_atc_list_are_named():
         legalize_ascend(graph, None, PassOptions())
 
 
-def test_onnx_attention_op_is_reported_through_the_pipeline(tiny_export):
-    with pytest.raises(BertoptError, match=r"pass legalize-ascend: .*has no Attention \(x2\)"):
+def test_onnx_attention_op_is_a_failed_check_through_the_pipeline(tiny_export):
+    """The model is valid; the target cannot take it: exit 1, not the bad-input exit 2."""
+    with pytest.raises(CheckFailed, match=r"pass legalize-ascend: .*has no Attention \(x2\)"):
         run_spec(tiny_export("dynamo23sdpa"), "legalize-ascend", batch=1, seq=8)
 
 
