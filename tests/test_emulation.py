@@ -365,7 +365,7 @@ def test_where_mask_overflow_shows_in_padding_rows_and_folding_cures_it(frozen_t
     """Where(keep, 0, -inf) is harmless while a row has a real token; an all-padding row is NaN."""
     unfolded = emulation_verdict(frozen_tiny, to_model(frozen(frozen_tiny)))
     assert unfolded.passed is True
-    assert any("all-padding batch" in note and "NaN" in note for note in unfolded.notes)
+    assert any("all-zero batch" in note and "NaN" in note for note in unfolded.notes)
     folded = emulation_verdict(frozen_tiny, with_where_constant(frozen(frozen_tiny), -10000.0))
     assert folded.passed is True and folded.notes == []
 

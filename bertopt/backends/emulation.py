@@ -354,14 +354,15 @@ class EmulationBackend(OrtBackend):
             yield path
 
     def padding_row_check(self, feed: dict[str, np.ndarray]) -> str | None:
-        """Run one all-padding batch (zero ids, mask, types), which is how ais_bench fills the last batch.
+        """Run one all-zero batch (zero ids, mask, types): what ais_bench feeds without --input (its
+        pure-inference mode; a last partial batch is padded with copies of a real row instead), and a row
+        whose mask hides every token.
 
-        Returns a note when any output is NaN/inf there: harmless for the discarded padding rows
-        themselves, but the sign of a mask constant that overflows fp16.
+        Returns a note when any output is NaN/inf there: the sign of a mask constant that overflows fp16.
         """
         outputs = self.run({name: np.zeros_like(value) for name, value in feed.items()})
         bad = {name: int(np.count_nonzero(~np.isfinite(v))) for name, v in outputs.items()}
         if not any(bad.values()):
             return None
         counts = ", ".join(f"{name} {count}/{outputs[name].size}" for name, count in bad.items() if count)
-        return f"an all-padding batch (as ais_bench pads the last batch) gives NaN/inf: {counts}"
+        return f"an all-zero batch (fully masked rows, as ais_bench feeds without --input) gives NaN/inf: {counts}"
