@@ -73,7 +73,7 @@ class CannTarget:
 
 def known_versions() -> list[str]:
     """The versions cann.json describes, oldest first."""
-    return sorted(_data()["versions"], key=_version_key)
+    return sorted(_data()["versions"], key=version_key)
 
 
 def cann_target(version: str) -> CannTarget:
@@ -150,16 +150,20 @@ def _nearest_known(version: str) -> str:
     """The known version at or below `version`; BertoptError naming the known ones otherwise."""
     known = known_versions()
     match = _VERSION.match(version or "")
-    below = [k for k in known if match and _version_key(k) <= (int(match.group(1)), int(match.group(2)))]
+    below = [k for k in known if match and version_key(k) <= version_key(version)]
     if not below:
         raise BertoptError(f"unknown CANN version {version!r} (bertopt knows {', '.join(known)}; a later "
                            "release maps to the nearest one below it)")
     return below[-1]
 
 
-def _version_key(version: str) -> tuple[int, int]:
-    major, minor = version.split(".")[:2]
-    return int(major), int(minor)
+def version_key(version: str) -> tuple[int, int]:
+    """(major, minor) of a CANN version string ("6.0", "6.0.1", "8.0.RC2") for ordering; BertoptError
+    when it is not one."""
+    match = _VERSION.match(version or "")
+    if not match:
+        raise BertoptError(f"CANN version {version!r}: expected MAJOR.MINOR[.PATCH|.RCn], e.g. 6.0 or 8.0.RC2")
+    return int(match.group(1)), int(match.group(2))
 
 
 @functools.lru_cache(maxsize=None)

@@ -38,13 +38,12 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
-import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from bertopt.ascend.cann import CannTarget
+from bertopt.ascend.cann import CannTarget, version_key
 from bertopt.ascend.form import BlockNodes, BlockReport, attention_softmaxes, locate_block
 from bertopt.ascend.layernorm import decomposed_layernorm_pattern
 from bertopt.errors import BertoptError
@@ -85,10 +84,10 @@ class FusionGates:
 def fusion_gates(target: CannTarget) -> FusionGates:
     """The gates of `target`'s CANN version; BertoptError when the data has none for it."""
     data = _data()
-    key = _version_key(target.version)
+    key = version_key(target.version)
     for entry in data["versions"]:
         upper = entry["to"]
-        if _version_key(entry["from"]) <= key and (upper is None or key <= _version_key(upper)):
+        if version_key(entry["from"]) <= key and (upper is None or key <= version_key(upper)):
             gate_set = data["gate_sets"][entry["gate_set"]]
             return FusionGates(cann=target.version, source=gate_set["source"], passes=gate_set["passes"],
                                absent=entry["absent"], note=entry["note"])
@@ -99,13 +98,6 @@ def ai_core_count(soc: str) -> int | None:
     """The AI-core count of `soc` ("Ascend310P3"), or None when bertopt's data does not have it."""
     entry = _data()["ai_core_counts"].get(soc)
     return entry["count"] if entry else None
-
-
-def _version_key(version: str) -> tuple[int, int]:
-    match = re.match(r"(\d+)\.(\d+)", version)
-    if match is None:
-        raise BertoptError(f"CANN version {version!r} is not <major>.<minor>")
-    return int(match.group(1)), int(match.group(2))
 
 
 @functools.lru_cache(maxsize=None)

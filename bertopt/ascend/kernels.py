@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
-import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -40,6 +39,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
+from bertopt.ascend.cann import version_key
 from bertopt.errors import BertoptError
 from bertopt.graph import add_node, make_constant, unique_name
 
@@ -50,7 +50,6 @@ COMPUTE_IN_INPUT_DTYPE, COMPUTE_IN_FP32 = "input", "float32"
 Operand = Union[str, int, float]
 Step = tuple[str, tuple[Operand, ...]]
 
-_VERSION = re.compile(r"^\s*(\d+)\.(\d+)(?:[.\-].*)?\s*$")
 
 
 @dataclass(frozen=True)
@@ -74,9 +73,9 @@ class GeluKernel:
 
 def gelu_kernel(impl_mode: str, cann: str) -> GeluKernel:
     """The Gelu kernel for `impl_mode` on CANN `cann` ("6.0", "8.0.RC2", ...); BertoptError otherwise."""
-    version = _major_minor(cann)
+    version = version_key(cann)
     for entry in _data()["versions"]:
-        low, below = (_major_minor(bound) if bound else None for bound in entry["cann"])
+        low, below = (version_key(bound) if bound else None for bound in entry["cann"])
         if (low is None or version >= low) and (below is None or version < below):
             if impl_mode not in entry:
                 modes = [key for key in entry if key not in ("cann", "source")]
@@ -154,13 +153,6 @@ def _round_to_fp16(graph: gs.Graph, exact: gs.Tensor, into: gs.Variable | None) 
     out = into if into is not None else gs.Variable(f"{name}_out", dtype=np.float32, shape=exact.shape)
     graph.nodes.append(gs.Node("Cast", name, attrs={"to": TensorProto.FLOAT}, inputs=[half], outputs=[out]))
     return out
-
-
-def _major_minor(version: str) -> tuple[int, int]:
-    match = _VERSION.match(version or "")
-    if not match:
-        raise BertoptError(f"CANN version {version!r}: expected MAJOR.MINOR[.PATCH|.RCn], e.g. 6.0 or 8.0.RC2")
-    return int(match.group(1)), int(match.group(2))
 
 
 @functools.lru_cache(maxsize=None)
