@@ -294,9 +294,11 @@ def test_candidates_run_one_session_at_a_time(models, sessions):
     candidates = [OrtBackend(static, name="optimized"), EmulationBackend(static),
                   Skipped("OM", "npu", "no device")]
     assert sessions.alive_at_creation == [], "a backend builds its session on its first run, not before"
-    reports = validate_candidates(original, candidates, reference_facts(original), batch=BATCH, seq=SEQ)
+    facts = reference_facts(original)  # its causal-mask probe is a small session of its own, closed at once
+    before = len(sessions.alive_at_creation)
+    reports = validate_candidates(original, candidates, facts, batch=BATCH, seq=SEQ)
     assert [r.passed for r in reports] == [True, True, None]
-    assert sessions.alive_at_creation == [1, 1, 1], "reference, optimized, emulation: each alone"
+    assert sessions.alive_at_creation[before:] == [1, 1, 1], "reference, optimized, emulation: each alone"
     assert len(sessions.alive) == 0, "every session is released once its candidate has run"
 
 
