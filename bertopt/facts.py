@@ -17,6 +17,7 @@ position scores, pooling between layers, convolution heads, rotary embeddings), 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -261,14 +262,18 @@ PROBE_SEQ = 6
 def _attention_kind(graph: gs.Graph, softmaxes: list[gs.Node], mask: gs.Tensor | None,
                     roles: dict[str, str], batch: int | None, seq: int | None,
                     max_positions: int | None) -> str:
-    """"causal" when, with every token kept, the first layer still removes exactly the later positions."""
+    """"causal" when, with every token kept, the first layer still removes exactly the later positions.
+
+    A mask that cannot be evaluated counts as bidirectional: fold-attention-mask then probes it as a
+    padding mask, finds the positions it removes besides padding, and leaves it alone with a note.
+    """
     fused = next((n for n in graph.nodes if n.op == "Attention"), None)
     if fused is not None:
         return "causal" if fused.attrs.get("is_causal", 0) else "bidirectional"
     if not softmaxes:
         return "bidirectional"
     tokens = [t for t in graph.inputs if roles.get(t.name) in ("input_ids", "token_type_ids")]
-    removal = score_removal(softmaxes[0], value_dependents(tokens))
+    removal = _score_removal(softmaxes[0], value_dependents(tokens))
     if removal is None:
         return "bidirectional"
     probe_batch, probe_seq = (batch, seq) if batch and seq else (1, min(PROBE_SEQ, max_positions or PROBE_SEQ))
@@ -283,11 +288,10 @@ def _attention_kind(graph: gs.Graph, softmaxes: list[gs.Node], mask: gs.Tensor |
 
 
 @dataclass
-class ScoreRemoval:
+class _ScoreRemoval:
     """How an attention layer removes scores: `tensor` is an additive mask (very negative removes),
     or the condition of a Where that replaces the scores by a very negative fill (`removes_when`)."""
 
-    node: gs.Node  # the Add or Where feeding the Softmax
     tensor: gs.Tensor
     removes_when: bool | None = None  # None for an additive mask
 
@@ -299,26 +303,32 @@ class ScoreRemoval:
         return removed.reshape(-1, seq, seq).any(axis=0)
 
 
-def score_removal(softmax: gs.Node, token_dependent: set[int]) -> ScoreRemoval | None:
+def _score_removal(softmax: gs.Node, token_dependent: set[int]) -> _ScoreRemoval | None:
     """The mask of an attention Softmax: the Add operand or Where condition that does not depend on
-    the token inputs' values, with a very negative fill for a Where. None when the scores go in bare."""
+    the token inputs' values. None when the scores go in bare."""
     node = softmax.inputs[0].inputs[0] if softmax.inputs[0].inputs else None
+    if node is not None and node.op == "Cast":  # XLM and GPT-2 in fp16 run the Softmax in fp32
+        node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
     if node is None:
         return None
     free = [t for t in node.inputs if id(t) not in token_dependent]
     if node.op == "Add" and len(free) == 1 and len(node.inputs) == 2:
-        return ScoreRemoval(node, free[0])
+        return _ScoreRemoval(free[0])
     if node.op == "Where" and id(node.inputs[0]) not in token_dependent:
-        fills = [_scalar(t) for t in node.inputs[1:]]
-        for index, fill in enumerate(fills):
-            if fill is not None and fill <= MASKED_AT_MOST and id(node.inputs[2 - index]) in token_dependent:
-                return ScoreRemoval(node, node.inputs[0], removes_when=index == 0)
+        fill = where_fill(node, lambda t: id(t) in token_dependent)
+        if fill is not None:
+            return _ScoreRemoval(node.inputs[0], removes_when=fill == 1)
     return None
 
 
-def _scalar(tensor: gs.Tensor) -> float | None:
-    if isinstance(tensor, gs.Constant) and tensor.values.size == 1 and tensor.values.dtype.kind == "f":
-        return float(tensor.values.reshape(-1)[0])
+def where_fill(where: gs.Node, is_scores: Callable[[gs.Tensor], bool]) -> int | None:
+    """1 or 2: the branch of ``Where(condition, a, b)`` that is a very negative constant fill (at most
+    MASKED_AT_MOST, masked_fill's finfo.min) beside scores (`is_scores`), or None."""
+    for index in (1, 2):
+        fill = where.inputs[index]
+        if (isinstance(fill, gs.Constant) and fill.values.size == 1 and fill.values.dtype.kind == "f"
+                and float(fill.values.reshape(-1)[0]) <= MASKED_AT_MOST and is_scores(where.inputs[3 - index])):
+            return index
     return None
 
 

@@ -85,7 +85,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from bertopt.errors import BertoptError
-from bertopt.facts import MASKED_AT_MOST, ModelFacts, attention_layer_softmaxes
+from bertopt.facts import MASKED_AT_MOST, ModelFacts, attention_layer_softmaxes, where_fill
 from bertopt.graph import add_node, constant_value, is_static, make_constant, replace_uses
 from bertopt.pattern import Const, Match, OneOf, Op, Pattern, Var, _
 from bertopt.pipeline import PassOptions, PassResult, register_pass
@@ -228,14 +228,7 @@ def _where_pattern(free: set[int]) -> Pattern:
 
 
 def _fill_index(where: gs.Node, free: set[int]) -> int | None:
-    """1 or 2: which Where branch is the constant fill (at most MASKED_AT_MOST) beside computed scores."""
-    for index in (1, 2):
-        fill = constant_value(where.inputs[index])
-        other = where.inputs[3 - index]
-        if (fill is not None and fill.size == 1 and fill.dtype.kind == "f" and float(fill.reshape(-1)[0])
-                <= MASKED_AT_MOST and id(other) not in free):
-            return index
-    return None
+    return where_fill(where, lambda tensor: id(tensor) not in free)
 
 
 def _attention_pattern(free: set[int]) -> Pattern:
