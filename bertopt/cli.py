@@ -24,6 +24,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 # Piped output (logs, CI) is not squeezed into 80 columns: tables stay readable there too.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 err = Console(stderr=True, highlight=False)
+DTYPE_HELP = "fp32 | fp16 (exports model.half(); ATC compiles fp32 models to fp16 itself)"
+MASK_HELP = "how the exported model takes its attention mask: int (1/0, tokenizers') | float | additive | none"
 CANN_HELP = "CANN version whose ATC is the target, e.g. 6.0 or 8.0.RC2 (default: the installed toolkit's, else 6.0)"
 
 
@@ -45,6 +47,9 @@ def run(
     force: bool = typer.Option(False, "--force", help="overwrite results already in the output folder"),
     exporter: str = typer.Option("legacy", "--exporter", help="legacy | dynamo (presets and HF folders)"),
     opset: Optional[int] = typer.Option(None, "--opset", help="export opset (default 14 legacy, 18 dynamo)"),
+    attention: str = typer.Option("eager", "--attention", help="eager | sdpa (presets and HF folders)"),
+    dtype: str = typer.Option("fp32", "--dtype", help=DTYPE_HELP),
+    mask: str = typer.Option("int", "--mask", help=MASK_HELP),
     dump_dir: Optional[Path] = typer.Option(None, "--dump-dir", help="write the graph before/after each pass that changed it"),
     check_each_pass: bool = typer.Option(False, "--check-each-pass", help="parity after every pass; names the first that breaks numerics"),
     soc: Optional[str] = typer.Option(None, "--soc", help="atc --soc_version (default: from `npu-smi info`, else Ascend310P3)"),
@@ -71,7 +76,8 @@ def run(
     from bertopt.run import RunConfig, run as run_pipeline
 
     config = RunConfig(model=model, passes=passes, batch=batch, seq=seq, output=output, target=target,
-                       force=force, exporter=exporter, opset=opset, dump_dir=dump_dir,
+                       force=force, exporter=exporter, opset=opset, attention=attention, dtype=dtype, mask=mask,
+                       dump_dir=dump_dir,
                        check_each_pass=check_each_pass, soc=soc, cann=cann, gelu_impl=gelu_impl,
                        require_fusion=require_fusion, atc_args=tuple(atc_arg), device=device,
                        evaluate=evaluate, report=report_format)
@@ -319,6 +325,8 @@ def export(
     exporter: str = typer.Option("legacy", "--exporter", help="legacy (TorchScript) | dynamo"),
     opset: Optional[int] = typer.Option(None, "--opset", help="default 14 (legacy) or 18 (dynamo)"),
     attention: str = typer.Option("eager", "--attention", help="eager | sdpa"),
+    dtype: str = typer.Option("fp32", "--dtype", help=DTYPE_HELP),
+    mask: str = typer.Option("int", "--mask", help=MASK_HELP),
 ) -> None:
     """Export a preset or HF checkpoint folder to ONNX with dynamic batch/seq axes (cached by content)."""
     from bertopt.export import export_onnx, resolve_source
@@ -326,7 +334,8 @@ def export(
     source = resolve_source(model)
     with _progress() as progress:
         progress(f"exporting {model} ({exporter})")
-        result = export_onnx(source, output, exporter=exporter, opset=opset, attention=attention)
+        result = export_onnx(source, output, exporter=exporter, opset=opset, attention=attention, dtype=dtype,
+                             mask=mask)
     origin = "from cache" if result.cached else f"in {result.seconds:.1f} s"
     out.print(f"{result.description}\nwrote {result.path} ({origin})")
 

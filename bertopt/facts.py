@@ -46,6 +46,7 @@ class ModelFacts:
     ir_version: int = 0
     mask_kind: str | None = None  # "binary" or "additive"; None without an attention-mask input
     attention: str = "bidirectional"  # or "causal"
+    dtype: str = "float32"  # what the weights are stored in (the word embeddings'): "float16" after model.half()
 
     def input_for(self, role: str) -> str | None:
         """The graph input that plays `role`, or None when the model has no such input."""
@@ -113,6 +114,7 @@ def detect_facts(graph: gs.Graph) -> ModelFacts:
         ir_version=int(graph.ir_version or 0),
         mask_kind=_mask_kind(mask) if mask is not None else None,
         attention=attention,
+        dtype=np.dtype(word_table.dtype).name,
     )
 
 

@@ -525,7 +525,12 @@ def dtype_tolerances(model: onnx.ModelProto) -> tuple[float, float]:
     """(atol, rtol) for comparing a model with a rewrite of itself: FP16_ATOL/RTOL when its weights are
     fp16 (`model.half()`; the legacy exporter may still run parts in fp32 and return fp32 outputs, but
     the rest computes in fp16), else DEFAULT_ATOL/RTOL (fp32)."""
-    return (FP16_ATOL, FP16_RTOL) if weights_dtype(model) == np.float16 else (DEFAULT_ATOL, DEFAULT_RTOL)
+    return tolerances_for(weights_dtype(model))
+
+
+def tolerances_for(dtype: np.dtype | str | None) -> tuple[float, float]:
+    """(atol, rtol) for a rewrite of a model whose weights are `dtype`: fp16's, else fp32's."""
+    return (FP16_ATOL, FP16_RTOL) if dtype is not None and np.dtype(dtype) == np.float16 else (DEFAULT_ATOL, DEFAULT_RTOL)
 
 
 def weights_dtype(model: onnx.ModelProto) -> np.dtype | None:

@@ -27,7 +27,7 @@ from bertopt.errors import BertoptError
 from bertopt.facts import ModelFacts, check_shape, detect_facts
 from bertopt.files import check_writable_folder, write_json
 from bertopt.graph import is_static, load_graph, save_graph, to_model
-from bertopt.parity import Comparison, parity_check
+from bertopt.parity import Comparison, parity_check, tolerances_for
 from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord
 from bertopt.validate import CandidateReport, validate_candidates
 
@@ -53,11 +53,14 @@ class RunConfig:
     force: bool = False
     exporter: str = "legacy"
     opset: int | None = None
+    attention: str = "eager"  # export options for presets and HF folders (bertopt.export.export_onnx)
+    dtype: str = "fp32"
+    mask: str = "int"
     dump_dir: Path | None = None
     check_each_pass: bool = False
     samples: int = 2
-    atol: float = 1e-4  # the optimized ONNX (fp32); other candidates use their kind's default
-    rtol: float = 1e-4
+    atol: float | None = None  # the optimized ONNX; None: by the model's dtype (fp32 1e-4, fp16 2^-7)
+    rtol: float | None = None
     soc: str | None = None
     cann: str | None = None  # CANN version; None: the installed toolkit's, else the seed's
     gelu_impl: str = "high_performance"  # the Gelu kernel atc is asked for (the seed's)
@@ -213,7 +216,7 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
     candidates = _candidates(config, optimized, output_names, atc, ascend)
     validation = validate_candidates(original, candidates, facts,
                                      batch=config.batch, seq=config.seq, samples=config.samples,
-                                     atol={"onnx": config.atol}, rtol={"onnx": config.rtol})
+                                     **_onnx_tolerances(config, facts))
     warnings = (ascend.warnings() + outcome.warnings(config.require_fusion)) if ascend else []
     report = RunReport(out_dir, original.resolve(), optimized.resolve(), description, facts, records,
                        validation[0].comparison, atc, outcome, validation, warnings=warnings,
@@ -226,6 +229,13 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
 
         write_html_report(report, pictures.pictures, out_dir / REPORT_HTML)
     return report
+
+
+def _onnx_tolerances(config: RunConfig, facts: ModelFacts) -> dict[str, dict[str, float]]:
+    """The optimized ONNX's tolerances: the user's, else the ones its dtype calls for (other kinds keep theirs)."""
+    atol, rtol = tolerances_for(facts.dtype)
+    return {"atol": {"onnx": atol if config.atol is None else config.atol},
+            "rtol": {"onnx": rtol if config.rtol is None else config.rtol}}
 
 
 def _read_what_atc_fused(atc: AtcResult, outcome: AscendOutcome) -> None:
@@ -392,7 +402,8 @@ def _obtain_onnx(config: RunConfig, out_dir: Path, progress: Progress) -> tuple[
         return Path(config.model), f"ONNX file {config.model}"
     source = resolve_source(config.model)
     progress(f"exporting {config.model} ({config.exporter})")
-    result = export_onnx(source, out_dir / "original.onnx", exporter=config.exporter, opset=config.opset)
+    result = export_onnx(source, out_dir / "original.onnx", exporter=config.exporter, opset=config.opset,
+                         attention=config.attention, dtype=config.dtype, mask=config.mask)
     return result.path, result.description
 
 

@@ -44,7 +44,7 @@ from bertopt.errors import BertoptError
 from bertopt.facts import ModelFacts, detect_facts
 from bertopt.graph import load_graph
 from bertopt.parity import (Comparison, InputSpecs, OrtRunner, compare_outputs, graph_only, input_specs_of,
-                            realistic_feeds)
+                            kept_tokens, realistic_feeds)
 
 RESULT_FILE = re.compile(r"^(?P<stem>.+)_(?P<index>\d+)\.npy$")
 DEVICE_FOLDER = re.compile(r"^device(?P<id>\d+)$")
@@ -140,8 +140,9 @@ def _check(candidate: Backend | Skipped, feeds: list[dict], expected: list[dict]
 
 
 def _masks(facts: ModelFacts, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray] | None:
-    name = facts.input_for("attention_mask")
-    return [feed[name] for feed in feeds] if name in feeds[0] else None
+    """Which tokens each feed keeps (an additive mask keeps its zeros), for the answer-span agreement."""
+    kept = [kept_tokens(facts, feed) for feed in feeds]
+    return None if kept[0] is None else kept
 
 
 # --------------------------------------------------------------------------- ais_bench folders

@@ -174,3 +174,13 @@ def test_run_refuses_a_cann_version_flag_or_gelu_kernel_it_cannot_honour(tmp_pat
     result = bertopt("run", "bert-tiny", "--output", str(tmp_path / "o"), *args)
     assert_one_line_error(result, 2, fragment)
     assert not (tmp_path / "o").exists()
+
+
+def test_run_an_fp16_export_is_held_to_fp16_tolerances(tmp_path):
+    out = tmp_path / "o"
+    result = bertopt("run", "bert-tiny", "--dtype", "fp16", "--exporter", "dynamo", "--batch", "2", "--seq", "16",
+                     "--target", "ort", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["facts"]["dtype"] == "float16" and "fp16 weights" in report["model_description"]
+    assert report["validation"][0]["outputs"][0]["atol"] == 2.0 ** -7
