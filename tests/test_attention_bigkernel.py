@@ -19,6 +19,7 @@ from bertopt.graph import load_graph, producer, save_graph, to_model, unique_nam
 from bertopt.pipeline import Instruments, PassManager, PassOptions
 from bertopt.testing import SpecResult, assert_parity, run_spec
 from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
+from user_exports import user_export  # noqa: F401 (a fixture)
 
 GOLDEN = GOLDEN_DIR / "attention-bigkernel"
 PASS = "attention-bigkernel"
@@ -183,6 +184,75 @@ def test_sdpa_export_after_mask_folding(tiny_export):
     assert after.record(PASS).counts["scales_rewritten"] == 2
     assert check_ascend(after.graph).blocks_conforming
     assert_parity(path, after)
+
+
+def pre_scales(graph: gs.Graph) -> list[gs.Node]:
+    """Muls and Divs by a constant that a scores MatMul reads (Q or K scaled before the product)."""
+    scores = [n for n in graph.nodes if n.op == "MatMul" and not any(isinstance(t, gs.Constant) for t in n.inputs)]
+    return [producer(t) for n in scores for t in n.inputs
+            if producer(t) is not None and producer(t).op in ("Mul", "Div")
+            and any(isinstance(i, gs.Constant) for i in producer(t).inputs)]
+
+
+@pytest.mark.golden
+def test_dynamo_sdpa_k_transpose_and_scales(user_export):
+    """torch 2.13's dynamo exporter writes SDPA's K^T as Reshape [b*h, s, hd] -> Transpose(0, 2, 1) ->
+    Reshape [b, h, hd, s] and scales Q and K by sqrt(1/sqrt(hd)) each: the two Transposes of the
+    standard form, one bert Mul after the scores."""
+    path = user_export(variant="dynamo18sdpa")
+    before = frozen(path, "freeze-shapes,fold-attention-mask")
+    assert run_pass(before, PASS).record(PASS).changed
+    after = run_pass(before)
+    assert_graph_matches(before.graph, GOLDEN / "dynamo18sdpa.before.txt")
+    assert_graph_matches(after.graph, GOLDEN / "dynamo18sdpa.after.txt")
+    counts = after.record(PASS).counts
+    assert counts["k_transposes_unbatched"] == counts["scales_rewritten"] == counts["blocks_rewritten"] == 2
+    assert pre_scales(after.graph) == []
+    assert [float(n.inputs[1].values) for n in scale_nodes(after.graph)] == [0.25, 0.25]
+    assert all(scale_named_for_atc(n.name) for n in scale_nodes(after.graph))
+    report = check_ascend(after.graph)
+    assert report.blocks_conforming, report.render()
+    assert_parity(path, after)
+
+
+@pytest.mark.parametrize("variant, concats", [pytest.param("legacy14", 4, marks=pytest.mark.golden),
+                                              ("dynamo18", 0)])
+def test_xlm_query_divided_alone(user_export, variant, concats):
+    """XLM divides Q alone by sqrt(hd) before the scores MatMul ((q / s) k = (q k) / s: one bert Mul after
+    it), multiplies every LayerNorm output by its padding mask [batch, seq, 1] (flattened with the 2-D
+    encoder), and the legacy exporter writes its key/value cache Concat with one input (a copy, dropped)."""
+    path = user_export("xlm", variant)
+    before = frozen(path, "freeze-shapes,fold-attention-mask")
+    assert [n.op for n in pre_scales(before.graph)] == ["Div", "Div"]
+    after = run_pass(before)
+    if variant == "legacy14":
+        assert_graph_matches(after.graph, GOLDEN / "xlm-legacy14.after.txt")
+    counts = after.record(PASS).counts
+    assert counts["scales_rewritten"] == counts["blocks_rewritten"] == 2
+    assert counts["concats_removed"] == concats
+    assert pre_scales(after.graph) == []
+    assert [float(n.inputs[1].values) for n in scale_nodes(after.graph)] == [0.25, 0.25]
+    padding = [n for n in after.graph.nodes if n.op == "Mul" and producer(n.inputs[1]) is not None
+               and producer(n.inputs[1]).op == "Reshape"]
+    assert [n.outputs[0].shape for n in padding] == [[TINY_BATCH * TINY_SEQ, 32]]  # layer 1's input
+    report = check_ascend(after.graph)
+    assert report.blocks_conforming, report.render()
+    assert_parity(path, after)
+
+
+def test_a_token_operand_the_2d_encoder_cannot_flatten_is_named(user_export):
+    """A [1, seq, 1] operand broadcast against the tokens [batch, seq, n] has no 2-D spelling here."""
+    before = frozen(user_export("xlm"), "freeze-shapes,fold-attention-mask")
+    padding = [n for n in before.graph.nodes if n.op == "Mul" and n.inputs[1].shape == [TINY_BATCH, TINY_SEQ, 1]]
+    assert len(padding) == 3  # the embeddings' and each layer's output
+    padding[1].inputs[1] = gs.Constant("ones", np.ones((1, TINY_SEQ, 1), np.float32))
+    after = run_pass(before)
+    record = after.record(PASS)
+    assert any(note == f"the 2-D encoder was not applied: Mul '{padding[1].name}' broadcasts 'ones' [1, {TINY_SEQ}, "
+               "1] against the [batch, seq, n] tokens, which the 2-D encoder would break" for note in record.notes)
+    assert record.counts["reshapes_2d"] == 0 and record.counts["scales_rewritten"] == 2
+    failing = {c.name for block in check_ascend(after.graph).blocks for c in block.checks if c.ok is False}
+    assert failing == {"2d-encoder", "context-reshape"}
 
 
 def test_second_run_reports_no_change(tiny_export):

@@ -270,8 +270,6 @@ def test_dynamo_sdpa_mask_is_folded(user_export):
     assert_parity(path, result)
 
 
-@pytest.mark.xfail(strict=True, reason="attention-bigkernel's block pattern does not know SDPA's K transpose, "
-                   "Reshape [-1, seq, hd] -> Transpose(0, 2, 1) -> Reshape [b, h, hd, seq] (reported to the lead)")
 def test_dynamo_sdpa_conforms(user_export):
     path = user_export(variant="dynamo18sdpa")
     result = default(path)
