@@ -10,10 +10,13 @@ same computation other ways; this pass rewrites, in every decomposed LayerNorm i
   be equal to 2"); `((x - u) * (x - u)).mean(-1)` in a model's own LayerNorm exports this way;
 - a second `Sub(x, mean)` read by the Div is dropped for the one the variance reads ("pow0_input0 and
   div0_input0 are different"); older PyTorch exports wrote the subtraction twice;
+- the Casts torch writes into a float16 LayerNorm (an upcast to double after the Sub, a Cast back after
+  the Div) are dropped and the chain computed in x's type, its constants retyped: no spelling with
+  those Casts fuses (bertopt.ascend.layernorm, "Float16", with the measured effect on the logits);
 - gamma and beta go to input 1 of their Mul and Add, where the pass reads them (`GetInputDesc(1)`).
 
-Each rewrite computes the same values (d * d and d ** 2 round alike in fp32; the two Subs were the
-same subtraction). Afterwards every rewritten LayerNorm is matched against the exact form the ATC
+Each rewrite but the Casts' computes the same values (d * d and d ** 2 round alike in fp32; the two
+Subs were the same subtraction). Afterwards every rewritten LayerNorm is matched against the exact form the ATC
 pass takes (`decomposed_layernorm_pattern`); one that still differs (an epsilon above 0.1, keepdims
 0...) is named in the notes with the reason. LayerNormalization ops are not touched: where the CANN
 version has none, legalize-ascend writes them out in the fused spelling.
@@ -24,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from bertopt.ascend.layernorm import decomposed_layernorm_pattern, layernorm_pattern
+from bertopt.ascend.layernorm import decomposed_layernorm_pattern, in_dtype, layernorm_pattern
 from bertopt.facts import ModelFacts
 from bertopt.graph import make_constant, replace_uses
 from bertopt.pattern import Match
@@ -32,7 +35,7 @@ from bertopt.pipeline import PassOptions, PassResult, register_pass
 
 
 @register_pass("layernorm-for-atc", "rewrite decomposed LayerNorms into the spelling ATC's LayerNorm fusion "
-               "takes (Pow(d, 2) variance, one Sub(x, mean), gamma/beta on input 1)")
+               "takes (Pow(d, 2) variance, one Sub(x, mean), no Casts inside, gamma/beta on input 1)")
 def layernorm_for_atc(graph: gs.Graph, facts: ModelFacts, options: PassOptions) -> PassResult:
     matches = layernorm_pattern().find_all(graph)
     decomposed = [m for m in matches if m.root.op == "Add"]
@@ -40,12 +43,14 @@ def layernorm_for_atc(graph: gs.Graph, facts: ModelFacts, options: PassOptions) 
     if not decomposed:
         return PassResult.no_change(f"no decomposed LayerNorm in the graph ({ops} LayerNormalization op(s), "
                                     "which legalize-ascend writes out where the CANN version needs it)")
-    counts = {"layernorms": len(decomposed), "variances_to_pow": 0, "subs_merged": 0, "operands_reordered": 0}
+    counts = {"layernorms": len(decomposed), "casts_removed": 0, "variances_to_pow": 0, "subs_merged": 0,
+              "operands_reordered": 0}
     for match in decomposed:
+        counts["casts_removed"] += _drop_casts(graph, match)
         counts["variances_to_pow"] += _square_as_pow(graph, match)
         counts["subs_merged"] += _merge_twin_sub(match)
         counts["operands_reordered"] += _affine_constants_second(match)
-    if not any(counts[key] for key in ("variances_to_pow", "subs_merged", "operands_reordered")):
+    if not any(counts[key] for key in ("casts_removed", "variances_to_pow", "subs_merged", "operands_reordered")):
         refused = _not_fusable(graph, decomposed)
         return PassResult.no_change(f"all {len(decomposed)} decomposed LayerNorm(s) already spelled as ATC's "
                                     "LayerNormONNXFusionPass matches (Pow(d, 2), one Sub, gamma/beta on input 1)"
@@ -56,6 +61,23 @@ def layernorm_for_atc(graph: gs.Graph, facts: ModelFacts, options: PassOptions) 
     notes = [f"{fusable} of {len(decomposed)} decomposed LayerNorm(s) now spelled as ATC's LayerNorm fusion "
              "matches", *refused]
     return PassResult(changed=True, counts=counts, notes=notes)
+
+
+def _drop_casts(graph: gs.Graph, match: Match) -> int:
+    """torch's float16 LayerNorm without its Casts: computed in x's type, constants retyped to it."""
+    casts = [node for node in match.nodes if node.op == "Cast"]  # the pattern's upcast and downcast
+    for cast in casts:
+        replace_uses(cast.outputs[0], cast.inputs[0])
+    if not casts:
+        return 0
+    dtype = np.dtype(match["x"].dtype)
+    for name in ("square", "variance", "shifted_variance", "deviation", "normalised"):
+        node = match.node(name)
+        node.outputs[0].dtype = dtype
+        for index, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and tensor.values.dtype.kind == "f" and tensor.values.dtype != dtype:
+                node.inputs[index] = make_constant(graph, tensor.name, in_dtype(tensor.values, dtype))
+    return len(casts)
 
 
 def _square_as_pow(graph: gs.Graph, match: Match) -> int:

@@ -13,11 +13,15 @@ of each op it holds. In order:
    written as exactly that subgraph; every tanh Gelu (ONNX ``Gelu(approximate="tanh")``,
    com.microsoft ``FastGelu``, decomposed tanh forms) as ``Mul(Mul(x, 0.5), Add(Tanh(Mul(Add(x,
    Mul(Pow(x, 3), 0.044715)), 0.7978846)), 1))``. Never erf for tanh or the reverse: the two differ
-   by up to ~1e-3. Subgraphs already in the canonical form are left alone.
+   by up to ~1e-3. Subgraphs already in the canonical form are left alone. The erf Gelu of a float16
+   tensor is written in float32 between two Casts: ATC's pass reads its constants as float32 whatever
+   their type, so a float16 one never matches (`_write_erf_gelu_in_float32` has the source); a tanh
+   Gelu, which ATC does not fuse, keeps the tensor's type.
 2. **LayerNormalization decomposed** where the version has none (5.0-7.0), or where keeping it would
    leave no opset every other op accepts (8.0+: LayerNormalization needs 17, ReduceMean stops at 16):
    written as the ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add chain ATC's
-   LayerNormONNXFusionPass fuses back into its LayerNorm kernel (bertopt.ascend.layernorm).
+   LayerNormONNXFusionPass fuses back into its LayerNorm kernel (bertopt.ascend.layernorm), in the
+   input's type, float32 or float16 (the float16 chain's cost in precision is measured there).
 3. **Operator list.** Any op the version's list lacks (or any op outside the ONNX domain) is a
    BertoptError naming each one and the version: ATC would otherwise fail later, with a worse message.
 4. **Opset.** The highest opset inside the version's range and every op's own range, never above the
@@ -64,6 +68,10 @@ from bertopt.pattern import Const, Op, Pattern, Var
 from bertopt.pipeline import PassOptions, PassResult, register_pass
 
 
+# The largest relative error of rounding to float16 (half its machine epsilon).
+FLOAT16_ROUNDING = 2.0 ** -11
+
+
 @register_pass("legalize-ascend", "lower to the run's CANN version (--cann): Gelu as ATC's erf subgraph (tanh "
                "stays tanh), LayerNormalization decomposed where the version lacks it, the version's opset and "
                "IR version; refuse ops outside its ONNX operator list")
@@ -103,9 +111,11 @@ def canonical_erf_pattern() -> Pattern:
 
 
 def canonical_tanh_pattern() -> Pattern:
+    """The tanh form as `_write_gelu` writes it, its constants as rounded to float16 or float32."""
     x = Var("x")
-    cube = Op("Mul", Op("Pow", x, Const(3.0)), Const(CUBE_COEFF, rtol=1e-6), commute=False)
-    argument = Op("Mul", Op("Add", x, cube, commute=False), Const(SQRT_2_OVER_PI, rtol=1e-6), commute=False)
+    cube = Op("Mul", Op("Pow", x, Const(3.0)), Const(CUBE_COEFF, rtol=FLOAT16_ROUNDING), commute=False)
+    argument = Op("Mul", Op("Add", x, cube, commute=False), Const(SQRT_2_OVER_PI, rtol=FLOAT16_ROUNDING),
+                  commute=False)
     gate = Op("Add", Op("Tanh", argument), Const(1.0), commute=False)
     return Pattern(Op("Mul", Op("Mul", x, Const(0.5), commute=False), gate, commute=False))
 
@@ -145,6 +155,9 @@ def _take_output(node: gs.Node) -> gs.Tensor:
 
 
 def _write_gelu(graph: gs.Graph, x: gs.Tensor, out: gs.Tensor, kind: str) -> None:
+    if kind == ERF and _narrow_float(x):
+        _write_erf_gelu_in_float32(graph, x, out)
+        return
     step = functools.partial(_elementwise, graph, like=x)
     if kind == ERF:
         gate = step("Add", step("Erf", step("Div", x, SQRT2)), 1.0)
@@ -154,6 +167,32 @@ def _write_gelu(graph: gs.Graph, x: gs.Tensor, out: gs.Tensor, kind: str) -> Non
         gate = step("Add", step("Tanh", step("Mul", step("Add", x, cube), SQRT_2_OVER_PI)), 1.0)
         last = ("Mul", step("Mul", x, 0.5), gate)
     _elementwise(graph, *last, like=x, out=out)
+
+
+def _narrow_float(tensor: gs.Tensor) -> bool:
+    return tensor.dtype is not None and np.dtype(tensor.dtype).kind == "f" and np.dtype(tensor.dtype).itemsize < 4
+
+
+def _write_erf_gelu_in_float32(graph: gs.Graph, x: gs.Tensor, out: gs.Tensor) -> None:
+    """The erf Gelu of a float16 x in the one spelling ATC fuses for it: computed in float32 between Casts.
+
+    GeluONNXFusionPass reads each scalar through a float pointer, whatever its type
+    (`gelu_onnx_fusion_pass.cc` at canndev 17c9f69b, GetScalarFromOp line 138: `reinterpret_cast<const
+    float*>`, after line 134 accepts DT_FLOAT16), so a float16 constant's two bytes are read as the low
+    half of a float32 whose high half lies past the constant: not 1.41421 (line 205); nor does float16
+    have a value within the pass's 1e-5 of it (the nearest, 1.4140625, is 1.5e-4 off). Float32
+    constants are read right, and the pattern's input (Input0, lines 90-101) may be any node, here
+    the Cast, so the pass fuses the float32 subgraph into its Gelu. Not checked: which type ATC then
+    computes that Gelu in (the precision mode decides) and whether it merges the two Casts away.
+    On ONNX Runtime the Gelu is computed more exactly than a float16 chain would, then rounded back.
+    """
+    float32 = np.dtype(np.float32)
+    wide = add_node(graph, "Cast", [x], attrs={"to": onnx.TensorProto.FLOAT}, dtype=float32, shape=x.shape)[0]
+    result = gs.Variable(unique_name(graph, "bertopt_gelu_float32"), dtype=float32, shape=x.shape)
+    _write_gelu(graph, wide, result, ERF)
+    to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(x.dtype))
+    graph.nodes.append(gs.Node("Cast", name=unique_name(graph, "bertopt_Cast"), attrs={"to": to},
+                               inputs=[result], outputs=[out]))
 
 
 def _elementwise(graph: gs.Graph, op: str, *operands, like: gs.Tensor,

@@ -11,13 +11,16 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from bertopt.ascend.check import check_ascend
 from bertopt.ascend.layernorm import decomposed_layernorm_pattern, layernorm_pattern
 from bertopt.golden import assert_graph_matches, graph_text
 from bertopt.graph import load_graph, producer, to_model, unique_name
+from bertopt.parity import FP16_ATOL
 from bertopt.passes.canonicalize_layernorm import layernorm_for_atc
 from bertopt.pipeline import Instruments, PassManager, PassOptions
 from bertopt.testing import SpecResult, assert_parity, run_spec
 from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
+from user_exports import user_export  # noqa: F401 (a fixture)
 
 GOLDEN = GOLDEN_DIR / "layernorm-for-atc"
 PASS = "layernorm-for-atc"
@@ -65,15 +68,14 @@ def constants_first(graph: gs.Graph) -> None:
                 node.inputs[0], node.inputs[1] = node.inputs[1], node.inputs[0]
 
 
+NONE = {"casts_removed": 0, "variances_to_pow": 0, "subs_merged": 0, "operands_reordered": 0}
 SPELLINGS = {
-    "mul-variance": ([square_with_mul], {"variances_to_pow": LAYERNORMS, "subs_merged": 0, "operands_reordered": 0}),
-    "duplicated-sub": ([duplicate_sub], {"variances_to_pow": 0, "subs_merged": LAYERNORMS, "operands_reordered": 0}),
+    "mul-variance": ([square_with_mul], {**NONE, "variances_to_pow": LAYERNORMS}),
+    "duplicated-sub": ([duplicate_sub], {**NONE, "subs_merged": LAYERNORMS}),
     "mul-variance-duplicated-sub": ([square_with_mul, duplicate_sub],
-                                    {"variances_to_pow": LAYERNORMS, "subs_merged": LAYERNORMS,
-                                     "operands_reordered": 0}),
+                                    {**NONE, "variances_to_pow": LAYERNORMS, "subs_merged": LAYERNORMS}),
     # invisible in a golden: graph_text lists a commutative op's operands in its own order
-    "constants-first": ([constants_first], {"variances_to_pow": 0, "subs_merged": 0,
-                                            "operands_reordered": 2 * LAYERNORMS}),
+    "constants-first": ([constants_first], {**NONE, "operands_reordered": 2 * LAYERNORMS}),
 }
 
 
@@ -176,3 +178,89 @@ def test_a_difference_it_does_not_rewrite_is_named(tiny_export):
     assert record.notes[0].startswith(f"{LAYERNORMS - 1} of {LAYERNORMS} decomposed LayerNorm(s)")
     assert f"LayerNorm ending at '{first.root.name}' still differs" in record.notes[1]
     assert "a scalar <= 0.1" in record.notes[1]
+
+
+# ----------------------------------------------------------------------------- torch's float16 LayerNorm
+
+def fusing(graph: gs.Graph) -> set[str]:
+    """The fusions check predicts for every block (the tiny model's shapes stop the attention kernels)."""
+    blocks = check_ascend(graph).fusion.blocks
+    return {fusion for fusion in {v.fusion for v in blocks[0].verdicts} if all(b.verdict(fusion).fuses for b in blocks)}
+
+
+@pytest.mark.golden
+def test_fp16_casts_are_dropped(user_export):
+    """torch upcasts a float16 LayerNorm to double inside (Sub -> Cast -> Pow ..., Div(Cast, Sqrt) -> Cast):
+    no spelling ATC fuses has those Casts, so the chain is computed in float16, constants retyped."""
+    path = user_export(dtype="fp16")
+    before = frozen(path)
+    assert_graph_matches(before.graph, GOLDEN / "fp16-legacy14.before.txt")
+    assert [(m.node("upcast").attrs["to"], m.node("downcast").attrs["to"]) for m in decomposed(before.graph)] == [
+        (onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)] * LAYERNORMS
+    assert "layer-norm" not in fusing(run_spec(path, "freeze-shapes", batch=TINY_BATCH, seq=TINY_SEQ).graph)
+    after = run_pass(before.graph.copy(), before)
+    assert_graph_matches(after.graph, GOLDEN / "fp16-legacy14.after.txt")
+    assert after.record(PASS).counts == {"layernorms": LAYERNORMS, **NONE, "casts_removed": 2 * LAYERNORMS}
+    matches = decomposed_layernorm_pattern().find_all(after.graph)
+    assert len(matches) == LAYERNORMS
+    assert {m["two"].values.dtype for m in matches} == {m["epsilon"].values.dtype for m in matches} == {
+        np.dtype(np.float16)}
+    assert not any(n.op == "Cast" and n.attrs["to"] == onnx.TensorProto.DOUBLE for n in after.graph.nodes)
+    assert "layer-norm" in fusing(after.graph)
+    comparison = assert_parity(path, after, samples=3)
+    assert {o.atol for o in comparison.outputs} == {FP16_ATOL}
+
+
+def test_fp16_default_conforms(user_export):
+    """With the Casts gone attention-bigkernel finds the LayerNorm ending the last layer: 2-D encoder."""
+    path = user_export(dtype="fp16")
+    result = run_spec(path, "default", batch=TINY_BATCH, seq=TINY_SEQ)
+    assert result.record(PASS).counts["casts_removed"] == 2 * LAYERNORMS
+    report = check_ascend(result.graph)
+    assert report.blocks_conforming and report.model_conforming, report.render()
+    assert fusing(result.graph) == {"layer-norm", "mul-add", "gelu"}
+    assert_parity(path, result, samples=3)
+
+
+def test_the_layernorm_pattern_sees_through_the_casts(user_export):
+    """attention-bigkernel alone (no layernorm-for-atc first) finds the float16 LayerNorms by their Casts."""
+    result = run_spec(user_export(dtype="fp16"), "freeze-shapes,attention-bigkernel", batch=TINY_BATCH, seq=TINY_SEQ)
+    assert len(decomposed(result.graph)) == LAYERNORMS
+    assert not any("2-D encoder was not applied" in note for note in result.record("attention-bigkernel").notes)
+    assert check_ascend(result.graph).blocks_conforming
+
+
+def test_a_same_type_cast_before_the_pow_is_atcs_case_3(tiny_export):
+    """LayerNormONNXFusionPass case 3: Sub -> Cast -> Pow with the Div reading the Sub (in ONNX a Cast that
+    keeps the type, which layernorm-for-atc drops as it does torch's)."""
+    before = frozen(tiny_export("legacy14"))
+    graph = before.graph.copy()
+    for match in decomposed(graph):
+        square, centred = match.node("square"), match.node("centred").outputs[0]
+        same = gs.Variable(unique_name(graph, "same"), dtype=np.float32)
+        graph.nodes.append(gs.Node("Cast", unique_name(graph, "Cast"), attrs={"to": onnx.TensorProto.FLOAT},
+                                   inputs=[centred], outputs=[same]))
+        square.inputs[0] = same
+    graph.toposort()
+    assert len(decomposed_layernorm_pattern().find_all(graph)) == LAYERNORMS
+    after = run_pass(graph, before)
+    assert after.record(PASS).counts["casts_removed"] == LAYERNORMS
+    assert graph_text(after.graph) == graph_text(before.graph)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("variant", ["legacy14", "legacy17"])
+def test_fp16_layernorm_in_float16_on_a_deeper_model(tmp_path, variant):
+    """The measurement in bertopt.ascend.layernorm's docstring: `default` on a 4-layer hidden-256 float16
+    BERT, torch's Casts dropped (legacy 14) or LayerNormalization decomposed in float16 (legacy 17)."""
+    from bertopt.export import export_onnx, resolve_source
+    from user_exports import EXPORT_VARIANTS
+
+    exporter, opset, attention = EXPORT_VARIANTS[variant]
+    source = resolve_source("bert-base", config_overrides=dict(num_hidden_layers=4, hidden_size=256,
+                                                                num_attention_heads=4, intermediate_size=1024))
+    path = export_onnx(source, tmp_path / "m.onnx", exporter=exporter, opset=opset, dtype="fp16").path
+    result = run_spec(path, "default", batch=2, seq=128)
+    assert len(decomposed_layernorm_pattern().find_all(result.graph)) == 9
+    comparison = assert_parity(path, result, samples=4)
+    assert max(o.max_abs for o in comparison.outputs) < FP16_ATOL / 4

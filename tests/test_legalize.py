@@ -6,6 +6,7 @@ import math
 from collections import Counter
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
@@ -15,13 +16,17 @@ from bertopt.golden import assert_graph_matches, graph_text
 from bertopt.graph import to_model, verify
 from bertopt.passes.fuse_gelu import SQRT_2_OVER_PI, gelu_kind
 from bertopt.ascend.cann import cann_target
+from bertopt.ascend.check import check_ascend
+from bertopt.ascend.gates import atc_gelu_pattern, fusion_gates
 from bertopt.ascend.layernorm import decomposed_layernorm_pattern
 from bertopt.ascend.legality import check_model_level
 from bertopt.passes.legalize_ascend import (canonical_erf_pattern, canonical_tanh_pattern,
                                             legalize_ascend)
+from bertopt.parity import FP16_ATOL
 from bertopt.pipeline import PassOptions, PassResult
 from bertopt.testing import assert_parity, run_spec
 from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
+from user_exports import user_export  # noqa: F401 (a fixture)
 
 ASCEND = "freeze-shapes,fuse-gelu,legalize-ascend"
 FULL_ASCEND = "freeze-shapes,fold-attention-mask,fuse-gelu,attention-bigkernel,legalize-ascend"
@@ -131,6 +136,86 @@ def test_without_fuse_gelu_the_same_canonical_graph(tiny_export):
     assert graph_text(direct.graph) == graph_text(via_fusion.graph)
     assert direct.record("legalize-ascend").counts["gelu_erf_written"] == 2
     assert_parity(path, direct)
+
+
+# --- float16 models ----------------------------------------------------------------------------------
+
+FLOAT16 = np.dtype(np.float16)
+
+
+@pytest.mark.parametrize("variant", ["legacy17", "dynamo18", "dynamo18sdpa"])
+def test_fp16_layernormalization_decomposed_in_float16(user_export, variant):
+    """CANN 6.0 has no LayerNormalization: the float16 op is written out in float16, constants typed like
+    its input (ATC's Pow and Add take one type), within the float16 tolerance of the original."""
+    path = user_export(variant=variant, dtype="fp16")
+    result = run_spec(path, "freeze-shapes,fold-attention-mask,legalize-ascend", batch=TINY_BATCH, seq=TINY_SEQ,
+                      cann=CANN6)  # SDPA's NaN guards (IsNaN, not in CANN 6.0's list) go with the mask
+    assert result.record("legalize-ascend").counts["layernorm_decomposed"] == 5
+    matches = decomposed_layernorm_pattern().find_all(result.graph)
+    assert len(matches) == 5
+    assert {m["x"].dtype for m in matches} == {m["two"].values.dtype for m in matches} == {FLOAT16}
+    assert {float(m["epsilon"].values) for m in matches} == {float(np.finfo(FLOAT16).smallest_subnormal)}
+    assert_legal(result.graph, CANN6)
+    comparison = assert_parity(path, result, samples=3)
+    assert {o.atol for o in comparison.outputs} == {FP16_ATOL}
+
+
+def float32_gelus(graph: gs.Graph) -> list:
+    """The canonical erf Gelus, each computing in float32 between a Cast from and a Cast back to float16."""
+    found = []
+    for match in canonical_erf_pattern().find_all(graph):
+        cast_in, cast_out = match["x"].inputs[0], match.root.outputs[0].outputs[0]
+        assert (cast_in.op, cast_out.op) == ("Cast", "Cast")
+        assert (cast_in.inputs[0].dtype, match["x"].dtype, cast_out.outputs[0].dtype) == (
+            FLOAT16, np.float32, FLOAT16)
+        found.append(match)
+    return found
+
+
+@pytest.mark.parametrize("variant", ["legacy14", "dynamo18"])
+def test_fp16_erf_gelu_is_written_in_float32_between_casts(user_export, variant):
+    """GeluONNXFusionPass reads every scalar through a float pointer: a float16 1.41421 is never seen (and
+    float16 has no value within its 1e-5). The Gelu of a float16 model is written in float32 between
+    Casts, the spelling whose constants it reads: predicted to fuse, closer to exact than float16."""
+    path = user_export(variant=variant, dtype="fp16")
+    fp16_divisor = run_spec(path, "freeze-shapes", batch=TINY_BATCH, seq=TINY_SEQ)
+    assert not any(atc_gelu_pattern(fusion_gates(CANN6)).match(n, fp16_divisor.graph)
+                   for n in fp16_divisor.graph.nodes if n.op == "Mul")
+    result = run_spec(path, ASCEND, batch=TINY_BATCH, seq=TINY_SEQ, cann=CANN6)
+    assert result.record("legalize-ascend").counts["gelu_erf_written"] == 2
+    assert len(float32_gelus(result.graph)) == 2
+    assert not any(n.op == "Div" and isinstance(n.inputs[1], gs.Constant) and n.inputs[1].dtype == FLOAT16
+                   for n in result.graph.nodes)
+    assert_legal(result.graph, CANN6)
+    assert_parity(path, result, samples=3)
+    again = run_spec(path, ASCEND + ",fuse-gelu,legalize-ascend", batch=TINY_BATCH, seq=TINY_SEQ, cann=CANN6)
+    assert graph_text(again.graph) == graph_text(result.graph)  # the inner Gelu is float32: no new Casts
+
+
+@pytest.mark.parametrize("variant", ["legacy14", "legacy17", "dynamo18", "dynamo18sdpa"])
+def test_fp16_default_conforms_and_its_gelu_and_layernorm_fuse(user_export, variant):
+    path = user_export(variant=variant, dtype="fp16")
+    result = run_spec(path, "default", batch=TINY_BATCH, seq=TINY_SEQ)
+    report = check_ascend(result.graph)
+    assert report.blocks_conforming and report.model_conforming, report.render()
+    for block in report.fusion.blocks:  # the tiny shapes stop the attention kernels, not the form
+        assert [block.verdict(f).verdict for f in ("layer-norm", "mul-add", "gelu")] == ["fuses"] * 3, report.render()
+    assert len(float32_gelus(result.graph)) == 2
+    assert not [t for t in result.graph.tensors().values() if t.dtype == np.float64]
+    assert_parity(path, result, samples=3)
+
+
+def test_tanh_gelu_of_float16_stays_float16():
+    """ATC fuses no tanh Gelu (GeluONNXFusionPass matches the erf form only): written in the input's type."""
+    x = gs.Variable("x", dtype=np.float16, shape=[2, 8])
+    y = gs.Variable("y", dtype=np.float16, shape=[2, 8])
+    graph = gs.Graph(nodes=[gs.Node("FastGelu", "gelu", domain="com.microsoft", inputs=[x], outputs=[y])],
+                     inputs=[x], outputs=[y], opset=13)
+    graph.import_domains = [onnx.helper.make_opsetid("", 13), onnx.helper.make_opsetid("com.microsoft", 1)]
+    legalize_ascend(graph, None, PassOptions(cann=CANN6))
+    assert len(canonical_tanh_pattern().find_all(graph)) == 1
+    assert {n.op for n in graph.nodes} == {"Mul", "Pow", "Add", "Tanh"}
+    assert {t.values.dtype for t in graph.tensors().values() if isinstance(t, gs.Constant)} == {FLOAT16}
 
 
 def test_second_run_is_no_change(tiny_export):

@@ -21,7 +21,31 @@ Exporters also write spellings of the same LayerNorm that this pass does not mat
 - `Sub(x, mean)` twice, one for the variance and one for the Div: "duplicated sub nodes exported from
   older version of PyTorch" (ONNX Runtime's LayerNormFusion, repo `microsoft/onnxruntime`,
   `onnxruntime/core/optimizer/layer_norm_fusion.cc`, which fuses both); the ATC pass wants the Pow and
-  the Div to read one Sub (`CheckEdges`: "pow0_input0 and div0_input0 are different").
+  the Div to read one Sub (`CheckEdges`: "pow0_input0 and div0_input0 are different");
+- torch's float16 LayerNorm: the legacy exporter (opsets below 17) writes a `model.half()` LayerNorm as
+  `Sub -> Cast(to=DOUBLE) -> Pow -> ReduceMean -> Add(eps) -> Sqrt`, `Div(Cast, Sqrt) -> Cast(to=FLOAT16)
+  -> Mul(gamma) -> Add(beta)`, measured on its tiny fp16 export (torch 2.13).
+
+Float16: what ATC fuses, and what bertopt writes. LayerNormONNXFusionPass (commit ce519dc5, the one
+bertopt/data/fusion_gates.json cites) has a Cast in cases 3 and 4 only between the Sub and the Pow
+(lines 145-190), with the Div still reading the Sub (`CheckEdges`, lines 406-426) and the Mul reading
+the Div directly. torch's spelling (the Div reads the upcast, a second Cast between the Div and the
+Mul) matches none of its six cases, and in a valid ONNX graph case 3 is no upcast at all: Div(Sub,
+Sqrt) takes one type, so its Cast must keep the Sub's. An upcast LayerNorm therefore has no spelling
+ATC fuses; the float16 case-1 chain has one: since canndev 9f3f119c (2022-05-25) the pass reads float16
+scalars as float16 (`GetScalarFromOp`, lines 476-481, `fp16_t::toFloat`); before it, through a float
+pointer, as GeluONNXFusionPass still does (see legalize-ascend), so an older CANN would misread them
+(which CANN releases carry that commit is not known). So `layernorm-for-atc` drops torch's Casts and
+legalize-ascend decomposes a float16 LayerNormalization in float16, constants typed like x. The
+variance is then computed in float16 on ONNX Runtime (ATC's LayerNorm kernel computes its own way),
+and an epsilon below float16's range becomes its smallest subnormal, about 6e-8 (BERT's 1e-12 would round
+to 0, and a zero variance would then divide by zero). Measured against the original float16
+export on ONNX Runtime (`default`, batch 2, seq 128, 4 realistic samples): a 4-layer hidden-256 BERT
+moves the logits by at most 2.4e-4 (legacy 14, Casts dropped), 7.3e-4 (legacy 17, LayerNormalization
+decomposed); bert-base's architecture by 9.8e-4 and 2.0e-3, against 9.8e-4 and 2.0e-3 for the same
+pipeline without the LayerNorm rewrites: inside the float16 tolerance (bertopt.parity.FP16_ATOL,
+7.8e-3). A square of a centred value above 256 overflows float16 in this chain (torch upcast to avoid
+that); an activation that large would already be inf in the float16 emulation of a float32 export.
 """
 
 from __future__ import annotations
@@ -37,6 +61,8 @@ from bertopt.pattern import Const, OneOf, Op, Pattern, Var, _
 AXES_AS_INPUT_SINCE = 18
 # LayerNormONNXFusionPass::CheckValue: "the epsilon of Add0 ... should be close to 0".
 MAX_FUSED_EPSILON = 0.1
+# The constant types LayerNormONNXFusionPass::GetScalarFromOp reads (DT_FLOAT, DT_FLOAT16).
+FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 def write_decomposed_layernorm(graph: gs.Graph, x: gs.Tensor, scale: gs.Tensor, bias: gs.Tensor | None,
@@ -44,24 +70,28 @@ def write_decomposed_layernorm(graph: gs.Graph, x: gs.Tensor, scale: gs.Tensor, 
     """Compute LayerNormalization(x, scale, bias) into `out` in the spelling ATC fuses.
 
     Written at the graph's opset (ReduceMean axes as an attribute before 18, as an input from 18).
-    A missing bias becomes a zero constant, since the fusion needs the Mul and the Add both. Only
-    float32 inputs: ONNX LayerNormalization computes in float32 anyway (stash_type 1), so the
-    decomposition then computes exactly what the op did, up to rounding.
+    A missing bias becomes a zero constant, since the fusion needs the Mul and the Add both. Float32
+    and float16 inputs (the two the pass reads its scalars in, `GetScalarFromOp`), the constants
+    typed like x: ATC's Pow and Add take two inputs of one type (canndev
+    `ops/built-in/op_proto/elewise_calculation_ops.cc`, PowVerify and AddVerify: CheckTwoInputDtypeSame).
+    In float32 this computes what the op did up to rounding. In float16 it does not: ONNX
+    LayerNormalization computes in float32 (stash_type 1) and this chain in float16, its epsilon
+    rounded too (`in_dtype`); the module docstring says why and what that costs.
     """
     dtype = np.dtype(x.dtype) if x.dtype is not None else None
-    if dtype != np.float32:
+    if dtype not in FUSED_DTYPES:
         raise BertoptError(f"LayerNormalization on {dtype} input '{x.name}': bertopt writes the decomposed "
-                           "form for float32 only")
+                           "form for float32 and float16 only, the types ATC's LayerNorm fusion reads")
     axes = _normalised_axes(x, axis)
     if bias is None:
-        bias = make_constant(graph, "bertopt_ln_zero_bias", np.zeros(scale.shape, np.float32))
+        bias = make_constant(graph, "bertopt_ln_zero_bias", np.zeros(scale.shape, dtype))
     like = {"dtype": x.dtype, "shape": x.shape}
     mean = _reduce_mean(graph, x, axes)
     centred = add_node(graph, "Sub", [x, mean], **like)[0]
-    two = make_constant(graph, "bertopt_ln_two", np.array(2.0, np.float32))
+    two = make_constant(graph, "bertopt_ln_two", np.array(2.0, dtype))
     squared = add_node(graph, "Pow", [centred, two], **like)[0]
     variance = _reduce_mean(graph, squared, axes)
-    eps = make_constant(graph, "bertopt_ln_epsilon", np.array(epsilon, np.float32))
+    eps = make_constant(graph, "bertopt_ln_epsilon", in_dtype(np.array(epsilon), dtype))
     shifted = add_node(graph, "Add", [variance, eps], dtype=x.dtype)[0]
     deviation = add_node(graph, "Sqrt", [shifted], dtype=x.dtype)[0]
     normalised = add_node(graph, "Div", [centred, deviation], **like)[0]
@@ -70,15 +100,25 @@ def write_decomposed_layernorm(graph: gs.Graph, x: gs.Tensor, scale: gs.Tensor, 
                                outputs=[out]))
 
 
+def in_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`values` as `dtype`, a non-zero one that would round to 0 kept as the smallest non-zero of its sign:
+    an epsilon stays a guard against dividing by a zero variance (BERT's 1e-12 is 0 in float16)."""
+    cast = np.asarray(values).astype(dtype)
+    lost = (cast == 0) & (np.asarray(values) != 0)
+    return np.where(lost, np.copysign(np.finfo(dtype).smallest_subnormal, values), cast).astype(dtype)
+
+
 def decomposed_layernorm_pattern() -> Pattern:
-    """The decomposed LayerNorm exactly as LayerNormONNXFusionPass matches it (case 1, with affine).
+    """The decomposed LayerNorm exactly as LayerNormONNXFusionPass matches it (cases 1 and 3, with affine).
 
     Bound names: x, two, epsilon, scale, bias; nodes `mean` and `centred` (the one shared Sub).
     """
     x = Var("x")
     mean = Op("ReduceMean", x, name="mean", where=_keeps_dims, partial_inputs=True)
     centred = Op("Sub", x, mean, name="centred")
-    squared = Op("Pow", centred, Const(2.0, name="two", where=_is_scalar))
+    # case 3: a Cast before the Pow, the Div still reading the Sub (so, in ONNX, a Cast to the same type)
+    powered = OneOf(centred, Op("Cast", centred, where=(_keeps_type, "a Cast to its input's type")))
+    squared = Op("Pow", powered, Const(2.0, name="two", where=_is_scalar))
     variance = Op("ReduceMean", squared, where=_keeps_dims, partial_inputs=True)
     eps = Const(name="epsilon", where=(_small_scalar, f"a scalar <= {MAX_FUSED_EPSILON}"))
     normalised = Op("Div", centred, Op("Sqrt", Op("Add", variance, eps)))
@@ -89,7 +129,8 @@ def decomposed_layernorm_pattern() -> Pattern:
 def layernorm_pattern() -> Pattern:
     """Any LayerNorm, bound to its input x: a LayerNormalization op (node `layernorm`), or the decomposed
     form in any spelling above (nodes `mean`, `centred` read by the variance, `square` (`Pow(d, 2)` or
-    `Mul(d, d)`), `centred_twin` when the Div reads a second Sub, `normalised`, `scaled`, `shifted`).
+    `Mul(d, d)`), `centred_twin` when the Div reads a second Sub, `upcast`/`downcast` for torch's
+    float16 Casts, `variance`, `shifted_variance`, `deviation`, `normalised`, `scaled`, `shifted`).
 
     Operands of the Mul by gamma and the Add of beta may come in either order. Of the constants only
     the Pow exponent is read: gamma and beta may stay lazily loaded.
@@ -97,11 +138,13 @@ def layernorm_pattern() -> Pattern:
     x = Var("x")
     mean = Op("ReduceMean", x, name="mean", partial_inputs=True)
     centred = Op("Sub", x, mean, name="centred")
-    square = OneOf(Op("Pow", centred, Const(2.0), name="square"), Op("Mul", centred, centred, name="square"))
-    variance = Op("ReduceMean", square, partial_inputs=True)
-    numerator = OneOf(centred, Op("Sub", x, mean, name="centred_twin"))
-    normalised = Op("Div", numerator, Op("Sqrt", Op("Add", variance, Const())), name="normalised")
-    scaled = Op("Mul", normalised, Const(), name="scaled")
+    wide = OneOf(Op("Cast", centred, name="upcast"), centred)
+    square = OneOf(Op("Pow", wide, Const(2.0), name="square"), Op("Mul", wide, wide, name="square"))
+    variance = Op("ReduceMean", square, partial_inputs=True, name="variance")
+    numerator = OneOf(wide, centred, Op("Sub", x, mean, name="centred_twin"))
+    deviation = Op("Sqrt", Op("Add", variance, Const(), name="shifted_variance"), name="deviation")
+    normalised = Op("Div", numerator, deviation, name="normalised")
+    scaled = Op("Mul", OneOf(Op("Cast", normalised, name="downcast"), normalised), Const(), name="scaled")
     decomposed = Op("Add", scaled, Const(), name="shifted")
     op = Op("LayerNormalization", x, _, partial_inputs=True, outputs=None, name="layernorm")
     return Pattern(OneOf(op, decomposed))
@@ -121,6 +164,10 @@ def _reduce_mean(graph: gs.Graph, data: gs.Tensor, axes: list[int]) -> gs.Tensor
         axes_input = make_constant(graph, "bertopt_ln_axes", np.array(axes, np.int64))
         return add_node(graph, "ReduceMean", [data, axes_input], attrs={"keepdims": 1}, dtype=data.dtype)[0]
     return add_node(graph, "ReduceMean", [data], attrs={"axes": axes, "keepdims": 1}, dtype=data.dtype)[0]
+
+
+def _keeps_type(node: gs.Node) -> bool:
+    return node.inputs[0].dtype is not None and node.inputs[0].dtype == node.outputs[0].dtype
 
 
 def _keeps_dims(node: gs.Node) -> bool:
