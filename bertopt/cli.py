@@ -182,7 +182,7 @@ def check(
     """
     import json
 
-    from bertopt.conformance import check_ascend
+    from bertopt.ascend.check import check_ascend
 
     if target != "ascend":
         raise BertoptError(f"--target {target!r}: only ascend has a conformance check")

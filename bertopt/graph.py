@@ -30,6 +30,7 @@ G_LOGGER.severity = G_LOGGER.ERROR
 
 # protobuf cannot serialise a message over 2 GiB; stay well below it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+FP16_MAX = float(np.finfo(np.float16).max)
 
 ModelSource = str | os.PathLike | onnx.ModelProto
 
@@ -265,6 +266,20 @@ _PLAIN_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.
                           onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
                           onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
                           onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}) if sys.byteorder == "little" else frozenset()
+
+
+def exceeds_fp16(values: np.ndarray) -> bool:
+    """Whether an element lies beyond fp16's range (inf included, NaN not).
+
+    From the minimum and maximum, which make no temporary arrays: bert-large's 1.3 GB of weights
+    are scanned in a fraction of the time `abs(values[~isnan(values)])` took.
+    """
+    if values.size == 0:
+        return False
+    low, high = values.min(), values.max()
+    if np.isnan(low) or np.isnan(high):  # rare: NaN propagates through min/max, so drop them first
+        return exceeds_fp16(values[~np.isnan(values)])
+    return max(-float(low), float(high)) > FP16_MAX
 
 
 def constant_bytes(tensor: gs.Constant) -> bytes | memoryview:

@@ -29,7 +29,7 @@ from bertopt.render import render_diff, representative_regions
 from bertopt.files import write_text
 
 if TYPE_CHECKING:
-    from bertopt.backends.ascend import AtcResult
+    from bertopt.ascend.atc import AtcResult
     from bertopt.pipeline import PassRecord
     from bertopt.run import RunReport
     from bertopt.validate import CandidateReport

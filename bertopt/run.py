@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Callable
 import onnx_graphsurgeon as gs
 
 from bertopt.backends import Backend, Skipped
-from bertopt.backends.ascend import AtcOptions, AtcResult, compile_om, detect_soc, om_backend
+from bertopt.ascend.atc import AtcOptions, AtcResult, compile_om
+from bertopt.ascend.npu import om_backend
+from bertopt.ascend.soc import detect_soc
 from bertopt.backends.emulation import EmulationBackend
 from bertopt.backends.ort import ort_backends
 from bertopt.errors import BertoptError

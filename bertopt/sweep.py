@@ -245,7 +245,7 @@ def export_and_measure(name: str, path: Path) -> PreparedSize:
 
 
 def make_shapes(config: SweepConfig, prepared: dict[str, PreparedSize]) -> list[Shape]:
-    from bertopt.backends.ascend import detect_soc
+    from bertopt.ascend.soc import detect_soc
 
     soc, soc_source = detect_soc(config.soc)
     return [Shape(size, seq, batch, info.original, config.output / size / f"seq{seq}_bs{batch}",
@@ -468,9 +468,9 @@ class _Clock:
 
 
 def _evaluate(shape: Shape) -> dict:
-    from bertopt.backends.ascend import AtcOptions, compile_om
+    from bertopt.ascend.atc import AtcOptions, compile_om
     from bertopt.backends.ort import OrtBackend
-    from bertopt.conformance import check_ascend
+    from bertopt.ascend.check import check_ascend
     from bertopt.pipeline import Instruments, PassManager, PassOptions
     from bertopt.run import OM_PREFIX, OPTIMIZED_NAME, optimize_file
     from bertopt.validate import validate_candidates

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bertopt.backends import DEFAULT_TOLERANCE, Backend, Skipped
-from bertopt.backends.ascend import om_backend
+from bertopt.ascend.npu import om_backend
 from bertopt.backends.emulation import EmulationBackend
 from bertopt.backends.ort import OrtBackend
 from bertopt.errors import BertoptError

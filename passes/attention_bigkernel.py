@@ -1,7 +1,7 @@
 """attention-bigkernel: rewrite every attention block into the form ATC fuses into its big kernels.
 
 ATC fuses BERT attention into AttentionLnQKV and AttentionScore only when the graph has one
-standard form (the facts note, section 4; `bertopt.conformance` checks it on any model). This pass
+standard form (the facts note, section 4; `bertopt.ascend.check` checks it on any model). This pass
 replaces the seed's `fix_onnx.py` (auto-optimizer's big-kernel knowledge) for any hidden size,
 head count and exporter, reading hidden/heads/head_dim from ModelFacts:
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from bertopt.conformance import (CONTEXT_SEARCH_DEPTH, HEAD_PERM, KEY_PERM, SCALE_NAME_PREFIX, BlockReport,
+from bertopt.ascend.form import (CONTEXT_SEARCH_DEPTH, HEAD_PERM, KEY_PERM, SCALE_NAME_PREFIX, BlockReport,
                                  attention_softmaxes, block_input, check_blocks, context_reshape, heads,
                                  is_token_flattening, projection, transpose)
 from bertopt.facts import ModelFacts

@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from bertopt.conformance import (ATC_MAX_IR_VERSION, ATC_MAX_OPSET, ONNX_DOMAINS, fp16_unsafe_constants,
+from bertopt.ascend.legality import (ATC_MAX_IR_VERSION, ATC_MAX_OPSET, ONNX_DOMAINS, fp16_unsafe_constants,
                                  unsupported_ops)
 from bertopt.errors import BertoptError
 from bertopt.facts import ModelFacts

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bertopt.backends import ascend
-from bertopt.backends.ascend import AtcOptions, compile_om, detect_soc, parse_npu_smi
+from bertopt.ascend import atc as ascend
+from bertopt.ascend.atc import AtcOptions, compile_om
+from bertopt.ascend.soc import detect_soc, parse_npu_smi
 from bertopt.errors import BertoptError
 
 SEED_ARGV = ["atc", "--model", "onnx/bert_base_seq384_bs1_fix.onnx", "--output", "om/bert_base_seq384_bs1",

@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 import onnxsim
 import pytest
 
-from bertopt.conformance import check_ascend
+from bertopt.ascend.check import check_ascend
 from bertopt.errors import BertoptError
 from bertopt.golden import assert_graph_matches, graph_text
 from bertopt.graph import load_graph, save_graph, to_model

@@ -1,10 +1,10 @@
 """The `default` pipelines end to end: ATC conformance, parity, and what the output may not contain."""
 
-import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
-from bertopt.conformance import check_ascend, fp16_unsafe_constants
+from bertopt.ascend.check import check_ascend
+from bertopt.ascend.legality import fp16_unsafe_constants
 from bertopt.errors import BertoptError
 from bertopt.testing import assert_parity, run_spec
 from conftest import TINY_BATCH, TINY_SEQ

@@ -265,4 +265,4 @@ def test_golden_mismatch_starts_with_the_structural_summary(tiny_export, tmp_pat
     summary = f"layer 1 attention:\n  {old_op}(0.25) -> {new_op}(4.0)"
     assert summary in message
     assert message.index(summary) < message.index(f"--- {golden}")  # the unified diff is still there, below
-    assert f"+%" in message and f"{new_op}(" in message.split(f"--- {golden}")[1]
+    assert "+%" in message and f"{new_op}(" in message.split(f"--- {golden}")[1]

@@ -14,7 +14,7 @@ from bertopt.errors import BertoptError
 from bertopt.golden import assert_graph_matches, graph_text
 from bertopt.graph import to_model, verify
 from bertopt.passes.fuse_gelu import SQRT_2_OVER_PI, gelu_kind
-from bertopt.conformance import atc_operator_list
+from bertopt.ascend.legality import atc_operator_list
 from bertopt.passes.legalize_ascend import (canonical_erf_pattern, canonical_tanh_pattern,
                                             legalize_ascend)
 from bertopt.pipeline import PassOptions

@@ -39,7 +39,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from bertopt.backends.ort import OrtBackend
-from bertopt.conformance import FP16_MAX, exceeds_fp16
+from bertopt.graph import FP16_MAX, exceeds_fp16
 from bertopt.graph import (ModelSource, add_node, constant_value, infer_shapes, load_graph, make_constant,
                            peek_values, replace_uses, save_model, to_model)
 

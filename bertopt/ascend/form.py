@@ -1,17 +1,8 @@
-"""`bertopt check --target ascend`: is an ONNX model in the form ATC compiles well?
+"""The attention form ATC's big kernels match, and the six conditions it checks per block.
 
-ATC (Huawei's Ascend Tensor Compiler) fuses BERT attention into its AttentionLnQKV and
-AttentionScore kernels only when every block has one standard form (the facts note, section 4),
-and it parses only ONNX 1.12-era models. `check_ascend` inspects ANY ONNX file, not only
-bertopt's output, and reports two things, separately visible:
-
-- per attention block (found by its Softmax), each of the six conditions of the standard form,
-  with a one-line reason when it fails (CONDITIONS below);
-- model-level problems: default-domain opset > 17, IR version > 8, operators missing from ATC's
-  ONNX operator list (bertopt/data/atc_onnx_ops.txt), `Shape` ops,
-  dynamic input shapes, float constants outside the fp16 range (310P compiles to fp16).
-
-The standard form, per block, with x the LayerNorm output [batch*seq, hidden]::
+ATC fuses BERT attention into its AttentionLnQKV and AttentionScore kernels only when every block
+has one standard form (facts notes: ascend-facts.md sections 5-6, graph-facts.md section 4). With x
+the LayerNorm output [batch*seq, hidden]::
 
     q = Transpose(Reshape(Add(MatMul(x, Wq), bq), [b, s, heads, hd]), perm=[0, 2, 1, 3])
     k = Transpose(Transpose(Reshape(Add(MatMul(x, Wk), bk), ...), perm=[0, 2, 1, 3]), perm=[0, 1, 3, 2])
@@ -21,26 +12,20 @@ The standard form, per block, with x the LayerNorm output [batch*seq, hidden]::
 
 and x feeds exactly the three projections and the residual Add. The pattern helpers here
 (`projection`, `heads`) are shared with the attention-bigkernel pass, which rewrites to this form.
+Whether the kernels then take the block's shapes is a separate question (bertopt.ascend.gates).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from bertopt.errors import BertoptError
-from bertopt.facts import ModelFacts, detect_facts
-from bertopt.graph import ModelSource, constant_value, infer_shapes, load_graph, load_model, peek_values
+from bertopt.facts import ModelFacts
 from bertopt.pattern import Const, Op, Pat, Pattern, Var, _
 
-# name -> what the standard form asks (the facts note, section 4, points 1-6).
 CONDITIONS = {
     "2d-encoder": "the LayerNorm output feeding Q/K/V is 2-D [batch*seq, hidden], read directly",
     "ln-consumers": "that LayerNorm output has exactly 4 consumers: Q, K, V MatMul and the residual Add",
@@ -49,10 +34,6 @@ CONDITIONS = {
     "mask-shape": "the mask added to the scores has the full shape [batch, 1, seq, seq]",
     "context-reshape": "Softmax -> MatMul -> Transpose(0,2,1,3) -> Reshape to [-1, hidden]",
 }
-ATC_MAX_OPSET = 17
-ATC_MAX_IR_VERSION = 8
-FP16_MAX = float(np.finfo(np.float16).max)
-ONNX_DOMAINS = ("", "ai.onnx", None)
 SCALE_NAME_PREFIX = "bert_"
 HEAD_PERM = [0, 2, 1, 3]
 KEY_PERM = [0, 1, 3, 2]
@@ -83,85 +64,6 @@ class BlockReport:
 
     def failing(self) -> list[str]:
         return [check.name for check in self.checks if check.ok is False]
-
-
-@dataclass
-class ConformanceReport:
-    model: str
-    target: str
-    facts: dict
-    blocks: list[BlockReport]
-    model_checks: list[Check]
-
-    @property
-    def blocks_conforming(self) -> bool:
-        """Every attention block is in the standard form ATC fuses."""
-        return bool(self.blocks) and all(block.conforming for block in self.blocks)
-
-    @property
-    def model_conforming(self) -> bool:
-        """No model-level problem (a skipped check is not a problem)."""
-        return all(check.ok is not False for check in self.model_checks)
-
-    @property
-    def conforming(self) -> bool:
-        return self.blocks_conforming and self.model_conforming
-
-    def failing_conditions(self) -> set[str]:
-        """Names of the block conditions that fail in at least one block."""
-        return {name for block in self.blocks for name in block.failing()}
-
-    def to_dict(self) -> dict:
-        return {"model": self.model, "target": self.target, "conforming": self.conforming,
-                "blocks_conforming": self.blocks_conforming, "model_conforming": self.model_conforming,
-                "facts": self.facts,
-                "blocks": [{**asdict(block), "conforming": block.conforming} for block in self.blocks],
-                "model_checks": [asdict(check) for check in self.model_checks]}
-
-    def render(self) -> str:
-        """A readable table: layer, condition, ok/fail, reason; then the model-level checks."""
-        verdict = "conforming" if self.conforming else "NOT conforming"
-        good = sum(block.conforming for block in self.blocks)
-        lines = [f"{self.model}: {verdict} for {self.target}",
-                 f"attention blocks: {good} of {len(self.blocks)} in the standard form ATC fuses"]
-        width = max(len(name) for name in CONDITIONS)
-        for block in self.blocks:
-            for check in block.checks:
-                lines.append(f"  layer {block.layer:<3} {check.name:<{width}}  {_status(check):<4}  "
-                             f"{check.reason}")
-        lines.append("model checks:")
-        width = max(len(check.name) for check in self.model_checks)
-        lines += [f"  {check.name:<{width}}  {_status(check):<4}  {check.reason}"
-                  for check in self.model_checks]
-        return "\n".join(lines)
-
-    __str__ = render
-
-
-def _status(check: Check) -> str:
-    return {True: "ok", False: "fail", None: "skip"}[check.ok]
-
-
-def check_ascend(source: ModelSource | gs.Graph) -> ConformanceReport:
-    """Check a model (path, ModelProto or gs graph) against what ATC wants.
-
-    Raises BertoptError when the file is not ONNX or the graph is not a BERT-family encoder.
-    """
-    if isinstance(source, gs.Graph):
-        graph, name = source.copy(), source.name or "graph"
-    else:
-        model = load_model(source)
-        graph = load_graph(model)
-        name = os.fspath(source) if not isinstance(source, onnx.ModelProto) else (model.graph.name or "model")
-    facts = detect_facts(graph)
-    try:
-        infer_shapes(graph)
-    except onnx.shape_inference.InferenceError as exc:
-        raise BertoptError(f"{name}: ONNX shape inference fails: {str(exc).strip().splitlines()[0]}") from None
-    return ConformanceReport(model=name, target="ascend",
-                             facts={k: facts.to_dict()[k] for k in ("num_layers", "hidden", "heads",
-                                                                   "head_dim", "batch", "seq", "opset")},
-                             blocks=check_blocks(graph, facts), model_checks=check_model_level(graph))
 
 
 # ----------------------------------------------------------------------------- shared patterns
@@ -439,97 +341,3 @@ def context_reshape(softmax: gs.Node) -> gs.Node | None:
 
 def _shape(tensor: gs.Tensor) -> str:
     return "of unknown shape" if tensor.shape is None else str(list(tensor.shape))
-
-
-# ----------------------------------------------------------------------------- model level
-
-@functools.lru_cache(maxsize=None)
-def atc_operator_list() -> frozenset[str]:
-    """ATC's ONNX op types, from the package data bertopt/data/atc_onnx_ops.txt ('#' starts a comment)."""
-    import importlib.resources
-
-    text = importlib.resources.files("bertopt").joinpath("data", "atc_onnx_ops.txt").read_text()
-    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
-    return frozenset(line for line in lines if line)
-
-
-def unsupported_ops(graph: gs.Graph) -> Counter[str]:
-    """How many nodes of each op type ATC's ONNX parser does not take (any op outside the ONNX domain)."""
-    supported = atc_operator_list()
-    return Counter(node.op if node.domain in ONNX_DOMAINS else f"{node.domain}.{node.op}"
-                   for node in graph.nodes if node.domain not in ONNX_DOMAINS or node.op not in supported)
-
-
-def fp16_unsafe_constants(graph: gs.Graph) -> list[gs.Constant]:
-    """Float constants with an element beyond the fp16 range (inf or |x| > 65504)."""
-    return [tensor for tensor in graph.tensors().values()
-            if isinstance(tensor, gs.Constant) and np.dtype(tensor.dtype).kind == "f"
-            and exceeds_fp16(peek_values(tensor))]
-
-
-def exceeds_fp16(values: np.ndarray) -> bool:
-    """Whether an element lies beyond fp16's range (inf included, NaN not).
-
-    From the minimum and maximum, which make no temporary arrays: bert-large's 1.3 GB of weights
-    are scanned in a fraction of the time `abs(values[~isnan(values)])` took.
-    """
-    if values.size == 0:
-        return False
-    low, high = values.min(), values.max()
-    if np.isnan(low) or np.isnan(high):  # rare: NaN propagates through min/max, so drop them first
-        return exceeds_fp16(values[~np.isnan(values)])
-    return max(-float(low), float(high)) > FP16_MAX
-
-
-def check_model_level(graph: gs.Graph) -> list[Check]:
-    return [_check_opset(graph), _check_ir(graph), _check_operators(graph), _check_shape_ops(graph),
-            _check_static_inputs(graph), _check_fp16(graph)]
-
-
-def _check_opset(graph: gs.Graph) -> Check:
-    opset = int(graph.opset)
-    ok = opset <= ATC_MAX_OPSET
-    return Check("opset", ok, f"default-domain opset {opset} {'<=' if ok else '>'} {ATC_MAX_OPSET}")
-
-
-def _check_ir(graph: gs.Graph) -> Check:
-    ir = int(graph.ir_version or 0)
-    ok = ir <= ATC_MAX_IR_VERSION
-    return Check("ir-version", ok, f"IR version {ir} {'<=' if ok else '>'} {ATC_MAX_IR_VERSION}")
-
-
-def _check_operators(graph: gs.Graph) -> Check:
-    missing = unsupported_ops(graph)
-    if missing:
-        return Check("operators", False, f"not in ATC's ONNX operator list: {', '.join(sorted(missing))}")
-    return Check("operators", True, f"all {len({n.op for n in graph.nodes})} op types are in ATC's list")
-
-
-def _check_shape_ops(graph: gs.Graph) -> Check:
-    shapes = [node.name for node in graph.nodes if node.op == "Shape"]
-    if shapes:
-        return Check("no-shape-ops", False,
-                     f"{len(shapes)} Shape op(s) (freeze the shapes), e.g. {shapes[:3]}")
-    return Check("no-shape-ops", True, "no Shape op")
-
-
-def _check_static_inputs(graph: gs.Graph) -> Check:
-    dynamic = [f"{t.name}{list(t.shape) if t.shape is not None else ''}" for t in graph.inputs
-               if t.shape is None or not all(isinstance(d, int) and d > 0 for d in t.shape)]
-    if dynamic:
-        return Check("static-inputs", False, f"dynamic input(s): {', '.join(dynamic)}")
-    return Check("static-inputs", True, "every input has a static shape")
-
-
-def _check_fp16(graph: gs.Graph) -> Check:
-    unsafe = fp16_unsafe_constants(graph)
-    if unsafe:
-        examples = ", ".join(f"'{t.name}' ({_extreme(t.values):.4g})" for t in unsafe[:3])
-        return Check("fp16-constants", False, f"{len(unsafe)} float constant(s) beyond fp16's ±{FP16_MAX:g} "
-                                              f"(inf in fp16), e.g. {examples}")
-    return Check("fp16-constants", True, "every float constant fits fp16")
-
-
-def _extreme(values: np.ndarray) -> float:
-    flat = np.asarray(values, dtype=np.float64).reshape(-1)
-    return float(flat[np.nanargmax(np.abs(flat))])

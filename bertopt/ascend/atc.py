@@ -1,20 +1,17 @@
-"""Ascend: the ATC invocation (options, argv, atc.sh, running it) and the OM on the NPU via ais_bench.
+"""The ATC invocation: options, argv, atc.sh, and running it where `atc` exists.
 
 The defaults reproduce the seed guide's command (facts note, section 4):
 
     atc --model X.onnx --output om/X --framework 5 --log=error --soc_version Ascend310P3 \\
         --optypelist_for_implmode=Gelu --op_select_implmode=high_performance
 
-Nothing here imitates CANN: `atc` runs only where it exists, the OM runs only where `ais_bench`
-imports and the device node exists, and every other case is reported as such.
+Nothing here imitates CANN: `atc` runs only where it exists, and every other case is reported as such.
 """
 
 from __future__ import annotations
 
 import collections
-import importlib
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -22,24 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
+from bertopt.ascend.soc import DEFAULT_SOC
+from bertopt.errors import BertoptError
 
-from bertopt.backends import Skipped
-from bertopt.errors import BertoptError, first_line
-
-DEFAULT_SOC = "Ascend310P3"
 CANN_SET_ENV = Path("/usr/local/Ascend/ascend-toolkit/set_env.sh")
 SCRIPT_NAME = "atc.sh"
 LOG_NAME = "atc.log"
 LOG_TAIL_LINES = 20
-NPU_SMI_TIMEOUT = 30
 
 # Flags the typed options own; giving them again through the pass-through would contradict them.
 OWNED_FLAGS = ("--model", "--output", "--framework", "--soc_version", "--log",
                "--optypelist_for_implmode", "--op_select_implmode", "--precision_mode", "--input_shape")
 
-
-# --------------------------------------------------------------------------- options and argv
 
 @dataclass(frozen=True)
 class AtcOptions:
@@ -101,46 +92,6 @@ def script_text(argv: list[str]) -> str:
 
 def _output_of(argv: list[str]) -> str:
     return argv[argv.index("--output") + 1]
-
-
-# --------------------------------------------------------------------------- soc version
-
-def parse_npu_smi(text: str) -> str | None:
-    """The soc version (``Ascend`` + the Name column) of the first NPU in `npu-smi info` output.
-
-    Each NPU takes two table rows: ``| 0  310P3 | OK | ...`` (NPU id, Name | Health) and
-    ``| 0  0 | 0000:82:00.0 | ...`` (Chip, Device | Bus-Id). The first is the one that names the chip.
-    """
-    for line in text.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) < 2:
-            continue
-        head = cells[0].split()
-        if (len(head) == 2 and head[0].isdigit() and re.fullmatch(r"\d+[A-Za-z][A-Za-z0-9]*", head[1])
-                and not re.match(r"[0-9A-Fa-f]{4}:", cells[1])):
-            return f"Ascend{head[1]}"
-    return None
-
-
-def detect_soc(option: str | None, *, run_npu_smi: Callable[[], str | None] | None = None) -> tuple[str, str]:
-    """(soc version, where it came from: ``option`` | ``npu-smi`` | ``default``)."""
-    if option:
-        return option, "option"
-    text = (run_npu_smi or _npu_smi_info)()
-    soc = parse_npu_smi(text) if text else None
-    if soc:
-        return soc, "npu-smi"
-    return DEFAULT_SOC, "default"
-
-
-def _npu_smi_info() -> str | None:
-    if shutil.which("npu-smi") is None:
-        return None
-    try:
-        done = subprocess.run(["npu-smi", "info"], capture_output=True, text=True, timeout=NPU_SMI_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout if done.returncode == 0 else None
 
 
 # --------------------------------------------------------------------------- running atc
@@ -227,68 +178,3 @@ def _stream(command: list[str], log: Path, echo: Callable[[str], None]) -> tuple
             tail.append(line)
             echo(line)
     return process.returncode, tail
-
-
-# --------------------------------------------------------------------------- the OM on the NPU
-
-class AisBenchBackend:
-    """The compiled OM on an Ascend device through ais_bench's InferSession (static shapes).
-
-    The OM is loaded onto the device on the first `run` and unloaded by `close` (see bertopt.backends).
-    """
-
-    kind = "npu"
-
-    def __init__(self, om: Path, device_id: int, session_class) -> None:
-        self.name = f"OM on NPU {device_id} (ais_bench)"
-        self._om = om
-        self._device_id = device_id
-        self._session_class = session_class
-        self._session = None
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        session = self._session or self._open()
-        inputs = [arg.name for arg in session.get_inputs()]
-        missing = [name for name in inputs if name not in feeds]
-        if missing:
-            raise BertoptError(f"the OM has input(s) {missing} the reference does not feed")
-        outputs = session.infer(feeds=[np.ascontiguousarray(feeds[name]) for name in inputs], mode="static")
-        return dict(zip([arg.name for arg in session.get_outputs()], outputs))
-
-    def close(self) -> None:
-        if self._session is not None:
-            self._session.free_resource()
-            self._session = None
-
-    def _open(self):
-        try:
-            self._session = self._session_class(self._device_id, str(self._om))
-        except Exception as exc:  # aclruntime raises bare RuntimeErrors (and others) for a bad OM or device
-            raise BertoptError(f"ais_bench cannot load {self._om} on device {self._device_id}: "
-                               f"{first_line(exc)}") from None
-        return self._session
-
-
-def ais_bench_session_class():
-    """ais_bench's InferSession, or None when ais_bench (with its aclruntime) does not import."""
-    try:
-        return importlib.import_module("ais_bench.infer.interface").InferSession
-    except Exception:  # ImportError, or aclruntime failing to find CANN's libraries
-        return None
-
-
-def npu_device_present(device_id: int) -> bool:
-    return Path(f"/dev/davinci{device_id}").exists()
-
-
-def om_backend(om: Path | None, device_id: int = 0) -> AisBenchBackend | Skipped:
-    """The OM backend, or why it cannot run here."""
-    name, kind = f"OM on NPU {device_id} (ais_bench)", "npu"
-    if om is None or not Path(om).is_file():
-        return Skipped(name, kind, "no compiled OM (atc did not run here)")
-    session_class = ais_bench_session_class()
-    if session_class is None:
-        return Skipped(name, kind, "ais_bench is not installed (or cannot load CANN's aclruntime)")
-    if not npu_device_present(device_id):
-        return Skipped(name, kind, f"no Ascend device /dev/davinci{device_id}")
-    return AisBenchBackend(Path(om), device_id, session_class)

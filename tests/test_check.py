@@ -1,4 +1,4 @@
-"""bertopt.conformance.check_ascend: the six block conditions and the model-level checks, on exports
+"""bertopt.ascend.check.check_ascend: the six block conditions and the model-level checks, on exports
 bertopt did not touch, on the seed's onnxsim form and on bertopt's output."""
 
 import json
@@ -9,7 +9,9 @@ import onnxsim
 import pytest
 from onnx import TensorProto, helper
 
-from bertopt.conformance import CONDITIONS, check_ascend, exceeds_fp16
+from bertopt.ascend.check import check_ascend
+from bertopt.ascend.form import CONDITIONS
+from bertopt.graph import exceeds_fp16
 from bertopt.errors import BertoptError
 from bertopt.testing import run_spec
 from conftest import TINY_BATCH, TINY_SEQ
