@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,8 @@ RETRIES = 2
 EXPORT_MEMORY = 7 * GIB
 CHECK_TIMEOUT_SECONDS = 120.0
 CANCEL_WAIT_SECONDS = 30.0
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.2
+BOARD_TIMEOUT_SECONDS = 10.0
 
 
 class OutputNotShared(BertoptError):
@@ -81,7 +83,8 @@ def sweep_on_ray(config: SweepConfig, address: str | None = None,
     if config.jobs is not None or config.memory_budget_gib is not None:
         raise BertoptError("--jobs and --memory-budget bound the local sweep; with --ray, each node's "
                            "CPUs and memory do (ray start --num-cpus/--memory)")
-    config = dataclasses.replace(config, output=config.output.resolve(), threads=config.threads or 1)
+    config = dataclasses.replace(config, output=config.output.resolve(),
+                                 threads=1 if config.threads is None else config.threads)
     check_matrix(config)
     sizes = resolve_sizes(config.sizes)
     connected_here = _connect(address)
@@ -204,8 +207,9 @@ def _export_all(sizes: dict[str, str], config: SweepConfig, check: OutputCheck, 
     except RayError as exc:
         raise BertoptError(f"an export was lost ({type(exc).__name__}) after {RETRIES} Ray retries; "
                            "rerun the sweep") from None
-    finally:
-        _cancel(list(refs.values()))
+    except BaseException:  # Ctrl-C: the other exports are not waited for
+        _cancel(_unfinished(list(refs.values())))
+        raise
     for size, info in prepared.items():
         check_positions(size, info, config.seqs)
     return prepared
@@ -215,15 +219,15 @@ def _export_all(sizes: dict[str, str], config: SweepConfig, check: OutputCheck, 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class Board:
-    """Where tasks say they started, and on which node: the driver polls it for its progress lines."""
+    """Where tasks say they started: (node, pid) per attempt; the driver polls it for its progress lines."""
 
     def __init__(self) -> None:
-        self.starts: dict[str, list[str]] = {}
+        self.starts: dict[str, list[tuple[str, int]]] = {}
 
-    def started(self, key: str, node: str) -> None:
-        self.starts.setdefault(key, []).append(node)
+    def started(self, key: str, node: str, pid: int) -> None:
+        self.starts.setdefault(key, []).append((node, pid))
 
-    def snapshot(self) -> dict[str, list[str]]:
+    def snapshot(self) -> dict[str, list[tuple[str, int]]]:
         return self.starts
 
 
@@ -233,7 +237,8 @@ def shape_key(shape: Shape) -> str:
 
 def shape_task(shape: Shape, check: OutputCheck, board: Any) -> dict:
     node = see_output(check)
-    board.started.remote(shape_key(shape), node)  # not awaited: a lost board costs progress lines only
+    # Not awaited: a task blocked in ray.get lends its CPU to another task, which would then run beside it.
+    board.started.remote(shape_key(shape), node, os.getpid())
     return run_shape(shape, node)
 
 
@@ -241,7 +246,10 @@ def _run_shapes(shapes: list[Shape], check: OutputCheck, largest: int, progress:
     """Submit every shape, then collect rows as tasks finish; whatever ends this early cancels the rest."""
     if not shapes:
         return []
-    board = Board.remote()
+    # On the driver's node, which lives as long as the sweep (a soft affinity let Ray place it on a busy
+    # node's neighbour, lost with it).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    board = Board.options(scheduling_strategy=here).remote()
     task = ray.remote(shape_task)
     tracker = Tracker(shapes, progress)
     refs = {task.options(num_cpus=shape.threads, memory=task_memory(shape.estimate, largest), max_retries=RETRIES,
@@ -264,9 +272,9 @@ def _run_shapes(shapes: list[Shape], check: OutputCheck, largest: int, progress:
     return rows
 
 
-def _snapshot(board: Any) -> dict[str, list[str]]:
+def _snapshot(board: Any) -> dict[str, list[tuple[str, int]]]:
     try:
-        return ray.get(board.snapshot.remote(), timeout=POLL_SECONDS * 10)
+        return ray.get(board.snapshot.remote(), timeout=BOARD_TIMEOUT_SECONDS)
     except RayError:  # restarting on another node: this round has no news
         return {}
 
@@ -286,8 +294,16 @@ def _collect(ref: ray.ObjectRef, shape: Shape, tracker: Tracker) -> dict:
     return error_row(shape, note, tracker.node_of(shape))
 
 
+def _unfinished(refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
+    return ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[1] if refs else []
+
+
 def _cancel(refs: list[ray.ObjectRef]) -> None:
-    """Cancel unfinished tasks and wait until Ray reports them ended, so no worker still writes."""
+    """Cancel unfinished tasks and wait until Ray reports them ended, so no worker still writes.
+
+    Only unfinished ones: in testing, ray 2.60's core aborted the driver once ("Tried to complete task
+    that was not pending") after tasks that had just returned were force-cancelled.
+    """
     for ref in refs:
         ray.cancel(ref, force=True)
     if refs:
@@ -300,17 +316,18 @@ class Tracker:
     def __init__(self, shapes: list[Shape], progress: Progress) -> None:
         self.total = len(shapes)
         self.progress = progress
-        self.starts: dict[str, list[str]] = {}
+        self.starts: dict[str, list[tuple[str, int]]] = {}
         self.ended: set[str] = set()
         self.failed = 0
 
-    def update(self, starts: dict[str, list[str]]) -> None:
-        for key, nodes in starts.items():
+    def update(self, starts: dict[str, list[tuple[str, int]]]) -> None:
+        """Add the starts not seen before (a board restarted after its node was lost knows fewer)."""
+        for key, attempts in starts.items():
             seen = len(self.starts.get(key, []))
-            for attempt, node in enumerate(nodes[seen:], start=seen + 1):
-                again = f" (attempt {attempt})" if attempt > 1 else ""
-                self.progress(f"{key}: started on {node}{again}")
-            self.starts[key] = list(nodes)
+            for attempt, (node, pid) in enumerate(attempts[seen:], start=seen + 1):
+                again = f", attempt {attempt}" if attempt > 1 else ""
+                self.progress(f"{key}: started on {node} (pid {pid}{again})")
+                self.starts.setdefault(key, []).append((node, pid))
 
     def finished(self, shape: Shape, row: dict) -> None:
         key = shape_key(shape)
@@ -321,9 +338,10 @@ class Tracker:
 
     def counts(self) -> str:
         running: dict[str, int] = {}
-        for key, nodes in self.starts.items():
+        for key, attempts in self.starts.items():
             if key not in self.ended:
-                running[nodes[-1]] = running.get(nodes[-1], 0) + 1
+                node = attempts[-1][0]
+                running[node] = running.get(node, 0) + 1
         per_node = ", ".join(f"{node} {count}" for node, count in sorted(running.items())) or "none"
         waiting = self.total - len(self.ended) - sum(running.values())
         return (f"{len(self.ended)}/{self.total} done ({self.failed} failed), running: {per_node}, "
@@ -333,8 +351,8 @@ class Tracker:
         return len(self.starts.get(shape_key(shape), [])) or 1
 
     def node_of(self, shape: Shape) -> str | None:
-        nodes = self.starts.get(shape_key(shape))
-        return nodes[-1] if nodes else None
+        attempts = self.starts.get(shape_key(shape))
+        return attempts[-1][0] if attempts else None
 
 
 def parse_address(value: str | None) -> str | None:
