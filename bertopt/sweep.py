@@ -212,6 +212,7 @@ class PreparedSize:
     max_positions: int | None
     seconds: float = 0.0  # the export's wall time (a cached one is a file link)
     cached: bool = False
+    peak_rss_mib: int = 0  # the exporting process's high-water mark
 
 
 def _prepare_size(size: str, name: str, config: SweepConfig, progress: Progress) -> PreparedSize:
@@ -241,7 +242,8 @@ def export_and_measure(name: str, path: Path) -> PreparedSize:
     result = export_onnx(resolve_source(name), path)
     facts = detect_facts(load_graph(result.path))
     weights = sum(p.stat().st_size for p in result.path.parent.glob(result.path.name + "*"))
-    return PreparedSize(result.path, weights, facts.max_positions, round(result.seconds, 2), result.cached)
+    return PreparedSize(result.path, weights, facts.max_positions, round(result.seconds, 2), result.cached,
+                        peak_rss_mib())
 
 
 def make_shapes(config: SweepConfig, prepared: dict[str, PreparedSize]) -> list[Shape]:
@@ -268,8 +270,8 @@ def _done_row(shape: Shape) -> dict:
 def finish(config: SweepConfig, prepared: dict[str, PreparedSize], rows: list[dict]) -> SweepResult:
     """Sort the rows as asked and write summary.json and summary.md."""
     rows = _sorted_rows(rows, config)
-    exports = {size: {"seconds": info.seconds, "cached": info.cached, "weights_bytes": info.weights_bytes}
-               for size, info in prepared.items()}
+    exports = {size: {"seconds": info.seconds, "cached": info.cached, "weights_bytes": info.weights_bytes,
+                      "peak_rss_mib": info.peak_rss_mib} for size, info in prepared.items()}
     _write_summary(config.output, rows, exports)
     return SweepResult(rows, all(row["status"] == "passed" for row in rows), config.output)
 
@@ -448,10 +450,14 @@ def run_shape(shape: Shape, node: str | None = None) -> dict:
     except Exception as exc:  # recorded in the row; the sweep goes on
         return _row(shape, status="error", seconds=time.perf_counter() - start, error=first_line(exc), node=node)
     row["seconds"] = round(time.perf_counter() - start, 2)
-    # This process's high-water mark; a spawned worker's starts at its parent's RSS when it forked.
-    row["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    row["peak_rss_mib"] = peak_rss_mib()
     write_json(shape.folder / RESULT_NAME, row)
     return row
+
+
+def peak_rss_mib() -> int:
+    """This process's high-water RSS; a spawned worker's starts at its parent's RSS when it forked."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 class _Clock:

@@ -36,6 +36,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ RETRIES = 2
 # rounded up. Asked of every export whatever its size: the export's weights are not known before it.
 EXPORT_MEMORY = 7 * GIB
 CHECK_TIMEOUT_SECONDS = 120.0
+CONNECT_TIMEOUT_SECONDS = 10.0
 CANCEL_WAIT_SECONDS = 30.0
 POLL_SECONDS = 0.2
 BOARD_TIMEOUT_SECONDS = 10.0
@@ -99,11 +101,23 @@ def _connect(address: str | None) -> bool:
     """Connect to Ray unless already connected; whether this call did."""
     if ray.is_initialized():
         return False
+    if address not in (None, "auto"):
+        _check_answers(address)
     try:
         ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise BertoptError(f"--ray {address or 'local'}: cannot connect to Ray ({first_line(exc)})") from None
     return True
+
+
+def _check_answers(address: str) -> None:
+    """Something listens at HOST:PORT: ray.init waits minutes on an address where nothing does."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_SECONDS).close()
+    except OSError as exc:
+        raise BertoptError(f"--ray {address}: nothing answers at {host}:{port} "
+                           f"({exc.strerror or type(exc).__name__})") from None
 
 
 def _sweep(config: SweepConfig, sizes: dict[str, str], progress: Progress) -> SweepResult:
@@ -202,13 +216,13 @@ def _export_all(sizes: dict[str, str], config: SweepConfig, check: OutputCheck, 
         refs[size] = task.remote(name, config.output / size / ORIGINAL_NAME, check)
     try:
         prepared = dict(zip(refs, ray.get(list(refs.values()))))
-    except RayTaskError as exc:
-        raise BertoptError(first_line(_cause(exc))) from None
-    except RayError as exc:
-        raise BertoptError(f"an export was lost ({type(exc).__name__}) after {RETRIES} Ray retries; "
-                           "rerun the sweep") from None
-    except BaseException:  # Ctrl-C: the other exports are not waited for
+    except BaseException as exc:  # a failed export, or Ctrl-C: the other exports are not waited for
         _cancel(_unfinished(list(refs.values())))
+        if isinstance(exc, RayTaskError):
+            raise BertoptError(first_line(_cause(exc))) from None
+        if isinstance(exc, RayError):
+            raise BertoptError(f"an export was lost ({type(exc).__name__}) after {RETRIES} Ray retries; "
+                               "rerun the sweep") from None
         raise
     for size, info in prepared.items():
         check_positions(size, info, config.seqs)
@@ -359,7 +373,7 @@ def parse_address(value: str | None) -> str | None:
     """--ray's value as ray.init takes it: None (start a local instance), auto, ray://host:port or host:port."""
     if value in (None, "", "local"):
         return None
-    if value == "auto" or value.startswith("ray://") or _is_host_port(value):
+    if value == "auto" or _is_host_port(value.removeprefix("ray://")):
         return value
     raise BertoptError(f"--ray {value!r}: expected nothing (a local Ray), auto, ray://HOST:PORT or HOST:PORT")
 

@@ -23,7 +23,8 @@ from bertopt.errors import BertoptError  # noqa: E402
 from bertopt.sweep import GIB, MIN_PARITY_ROWS, parity_batches, sweep  # noqa: E402
 from bertopt.sweep_ray import CHECK_NAME, parse_address, sweep_on_ray, task_memory  # noqa: E402
 from test_cli import assert_one_line_error, bertopt  # noqa: E402
-from test_sweep import SHAPES, read_progress_until, temporary_files, tiny_config, wait_until  # noqa: E402
+from test_sweep import (SHAPES, live_processes_in_group, read_progress_until, temporary_files,  # noqa: E402
+                        tiny_config, wait_until)
 
 NODE_MEMORY = 3 * GIB
 VERDICT = ("size", "seq", "batch", "status", "passes_changed", "conforming", "parity_passed", "atc",
@@ -194,6 +195,21 @@ def test_ctrl_c_cancels_the_tasks_and_removes_unfinished_shapes(cluster, tmp_pat
     assert len(finished) < 4 and not temporary_files(output)
 
 
+# --------------------------------------------------------------------------- a local Ray
+
+def test_ray_alone_starts_a_local_ray_for_this_sweep_only(tmp_path):
+    """`--ray` with no address: a Ray instance of the sweep's own, gone with it (nothing left in its group)."""
+    output = tmp_path / "s"
+    driver = subprocess.Popen([sys.executable, "-m", "bertopt", "sweep", "--ray", "--sizes", "bert-tiny", "--seq", "16",
+                               "--batch", "1,2", "--output", str(output)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True, env=dict(os.environ, COLUMNS="200"))
+    stdout, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 0, stderr
+    assert "1 node(s) see " in stderr and "2/2 done (0 failed), running: none, 0 waiting" in stderr
+    assert stdout.count("| bert-tiny |") == 2 and "| node |" in stdout
+    wait_until(lambda: not live_processes_in_group(driver.pid), timeout=30)
+
+
 # --------------------------------------------------------------------------- small parts
 
 def test_parity_runs_no_more_batches_than_reach_the_minimum_rows():
@@ -207,8 +223,9 @@ def test_address_forms():
     assert parse_address(None) is None and parse_address("local") is None
     assert parse_address("auto") == "auto" and parse_address("ray://head:10001") == "ray://head:10001"
     assert parse_address("10.0.0.5:6379") == "10.0.0.5:6379"
-    with pytest.raises(BertoptError, match="expected nothing"):
-        parse_address("head")
+    for wrong in ("head", "ray://head"):
+        with pytest.raises(BertoptError, match="expected nothing"):
+            parse_address(wrong)
     assert with_bare_ray_flag(["sweep", "--ray"]) == ["sweep", "--ray=local"]
     assert with_bare_ray_flag(["sweep", "--ray", "--seq", "16"]) == ["sweep", "--ray=local", "--seq", "16"]
     assert with_bare_ray_flag(["sweep", "--ray", "auto"]) == ["sweep", "--ray", "auto"]
@@ -227,4 +244,6 @@ def test_ray_refuses_local_only_options_and_bad_addresses(tmp_path):
                           "--ray 'nowhere': expected nothing")
     assert_one_line_error(bertopt("sweep", "--ray", "--cpus-per-shape", "0", "--output", str(tmp_path / "c")), 2,
                           "--cpus-per-shape 0")
+    assert_one_line_error(bertopt("sweep", "--ray", "127.0.0.1:1", "--output", str(tmp_path / "d")), 2,
+                          "--ray 127.0.0.1:1: nothing answers at 127.0.0.1:1 (Connection refused)")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
