@@ -46,11 +46,16 @@ RESULT_NAME = "result.json"
 ORIGINAL_NAME = "original.onnx"
 SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"
 GIB = 1 << 30
-# Peak RSS of one shape job (load, passes, save, conformance, then the original and the optimized
-# model in two ORT sessions) over the model's weight bytes (its ONNX file). Measured once with
-# /usr/bin/time -v: bert-base (435.8 MB file), seq 384, batch 8, 2 samples: 2.52 GB peak = 5.9x.
-# Rounded up; bert-large's activations are a smaller share of its peak, so 6x covers it too.
-PEAK_FACTOR = 6.0
+# Peak RSS of one shape job: the larger of optimizing (about 2.1x the weight bytes, its ONNX file) and
+# validating (one ORT session at a time: about 2x the weights, plus activations led by the attention
+# scores, batch x heads x seq^2 fp32, 6-8x their bytes at seq 256-512), over a Python + ORT floor.
+# Fitted on the shapes tools/bench_sweep.py measured (BENCHMARKS.md) and rounded up, so that every
+# measured peak is below its estimate: bert-base seq 512 batch 64 6028 MiB (estimate 7483),
+# bert-large seq 384 batch 32 3919 MiB (estimate 5791). The former 6x-the-weights rule gave 2494 MiB
+# to the first and 7650 MiB to every bert-large shape.
+PEAK_FLOOR_BYTES = 300 << 20
+PEAK_WEIGHTS_FACTOR = 2.5
+PEAK_SCORES_FACTOR = 8.0
 MIN_PARITY_ROWS = 16
 # How long a stopped worker may take to clean up (its SIGTERM waits for a running ORT call to return)
 # before it is killed.
@@ -127,8 +132,10 @@ def available_memory() -> int:
     raise BertoptError("/proc/meminfo has no MemAvailable; pass --memory-budget")
 
 
-def peak_estimate(weights_bytes: int) -> int:
-    return int(weights_bytes * PEAK_FACTOR)
+def peak_estimate(weights_bytes: int, heads: int, batch: int, seq: int) -> int:
+    """Bytes one shape's job is expected to peak at (see PEAK_FLOOR_BYTES)."""
+    scores = batch * heads * seq * seq * 4
+    return int(PEAK_FLOOR_BYTES + PEAK_WEIGHTS_FACTOR * weights_bytes + PEAK_SCORES_FACTOR * scores)
 
 
 def parity_batches(batch: int, samples: int) -> int:
@@ -210,6 +217,7 @@ class PreparedSize:
     original: Path
     weights_bytes: int
     max_positions: int | None
+    heads: int
     seconds: float = 0.0  # the export's wall time (a cached one is a file link)
     cached: bool = False
     peak_rss_mib: int = 0  # the exporting process's high-water mark
@@ -242,8 +250,8 @@ def export_and_measure(name: str, path: Path) -> PreparedSize:
     result = export_onnx(resolve_source(name), path)
     facts = detect_facts(load_graph(result.path))
     weights = sum(p.stat().st_size for p in result.path.parent.glob(result.path.name + "*"))
-    return PreparedSize(result.path, weights, facts.max_positions, round(result.seconds, 2), result.cached,
-                        peak_rss_mib())
+    return PreparedSize(result.path, weights, facts.max_positions, facts.heads, round(result.seconds, 2),
+                        result.cached, peak_rss_mib())
 
 
 def make_shapes(config: SweepConfig, prepared: dict[str, PreparedSize]) -> list[Shape]:
@@ -251,8 +259,8 @@ def make_shapes(config: SweepConfig, prepared: dict[str, PreparedSize]) -> list[
 
     soc, soc_source = detect_soc(config.soc)
     return [Shape(size, seq, batch, info.original, config.output / size / f"seq{seq}_bs{batch}",
-                  peak_estimate(info.weights_bytes), config.passes, config.samples, soc, soc_source,
-                  config.threads)
+                  peak_estimate(info.weights_bytes, info.heads, batch, seq), config.passes, config.samples, soc,
+                  soc_source, config.threads)
             for size, info in prepared.items() for seq in config.seqs for batch in config.batches]
 
 
@@ -271,7 +279,7 @@ def finish(config: SweepConfig, prepared: dict[str, PreparedSize], rows: list[di
     """Sort the rows as asked and write summary.json and summary.md."""
     rows = _sorted_rows(rows, config)
     exports = {size: {"seconds": info.seconds, "cached": info.cached, "weights_bytes": info.weights_bytes,
-                      "peak_rss_mib": info.peak_rss_mib} for size, info in prepared.items()}
+                      "heads": info.heads, "peak_rss_mib": info.peak_rss_mib} for size, info in prepared.items()}
     _write_summary(config.output, rows, exports)
     return SweepResult(rows, all(row["status"] == "passed" for row in rows), config.output)
 

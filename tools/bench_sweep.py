@@ -124,7 +124,7 @@ def matrix_estimate(size: str, results: list[dict], spawn: float) -> tuple[float
 
 def report(results: dict[str, list[dict]], compare: dict[str, tuple], spawn: float, command: str) -> str:
     text = ["## Sweep cost per shape and for the whole matrix (tools/bench_sweep.py)", "",
-            f"Measured with `{command}`: one `bertopt sweep` per shape (`--jobs 1`, default pipeline, "
+            f"Measured {time.strftime('%Y-%m-%d')} with `{command}`: one `bertopt sweep` per shape (`--jobs 1`, default pipeline, "
             f"--samples {SAMPLES}), each size's first shape with an empty export cache.",
             f"Machine: {environment()}.", ""]
     total = 0.0
