@@ -24,6 +24,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 # Piped output (logs, CI) is not squeezed into 80 columns: tables stay readable there too.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 err = Console(stderr=True, highlight=False)
+DTYPE_HELP = "fp32 | fp16 (exports model.half(); ATC compiles fp32 models to fp16 itself)"
+MASK_HELP = "how the exported model takes its attention mask: int (1/0, tokenizers') | float | additive | none"
+CANN_HELP = "CANN version whose ATC is the target, e.g. 6.0 or 8.0.RC2 (default: the installed toolkit's, else 6.0)"
 
 
 @contextmanager
@@ -44,10 +47,18 @@ def run(
     force: bool = typer.Option(False, "--force", help="overwrite results already in the output folder"),
     exporter: str = typer.Option("legacy", "--exporter", help="legacy | dynamo (presets and HF folders)"),
     opset: Optional[int] = typer.Option(None, "--opset", help="export opset (default 14 legacy, 18 dynamo)"),
+    attention: str = typer.Option("eager", "--attention", help="eager | sdpa (presets and HF folders)"),
+    dtype: str = typer.Option("fp32", "--dtype", help=DTYPE_HELP),
+    mask: str = typer.Option("int", "--mask", help=MASK_HELP),
     dump_dir: Optional[Path] = typer.Option(None, "--dump-dir", help="write the graph before/after each pass that changed it"),
     check_each_pass: bool = typer.Option(False, "--check-each-pass", help="parity after every pass; names the first that breaks numerics"),
     soc: Optional[str] = typer.Option(None, "--soc", help="atc --soc_version (default: from `npu-smi info`, else Ascend310P3)"),
-    atc_arg: list[str] = typer.Option([], "--atc-arg", help="extra atc flag, repeatable (e.g. --atc-arg=--precision_mode=allow_mix_precision)"),
+    cann: Optional[str] = typer.Option(None, "--cann", help=CANN_HELP),
+    gelu_impl: str = typer.Option("high_performance", "--gelu-impl",
+                                  help="Gelu kernel atc compiles: high_performance (the seed's) | high_precision"),
+    require_fusion: bool = typer.Option(False, "--require-fusion", help="attention ATC will not fuse fails the run (exit 1)"),
+    atc_arg: list[str] = typer.Option([], "--atc-arg", help="any atc flag, repeatable; the user's value wins over "
+                                      "bertopt's (e.g. --atc-arg=--precision_mode=allow_mix_precision)"),
     device: int = typer.Option(0, "--device", help="NPU device id for the OM (ais_bench)"),
     strict_emulation: bool = typer.Option(False, "--strict-emulation", help="a failing Ascend fp16 emulation also exits 1"),
     evaluate: Optional[str] = typer.Option(None, "--eval", help="squad=PATH (dev-v1.1.json) or squad (the hub): "
@@ -65,15 +76,17 @@ def run(
     from bertopt.run import RunConfig, run as run_pipeline
 
     config = RunConfig(model=model, passes=passes, batch=batch, seq=seq, output=output, target=target,
-                       force=force, exporter=exporter, opset=opset, dump_dir=dump_dir,
-                       check_each_pass=check_each_pass, soc=soc, atc_args=tuple(atc_arg), device=device,
+                       force=force, exporter=exporter, opset=opset, attention=attention, dtype=dtype, mask=mask,
+                       dump_dir=dump_dir,
+                       check_each_pass=check_each_pass, soc=soc, cann=cann, gelu_impl=gelu_impl,
+                       require_fusion=require_fusion, atc_args=tuple(atc_arg), device=device,
                        evaluate=evaluate, report=report_format)
     with _progress() as progress:
         report = run_pipeline(config, progress, echo=lambda line: err.print(f"atc| {line}", markup=False))
     out.print(f"[bold]{report.model_description}[/bold]")
     out.print(_facts_line(report.facts))
     out.print(_pass_table(report.passes))
-    out.print(_atc_lines(report.atc))
+    out.print(_atc_lines(report))
     out.print(_validation_table(report.validation, f"validation vs original (ONNX Runtime fp32, bs{batch} seq{seq})"))
     _print_candidate_notes(report.validation)
     if report.squad is not None:
@@ -82,16 +95,31 @@ def run(
     out.print(f"report: {report.output_dir / 'report.json'}")
     if report_format == "html":
         out.print(f"html report: {report.output_dir / 'report.html'}")
+    for warning in report.warnings:
+        out.print(f"warning: {warning}", markup=False, soft_wrap=True)
     problems = report.failures(strict_emulation)
     if problems:
         raise CheckFailed("; ".join(problems))
 
 
-def _atc_lines(atc) -> str:
+def _atc_lines(report) -> str:
+    atc = report.atc
     if atc is None:
         return "atc: skipped (--target ort compiles nothing)"
-    return (f"atc command (soc {atc.soc} from {atc.soc_source}), written to {atc.script}:\n"
-            f"  {shlex.join(atc.argv)}\n{atc.summary_line()}")
+    lines = [f"atc command (soc {atc.soc} from {atc.soc_source}, CANN {atc.cann['version']} from "
+             f"{atc.cann['source']}), written to {atc.script}:", f"  {shlex.join(atc.argv)}"]
+    lines += [f"  your {flag}={values['user']} replaces bertopt's {values['bertopt']}"
+              for flag, values in atc.overrides.items()]
+    check = report.ascend.check
+    fused = sum(block.fuses for block in check.fusion.blocks)
+    lines.append(f"ATC fusion predicted for {fused} of {len(check.fusion.blocks)} attention blocks "
+                 f"({'legal' if check.model_conforming else 'NOT legal'} for CANN {check.cann})")
+    lines.append(atc.summary_line())
+    if report.ascend.fusion is not None:
+        taken = ", ".join(f"{name} x{report.ascend.fusion.effect_times(name)}"
+                          for name in check.fusion.attention_passes)
+        lines.append(f"fusion_result.json: {taken}")
+    return "\n".join(lines)
 
 
 def _validation_table(candidates, title: str) -> Table:
@@ -156,41 +184,53 @@ def optimize(
     batch: int = typer.Option(1, "--batch", help="static batch size"),
     seq: int = typer.Option(384, "--seq", help="static sequence length"),
     target: str = typer.Option("ascend", "--target", help="ascend | ort"),
+    cann: Optional[str] = typer.Option(None, "--cann", help=CANN_HELP),
     force: bool = typer.Option(False, "--force", help="overwrite --output if it exists"),
 ) -> None:
-    """Load, run the passes, save: nothing else (no export, atc or validation). Replaces fix_onnx.py."""
+    """Load, run the passes, save: nothing else (no export, atc or validation). Replaces fix_onnx.py.
+
+    Exit 1 (the output is still written) when it is not legal for the CANN version's ATC.
+    """
     from bertopt.run import optimize as optimize_model
 
     with _progress() as progress:
-        facts, records = optimize_model(model, output, passes, batch=batch, seq=seq, target=target,
-                                        force=force, progress=progress)
-    out.print(_facts_line(facts))
-    out.print(_pass_table(records))
+        result = optimize_model(model, output, passes, batch=batch, seq=seq, target=target, cann=cann,
+                                force=force, progress=progress)
+    out.print(_facts_line(result.facts))
+    out.print(_pass_table(result.passes))
     out.print(f"optimized model: {output}")
+    if result.illegal:
+        raise CheckFailed(f"{output} is not legal for the CANN version's ATC: {'; '.join(result.illegal)}")
 
 
 @app.command()
 def check(
     model: Path = typer.Argument(..., help="any ONNX file (bertopt's output or not)"),
     target: str = typer.Option("ascend", "--target", help="ascend (the only target with a required form)"),
+    cann: Optional[str] = typer.Option(None, "--cann", help=CANN_HELP),
+    soc: Optional[str] = typer.Option(None, "--soc", help="the chip whose kernels are judged (default Ascend310P3)"),
+    legal_only: bool = typer.Option(False, "--legal-only", help="exit 0 when legal for the CANN version, "
+                                    "whatever ATC will fuse"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
-    """Whether ATC will fuse every attention block (AttentionLnQKV/AttentionScore), condition by condition.
+    """Will ATC take this model, and fuse every attention block? Form, fusion gates and legality, block by block.
 
-    Exit 0 when every block and the model-level checks (opset, IR, operator list, Shape ops, fp16 range)
-    pass, 1 when any fails, 2 on bad input.
+    Exit 0 only when the model is legal for the CANN version (opset, IR, operator list and opsets,
+    Shape ops, fp16 range) and every attention block is predicted to fuse in each of ATC's passes;
+    1 otherwise, naming each failed gate; 2 on bad input.
     """
     import json
 
+    from bertopt.ascend.cann import resolve_cann
     from bertopt.ascend.check import check_ascend
 
     if target != "ascend":
         raise BertoptError(f"--target {target!r}: only ascend has a conformance check")
-    report = check_ascend(model)
+    report = check_ascend(model, cann=resolve_cann(cann)[0], soc=soc)
     out.print(json.dumps(report.to_dict(), indent=2) if as_json else report.render(), markup=False, soft_wrap=True)
-    if not report.conforming:
-        raise CheckFailed(f"{model} does not conform to ATC's fusion form: "
-                          f"{', '.join(report.failing_conditions())}")
+    problems = report.failure_summary(require_fusion=not legal_only)
+    if problems:
+        raise CheckFailed(f"{model}: {'; '.join(problems)}")
 
 
 @app.command()
@@ -227,6 +267,7 @@ def sweep(
     passes: str = typer.Option("default", "--passes", help="pipeline: default | a,b,c | default,-name"),
     samples: int = typer.Option(2, "--samples", help="realistic samples per parity check"),
     soc: Optional[str] = typer.Option(None, "--soc", help="atc --soc_version (default: from `npu-smi info`, else Ascend310P3)"),
+    cann: Optional[str] = typer.Option(None, "--cann", help=CANN_HELP),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
                                       help="run on Ray: alone, a new local Ray; auto; ray://HOST:PORT; HOST:PORT"),
     cpus_per_shape: Optional[int] = typer.Option(None, "--cpus-per-shape",
@@ -242,7 +283,7 @@ def sweep(
 
     config = SweepConfig(sizes=tuple(_names("--sizes", sizes)), seqs=tuple(_ints("--seq", seq)),
                          batches=tuple(_ints("--batch", batch)), output=output, jobs=jobs,
-                         memory_budget_gib=memory_budget, passes=passes, samples=samples, soc=soc,
+                         memory_budget_gib=memory_budget, passes=passes, samples=samples, soc=soc, cann=cann,
                          threads=cpus_per_shape)
     result = run_sweep(config, _progress_line) if ray is None else _sweep_on_ray(config, ray)
     out.print(render_table(result.rows), markup=False)
@@ -314,6 +355,8 @@ def export(
     exporter: str = typer.Option("legacy", "--exporter", help="legacy (TorchScript) | dynamo"),
     opset: Optional[int] = typer.Option(None, "--opset", help="default 14 (legacy) or 18 (dynamo)"),
     attention: str = typer.Option("eager", "--attention", help="eager | sdpa"),
+    dtype: str = typer.Option("fp32", "--dtype", help=DTYPE_HELP),
+    mask: str = typer.Option("int", "--mask", help=MASK_HELP),
 ) -> None:
     """Export a preset or HF checkpoint folder to ONNX with dynamic batch/seq axes (cached by content)."""
     from bertopt.export import export_onnx, resolve_source
@@ -321,7 +364,8 @@ def export(
     source = resolve_source(model)
     with _progress() as progress:
         progress(f"exporting {model} ({exporter})")
-        result = export_onnx(source, output, exporter=exporter, opset=opset, attention=attention)
+        result = export_onnx(source, output, exporter=exporter, opset=opset, attention=attention, dtype=dtype,
+                             mask=mask)
     origin = "from cache" if result.cached else f"in {result.seconds:.1f} s"
     out.print(f"{result.description}\nwrote {result.path} ({origin})")
 

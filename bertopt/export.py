@@ -35,6 +35,12 @@ DEFAULT_OPSET = {"legacy": 14, "dynamo": 18}
 OPSET_RANGE = {"legacy": (11, 17), "dynamo": (18, 23)}
 ATTENTIONS = ("eager", "sdpa")
 HEADS = {"qa": ("start_logits", "end_logits"), "cls": ("logits",)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# How the attention mask enters the model: "int" (int64 1/0, what tokenizers give), "float" (1.0/0.0
+# in the model's dtype), "additive" (0 kept, finfo(dtype).min removed, the 2-D form of an extended
+# mask: the wrapper hands the model mask[:, None, None, :], which transformers adds to the scores
+# as it is), or "none" (no mask input: input_ids, and token_type_ids where the model has them).
+MASKS = ("int", "float", "additive", "none")
 SEED = 0
 # Bump when the way random weights are made changes, so cached exports are not reused.
 WEIGHTS_RECIPE = 1
@@ -130,6 +136,13 @@ def resolve_source(model: str, *, config_overrides: dict | None = None) -> Expor
                        "or an .onnx file")
 
 
+def random_source(model_type: str, config: dict) -> ExportSource:
+    """Any model type transformers knows, with seeded random weights: its config class's defaults
+    updated by `config` (tiny models of families without a preset, for tests and surveys)."""
+    preset = Preset(f"{model_type}, RANDOM weights", model_type)
+    return _preset_source(model_type, preset, dict(config))
+
+
 def _refuse_overrides(name: str, overrides: dict) -> None:
     if overrides:
         raise BertoptError(f"{name}: config overrides apply only to random-weight presets")
@@ -194,34 +207,43 @@ def perturb_affine_parameters(model, *, seed: int) -> None:
 
 
 def export_onnx(source: ExportSource, output: str | os.PathLike, *, exporter: str = "legacy",
-                opset: int | None = None, attention: str = "eager", head: str = "qa",
-                cache_dir: Path | None = None) -> ExportResult:
-    """Export `source` to `output` (written whole or not at all), reusing a cached export."""
-    opset = _check_options(exporter, opset, attention, head)
-    key = _hash_json({"source": source.fingerprint, "exporter": exporter, "opset": opset,
-                      "attention": attention, "head": head, "versions": _library_versions()})
+                opset: int | None = None, attention: str = "eager", head: str = "qa", dtype: str = "fp32",
+                mask: str = "int", cache_dir: Path | None = None) -> ExportResult:
+    """Export `source` to `output` (written whole or not at all), reusing a cached export.
+
+    `dtype` "fp16" exports `model.half()`, as users do for fp16 inference; `mask` is how the
+    attention mask enters the graph (see MASKS).
+    """
+    opset = _check_options(exporter, opset, attention, head, dtype, mask)
+    options = {"exporter": exporter, "opset": opset, "attention": attention, "head": head}
+    # Only options away from their defaults enter the key, so exports cached before they existed stay valid.
+    options.update({name: value for name, value, default in (("dtype", dtype, "fp32"), ("mask", mask, "int"))
+                    if value != default})
+    key = _hash_json({"source": source.fingerprint, **options, "versions": _library_versions()})
     cached = (cache_dir or default_cache_dir()) / key / "model.onnx"
     start = time.perf_counter()
     hit = cached.is_file()
     if not hit:
-        _export_to(source, cached, exporter, opset, attention, head)
+        _export_to(source, cached, exporter, opset, attention, head, dtype, mask)
     output = Path(output)
     _link_or_copy(cached, output)
     description = f"{source.description}; {exporter} exporter, opset {opset}, {attention} attention"
+    description += "".join(f", {text}" for text, plain in ((f"{dtype} weights", dtype == "fp32"),
+                                                          (f"{mask} attention mask", mask == "int")) if not plain)
     return ExportResult(output, description, hit, time.perf_counter() - start, key)
 
 
-def _check_options(exporter: str, opset: int | None, attention: str, head: str) -> int:
+def _check_options(exporter: str, opset: int | None, attention: str, head: str, dtype: str, mask: str) -> int:
     if exporter not in EXPORTERS:
         raise BertoptError(f"--exporter {exporter!r}: expected one of {', '.join(EXPORTERS)}")
     low, high = OPSET_RANGE[exporter]
     opset = DEFAULT_OPSET[exporter] if opset is None else opset
     if not low <= opset <= high:
         raise BertoptError(f"--opset {opset}: the {exporter} exporter takes opset {low} to {high}")
-    if attention not in ATTENTIONS:
-        raise BertoptError(f"--attention {attention!r}: expected one of {', '.join(ATTENTIONS)}")
-    if head not in HEADS:
-        raise BertoptError(f"--head {head!r}: expected one of {', '.join(HEADS)}")
+    for flag, value, allowed in (("attention", attention, ATTENTIONS), ("head", head, tuple(HEADS)),
+                                 ("dtype", dtype, tuple(DTYPES)), ("mask", mask, MASKS)):
+        if value not in allowed:
+            raise BertoptError(f"--{flag} {value!r}: expected one of {', '.join(allowed)}")
     return opset
 
 
@@ -232,9 +254,9 @@ def default_cache_dir() -> Path:
 
 
 def _export_to(source: ExportSource, path: Path, exporter: str, opset: int, attention: str,
-               head: str) -> None:
-    model = source.build(attention, head)
-    wrapper = ExportWrapper(model, head).eval()
+               head: str, dtype: str, mask: str) -> None:
+    model = source.build(attention, head).to(DTYPES[dtype])
+    wrapper = ExportWrapper(model, head, mask).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export.", dir=path.parent))
     try:
@@ -273,39 +295,47 @@ def _export_dynamo(wrapper, path: Path, opset: int) -> None:
 class ExportWrapper(torch.nn.Module):
     """An HF model as the exporter wants it: positional tensors in, a tuple of named tensors out."""
 
-    def __init__(self, model: torch.nn.Module, head: str) -> None:
+    def __init__(self, model: torch.nn.Module, head: str, mask: str = "int") -> None:
         super().__init__()
         self.model = model
-        self.input_names = model_input_names(model)
+        self.mask = mask
+        self.input_names = model_input_names(model, with_mask=mask != "none")
         self.output_names = HEADS[head]
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outputs = self.model(**dict(zip(self.input_names, tensors)), return_dict=True)
+        inputs = dict(zip(self.input_names, tensors))
+        if self.mask == "additive":
+            inputs["attention_mask"] = inputs["attention_mask"][:, None, None, :]
+        outputs = self.model(**inputs, return_dict=True)
         return tuple(getattr(outputs, name) for name in self.output_names)
 
     def trace_inputs(self) -> tuple[torch.Tensor, ...]:
-        return trace_inputs(self.input_names, self.model.config.vocab_size)
+        dtype = next(self.model.parameters()).dtype
+        return trace_inputs(self.input_names, self.model.config.vocab_size, mask=self.mask, dtype=dtype)
 
 
-def model_input_names(model) -> tuple[str, ...]:
+def model_input_names(model, *, with_mask: bool = True) -> tuple[str, ...]:
     """input_ids, attention_mask, and token_type_ids when the model has more than one token type."""
     parameters = inspect.signature(model.forward).parameters
-    names = ["input_ids", "attention_mask"]
+    names = ["input_ids", "attention_mask"] if with_mask else ["input_ids"]
     if "token_type_ids" in parameters and getattr(model.config, "type_vocab_size", 0) > 1:
         names.append("token_type_ids")
     return tuple(names)
 
 
-def trace_inputs(names: tuple[str, ...], vocab_size: int) -> tuple:
+def trace_inputs(names: tuple[str, ...], vocab_size: int, *, mask: str = "int",
+                 dtype: torch.dtype = torch.float32) -> tuple:
     """A padded batch: a mask of all ones would let some attention code skip the mask entirely."""
 
     generator = torch.Generator().manual_seed(SEED)
+    keep = torch.ones(TRACE_BATCH, TRACE_SEQ, dtype=torch.int64)
+    keep[1, TRACE_SEQ // 2:] = 0
     by_name = {
         "input_ids": torch.randint(4, vocab_size, (TRACE_BATCH, TRACE_SEQ), generator=generator),
-        "attention_mask": torch.ones(TRACE_BATCH, TRACE_SEQ, dtype=torch.int64),
+        "attention_mask": {"int": keep, "none": keep, "float": keep.to(dtype),
+                           "additive": (1 - keep).to(dtype) * torch.finfo(dtype).min}[mask],
         "token_type_ids": torch.zeros(TRACE_BATCH, TRACE_SEQ, dtype=torch.int64),
     }
-    by_name["attention_mask"][1, TRACE_SEQ // 2:] = 0
     by_name["token_type_ids"][:, TRACE_SEQ // 2:] = 1
     return tuple(by_name[name] for name in names)
 

@@ -1,13 +1,30 @@
-"""ModelFacts: what the passes need to know about a model, detected once from its graph."""
+"""ModelFacts: what the passes need to know about a model, detected once from its graph.
+
+Sizes and input roles come from the graph's structure, not from names. Two facts come from
+evaluating a small part of the graph (bertopt.subgraph), since exporters spell them in many ways:
+
+- `attention`: "causal" when the first attention layer, with every token kept by the attention
+  mask, still removes exactly the positions after each query (a GPT-2-style decoder; `family` is
+  then "gpt2"), else "bidirectional" (`family` "bert");
+- `mask_kind`: "binary" when the attention-mask input keeps a token with 1 and removes it with 0
+  (integer or float), "additive" when a float input is added to the scores as it is (0 keeps, a very
+  negative value removes): its values reach the scores through reshaping ops and casts to float only.
+
+Models whose attention bertopt cannot rewrite are refused with the mechanism in the way (relative
+position scores, pooling between layers, convolution heads, rotary embeddings), not a generic line.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from bertopt.errors import BertoptError
+from bertopt.subgraph import SubgraphEvaluator, input_dtype, value_dependents
 
 ROLES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -27,6 +44,9 @@ class ModelFacts:
     seq: int | None = None
     opset: int = 0
     ir_version: int = 0
+    mask_kind: str | None = None  # "binary" or "additive"; None without an attention-mask input
+    attention: str = "bidirectional"  # or "causal"
+    dtype: str = "float32"  # what the weights are stored in (the word embeddings'): "float16" after model.half()
 
     def input_for(self, role: str) -> str | None:
         """The graph input that plays `role`, or None when the model has no such input."""
@@ -46,9 +66,9 @@ class ModelFacts:
                        ir_version=int(graph.ir_version or self.ir_version))
 
 
-# An embedding lookup reads its indices straight from a graph input, possibly through these.
-_PASS_THROUGH = {"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten"}
-_INT_DTYPES = {np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.bool_)}
+# An embedding lookup reads its indices straight from a graph input, possibly through these (XLM and
+# FlauBERT slice the ids to the last `seq` columns, for their cache, before the lookup).
+_PASS_THROUGH = {"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Slice"}
 _MAX_TYPE_VOCAB = 16  # token-type tables are tiny (BERT: 2); word tables have thousands of rows
 
 
@@ -64,27 +84,37 @@ def detect_facts(graph: gs.Graph) -> ModelFacts:
     word_table, ids = max(from_inputs, key=lambda pair: pair[0].shape[0])
     roles = {ids.name: "input_ids"}
     type_table = _token_type_table(from_inputs, ids, roles)
-    layers, heads_attr = _attention_layers(graph)
+    softmaxes = attention_layer_softmaxes(graph)
+    obstacle = architecture_obstacle(graph, softmaxes)
+    if obstacle:
+        raise BertoptError(f"unsupported attention: {obstacle}")
+    layers, heads_attr = _attention_layers(graph, softmaxes)
     if layers == 0:
         raise BertoptError("not a BERT-family encoder: no attention Softmax or Attention op found")
     _assign_mask_role(graph, roles)
     hidden = _attention_width(graph) or int(word_table.shape[1])
     head_dim = _head_dim(graph, hidden, heads_attr)
     batch, seq = static_dims(graph.inputs)
+    mask = next((t for t in graph.inputs if roles.get(t.name) == "attention_mask"), None)
+    max_positions = _max_positions(graph, lookups, int(word_table.shape[1]))
+    attention = _attention_kind(graph, softmaxes, mask, roles, batch, seq, max_positions)
     return ModelFacts(
-        family="bert",
+        family="gpt2" if attention == "causal" else "bert",
         num_layers=layers,
         hidden=hidden,
         heads=hidden // head_dim,
         head_dim=head_dim,
         vocab_size=int(word_table.shape[0]),
-        max_positions=_max_positions(graph, lookups, int(word_table.shape[1])),
+        max_positions=max_positions,
         type_vocab_size=int(type_table.shape[0]) if type_table is not None else None,
         roles=roles,
         batch=batch,
         seq=seq,
         opset=int(graph.opset),
         ir_version=int(graph.ir_version or 0),
+        mask_kind=_mask_kind(mask) if mask is not None else None,
+        attention=attention,
+        dtype=np.dtype(word_table.dtype).name,
     )
 
 
@@ -149,20 +179,25 @@ def _computed_by_cumsum(tensor: gs.Tensor, hops: int = 4) -> bool:
                                       if not isinstance(t, gs.Constant))
 
 
-def _attention_layers(graph: gs.Graph) -> tuple[int, int | None]:
+def attention_layer_softmaxes(graph: gs.Graph) -> list[gs.Node]:
+    """The Softmaxes whose probabilities weight the values: they feed a MatMul or Einsum, possibly
+    through SDPA's NaN guard, dropout, casts or a reshape to [batch*heads, seq, seq] (DeBERTa)."""
+    return [n for n in graph.nodes if n.op == "Softmax" and _feeds_matmul(n)]
+
+
+def _attention_layers(graph: gs.Graph, softmaxes: list[gs.Node]) -> tuple[int, int | None]:
     fused = [n for n in graph.nodes if n.op == "Attention"]
     if fused:
         return len(fused), fused[0].attrs.get("q_num_heads")
-    return sum(1 for n in graph.nodes if n.op == "Softmax" and _feeds_matmul(n)), None
+    return len(softmaxes), None
 
 
-# Between the attention Softmax and its MatMul with V: SDPA's NaN guard, dropout, casts.
-_SOFTMAX_TO_MATMUL = {"Where", "Dropout", "Cast", "Identity"}
+_SOFTMAX_TO_MATMUL = {"Where", "Dropout", "Cast", "Identity", "Reshape"}
 
 
 def _feeds_matmul(node: gs.Node, depth: int = 3) -> bool:
     for consumer in (c for out in node.outputs for c in out.outputs):
-        if consumer.op == "MatMul":
+        if consumer.op in ("MatMul", "Einsum"):
             return True
         if depth > 0 and consumer.op in _SOFTMAX_TO_MATMUL and _feeds_matmul(consumer, depth - 1):
             return True
@@ -170,9 +205,9 @@ def _feeds_matmul(node: gs.Node, depth: int = 3) -> bool:
 
 
 def _assign_mask_role(graph: gs.Graph, roles: dict[str, str]) -> None:
-    """The attention mask is the remaining integer input that reaches an attention Softmax."""
+    """The attention mask is the remaining [batch, seq] input (integer or float) reaching attention."""
     for tensor in graph.inputs:
-        if tensor.name in roles or np.dtype(tensor.dtype) not in _INT_DTYPES:
+        if tensor.name in roles or tensor.dtype is None or np.dtype(tensor.dtype).kind not in "iubf":
             continue
         if _reaches_attention(tensor) or "mask" in tensor.name:
             roles[tensor.name] = "attention_mask"
@@ -191,8 +226,162 @@ def _reaches_attention(tensor: gs.Tensor, limit: int = 200) -> bool:
     return False
 
 
+# --------------------------------------------------------------------------- the mask's kind
+
+# Ops that carry a mask's values to the scores unchanged (only reshaped, broadcast or widened), or
+# clamp them (fold-attention-mask's Max(mask, -10000), Min with a causal mask): still additive.
+_VALUE_PRESERVING = {"Unsqueeze", "Reshape", "Expand", "Identity", "Squeeze", "Flatten", "Slice", "Max", "Min"}
+
+
+def _mask_kind(mask: gs.Tensor) -> str:
+    """"additive" when a float mask's values reach an attention Add (or Attention op) unchanged."""
+    if np.dtype(mask.dtype).kind != "f":
+        return "binary"
+    frontier, seen = [mask], set()
+    while frontier:
+        for node in frontier.pop().outputs:
+            if node.op in ("Add", "Attention"):
+                return "additive"
+            widening = node.op == "Cast" and _casts_to_float(node)
+            if (node.op in _VALUE_PRESERVING or widening) and id(node) not in seen:
+                seen.add(id(node))
+                frontier.append(node.outputs[0])
+    return "binary"
+
+
+def _casts_to_float(cast: gs.Node) -> bool:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(cast.attrs["to"])).kind == "f"
+
+
+# --------------------------------------------------------------------------- causal attention
+
+# A masked score is at or below this (exp(-1000) is 0 in fp32 and fp16 alike).
+MASKED_AT_MOST = -1000.0
+# Probe length for dynamic graphs: long enough for a triangle to be told from anything else.
+PROBE_SEQ = 6
+
+
+def _attention_kind(graph: gs.Graph, softmaxes: list[gs.Node], mask: gs.Tensor | None,
+                    roles: dict[str, str], batch: int | None, seq: int | None,
+                    max_positions: int | None) -> str:
+    """"causal" when, with every token kept, the first layer still removes exactly the later positions.
+
+    A mask that cannot be evaluated counts as bidirectional: fold-attention-mask then probes it as a
+    padding mask, finds the positions it removes besides padding, and leaves it alone with a note.
+    """
+    fused = next((n for n in graph.nodes if n.op == "Attention"), None)
+    if fused is not None:
+        return "causal" if fused.attrs.get("is_causal", 0) else "bidirectional"
+    if not softmaxes:
+        return "bidirectional"
+    tokens = [t for t in graph.inputs if roles.get(t.name) in ("input_ids", "token_type_ids")]
+    removal = _score_removal(softmaxes[0], value_dependents(tokens))
+    if removal is None:
+        return "bidirectional"
+    probe_batch, probe_seq = (batch, seq) if batch and seq else (1, min(PROBE_SEQ, max_positions or PROBE_SEQ))
+    keep_all = {} if mask is None else {mask.name: np.full(
+        (probe_batch, probe_seq), 0 if _mask_kind(mask) == "additive" else 1, dtype=input_dtype(mask))}
+    try:
+        removed = removal.removed(graph, probe_batch, probe_seq, keep_all)
+    except BertoptError:
+        return "bidirectional"
+    later = np.triu(np.ones((probe_seq, probe_seq), dtype=bool), k=1)
+    return "causal" if removed.shape[-2:] == later.shape and np.all(removed == later) else "bidirectional"
+
+
+@dataclass
+class _ScoreRemoval:
+    """How an attention layer removes scores: `tensor` is an additive mask (very negative removes),
+    or the condition of a Where that replaces the scores by a very negative fill (`removes_when`)."""
+
+    tensor: gs.Tensor
+    removes_when: bool | None = None  # None for an additive mask
+
+    def removed(self, graph: gs.Graph, batch: int, seq: int, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Which positions are removed, broadcast to [.., seq, seq] and reduced over batch and heads."""
+        value = SubgraphEvaluator(graph, [self.tensor], batch, seq).run(feeds)[self.tensor.name]
+        removed = value <= MASKED_AT_MOST if self.removes_when is None else value == self.removes_when
+        removed = np.broadcast_to(removed, np.broadcast_shapes(removed.shape, (1, 1, seq, seq)))
+        return removed.reshape(-1, seq, seq).any(axis=0)
+
+
+def _score_removal(softmax: gs.Node, token_dependent: set[int]) -> _ScoreRemoval | None:
+    """The mask of an attention Softmax: the Add operand or Where condition that does not depend on
+    the token inputs' values. None when the scores go in bare."""
+    node = softmax.inputs[0].inputs[0] if softmax.inputs[0].inputs else None
+    if node is not None and node.op == "Cast":  # XLM and GPT-2 in fp16 run the Softmax in fp32
+        node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if node is None:
+        return None
+    free = [t for t in node.inputs if id(t) not in token_dependent]
+    if node.op == "Add" and len(free) == 1 and len(node.inputs) == 2:
+        return _ScoreRemoval(free[0])
+    if node.op == "Where" and id(node.inputs[0]) not in token_dependent:
+        fill = where_fill(node, lambda t: id(t) in token_dependent)
+        if fill is not None:
+            return _ScoreRemoval(node.inputs[0], removes_when=fill == 1)
+    return None
+
+
+def where_fill(where: gs.Node, is_scores: Callable[[gs.Tensor], bool]) -> int | None:
+    """1 or 2: the branch of ``Where(condition, a, b)`` that is a very negative constant fill (at most
+    MASKED_AT_MOST, masked_fill's finfo.min) beside scores (`is_scores`), or None."""
+    for index in (1, 2):
+        fill = where.inputs[index]
+        if (isinstance(fill, gs.Constant) and fill.values.size == 1 and fill.values.dtype.kind == "f"
+                and float(fill.values.reshape(-1)[0]) <= MASKED_AT_MOST and is_scores(where.inputs[3 - index])):
+            return index
+    return None
+
+
+# --------------------------------------------------------------------------- what bertopt cannot rewrite
+
+def architecture_obstacle(graph: gs.Graph, softmaxes: list[gs.Node]) -> str | None:
+    """The mechanism that puts a model's attention outside the form bertopt rewrites, or None.
+
+    Each is recognised by the ops it needs, which plain BERT-family encoders never contain.
+    """
+    ops = {node.op for node in graph.nodes}
+    if ops & {"AveragePool", "MaxPool"}:
+        return ("pooling between layers (Funnel Transformer): the sequence is pooled from block to block, "
+                "so attention layers differ in length")
+    if "Conv" in ops:
+        # SqueezeBERT's heads are views of a Conv output; ConvBERT's self-attention heads are MatMul + Add
+        if all(_computed_by(m.inputs[0], "Conv", depth=3) for s in softmaxes for m in _scores_matmuls(s)):
+            return "Q, K and V are grouped Conv1d projections (SqueezeBERT), not MatMul + Add"
+        return ("span-based dynamic convolution heads (ConvBERT): Conv ops and a Softmax over convolution "
+                "kernels beside the self-attention heads")
+    if "GatherElements" in ops and any(_computed_by(s.inputs[0], "GatherElements") for s in softmaxes):
+        return ("disentangled attention (DeBERTa): content-to-position and position-to-content scores, "
+                "gathered by relative position, are added to Q.K^T")
+    if {"Sin", "Cos"} <= ops:
+        return ("rotary position embeddings (Q and K rotated by sin/cos before the scores)"
+                + (" and a fused Wqkv projection split into Q, K and V" if "Split" in ops else ""))
+    return None
+
+
+def _scores_matmuls(softmax: gs.Node, depth: int = 4) -> list[gs.Node]:
+    found, frontier = [], [softmax]
+    for _ in range(depth):
+        parents = [t.inputs[0] for node in frontier for t in node.inputs if t.inputs]
+        found += [p for p in parents if p.op == "MatMul"]
+        frontier = [p for p in parents if p.op != "MatMul"]
+    return found
+
+
+def _computed_by(tensor: gs.Tensor, op: str, depth: int = 8) -> bool:
+    """Whether an `op` node lies within `depth` producers above `tensor`."""
+    frontier = [tensor]
+    for _ in range(depth):
+        nodes = [t.inputs[0] for t in frontier if t.inputs]
+        if any(node.op == op for node in nodes):
+            return True
+        frontier = [t for node in nodes for t in node.inputs if not isinstance(t, gs.Constant)]
+    return False
+
+
 def _attention_width(graph: gs.Graph) -> int | None:
-    """The width of the Q/K/V projections, from the weight of the first attention input projection.
+    """The width the Q/K/V projections read, from the weight of the first attention input projection.
 
     It is the hidden size even where the embeddings are narrower (ALBERT projects 128 -> 768).
     """
@@ -221,13 +410,14 @@ def _projection_width(attention: gs.Node, depth: int = 12) -> int | None:
 
 
 def _weight_width(node: gs.Node) -> int | None:
+    """The input width of a projection: a fused QKV (GPT-2) is 3 x hidden wide, but reads hidden."""
     if node.op not in ("MatMul", "Gemm"):
         return None
     weights = [t for t in node.inputs if isinstance(t, gs.Constant) and len(t.shape) == 2]
     if not weights:
         return None
     shape = weights[0].shape
-    return int(shape[0] if node.attrs.get("transB") else shape[1])
+    return int(shape[1] if node.attrs.get("transB") else shape[0])
 
 
 def _head_dim(graph: gs.Graph, hidden: int, heads_attr: int | None) -> int:

@@ -37,6 +37,20 @@ def refuse_used_folder(output: Path) -> None:
         raise BertoptError(f"--output {output}: already exists and is not an empty folder")
 
 
+def check_writable_folder(folder: Path, option: str) -> None:
+    """Fail in one line, before any work is spent, when `folder` cannot be created or written.
+
+    Looks at the nearest existing ancestor without creating anything: a parent that is a file, a
+    read-only filesystem or missing permissions are found here, not in a traceback after every pass.
+    """
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise BertoptError(f"{option} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BertoptError(f"{option} {folder}: {existing} is not writable (permissions or a read-only filesystem)")
+
+
 def write_json(path: Path, data: object) -> None:
     """Write JSON whole or not at all; what JSON cannot hold (paths, numpy scalars) as its str()."""
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")

@@ -34,6 +34,15 @@ from bertopt.graph import fits_protobuf, save_model
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
+# An fp16 model compared with its fp16 original. The rewrites only re-round fp16 arithmetic (a Div by
+# 8 becomes a Mul by 0.125, a LayerNorm or Gelu is spelled differently, ONNX Runtime picks other
+# kernels for static shapes), so an output moves by a few units in the last place of fp16, whose
+# unit roundoff is 2**-11 = 4.9e-4 (IEEE 754 binary16: 11 significant bits). 2**-7 = 7.8e-3 is 16 of
+# those units. Measured after `default --target ort` on fp16 exports (batch 2, seq 128, 4 samples):
+# bert-base 1.95e-3 (dynamo 18) and 9.8e-4 (legacy 14) max abs on the logits, i.e. 2 units in the
+# last place at their magnitude; a 4-layer hidden-256 BERT 1.2e-3 (tests/test_exports_users_bring.py).
+# A real mistake (a mask in the wrong place, a wrong scale) moves outputs by far more.
+FP16_ATOL = FP16_RTOL = 2.0 ** -7
 # Polygraphy adds this to zero reference values so relative differences stay finite.
 REL_EPSILON = 2.220446049250313e-16
 # |candidate - reference| histogram bins: half decades from 1e-9 to 10, the same for every output and
@@ -86,7 +95,9 @@ def realistic_feeds(facts: ModelFacts, input_specs: InputSpecs | None = None, *,
     layout (CLS 101, SEP 102) when the vocabulary is that large, else ids 2 and 3.
 
     `input_specs` (see `input_specs_of`) gives each input's dtype and shape; without it, every
-    input in `facts.roles` is int64 ``[batch, seq]``. The same seed gives the same feeds.
+    input in `facts.roles` is int64 ``[batch, seq]``. The same seed gives the same feeds. An additive
+    mask (`facts.mask_kind`) is 0 where a token is kept and finfo(dtype).min where it is padding,
+    what transformers' extended masks hold.
     Raises BertoptError for inputs without a known role, non-integer ids, static dims that
     disagree with batch/seq, or a vocabulary too small to hold the special tokens.
     """
@@ -104,9 +115,23 @@ def realistic_feeds(facts: ModelFacts, input_specs: InputSpecs | None = None, *,
     for _ in range(count):
         ids, types, mask = _token_batch(rng, batch, seq, vocab, two_segments)
         by_role = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
-        feeds.append({name: by_role[facts.roles[name]].astype(dtype)
+        feeds.append({name: _as_input(by_role[facts.roles[name]], facts.roles[name], facts, dtype)
                       for name, (dtype, _) in input_specs.items()})
     return feeds
+
+
+def _as_input(values: np.ndarray, role: str, facts: ModelFacts, dtype: np.dtype) -> np.ndarray:
+    if role == "attention_mask" and facts.mask_kind == "additive":
+        return np.where(values != 0, 0, np.finfo(dtype).min).astype(dtype)
+    return values.astype(dtype)
+
+
+def kept_tokens(facts: ModelFacts, feed: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Which tokens a feed's attention mask keeps ([batch, seq] bool), or None without a mask input."""
+    mask = feed.get(facts.input_for("attention_mask"))
+    if mask is None:
+        return None
+    return mask == 0 if facts.mask_kind == "additive" else mask != 0
 
 
 def _check_specs(facts: ModelFacts, specs: InputSpecs, batch: int, seq: int) -> None:
@@ -473,23 +498,49 @@ def best_spans(start: np.ndarray, end: np.ndarray, mask: np.ndarray | None = Non
 
 def parity_check(original: Path | str | onnx.ModelProto, rewritten: Path | str | onnx.ModelProto,
                  facts: ModelFacts, *, batch: int, seq: int, samples: int = 2, seed: int = 0,
-                 atol: float | dict[str, float] = DEFAULT_ATOL,
-                 rtol: float | dict[str, float] = DEFAULT_RTOL,
+                 atol: float | dict[str, float] | None = None,
+                 rtol: float | dict[str, float] | None = None,
                  threads: int | None = None) -> Comparison:
     """Run both models on the same realistic feeds (built from the ORIGINAL's inputs) and compare.
 
     The rewritten model gets the inputs it declares, cast to its own dtypes, so a pass may narrow
     int64 ids to int32 or drop an unused input; an input the original does not have is an error.
+    Tolerances not given are chosen by the original's output dtype (see `dtype_tolerances`).
     """
-    original_specs = input_specs_of(graph_only(original))
+    original_graph = graph_only(original)
+    original_specs = input_specs_of(original_graph)
     rewritten_specs = input_specs_of(graph_only(rewritten))
+    default_atol, default_rtol = dtype_tolerances(original_graph)
     feeds = realistic_feeds(facts, original_specs, batch=batch, seq=seq, seed=seed, count=samples)
     reference = _run_all(OrtRunner(original, threads=threads), feeds)
     candidate = _run_all(OrtRunner(rewritten, threads=threads),
                          [adapt_feed(feed, rewritten_specs) for feed in feeds])
-    mask_name = facts.input_for("attention_mask")
-    masks = [feed[mask_name] for feed in feeds] if mask_name in original_specs else None
-    return compare_outputs(reference, candidate, atol=atol, rtol=rtol, masks=masks)
+    masks = [kept_tokens(facts, feed) for feed in feeds]
+    return compare_outputs(reference, candidate, atol=default_atol if atol is None else atol,
+                           rtol=default_rtol if rtol is None else rtol,
+                           masks=None if masks[0] is None else masks)
+
+
+def dtype_tolerances(model: onnx.ModelProto) -> tuple[float, float]:
+    """(atol, rtol) for comparing a model with a rewrite of itself: FP16_ATOL/RTOL when its weights are
+    fp16 (`model.half()`; the legacy exporter may still run parts in fp32 and return fp32 outputs, but
+    the rest computes in fp16), else DEFAULT_ATOL/RTOL (fp32)."""
+    return tolerances_for(weights_dtype(model))
+
+
+def tolerances_for(dtype: np.dtype | str | None) -> tuple[float, float]:
+    """(atol, rtol) for a rewrite of a model whose weights are `dtype`: fp16's, else fp32's."""
+    return (FP16_ATOL, FP16_RTOL) if dtype is not None and np.dtype(dtype) == np.float16 else (DEFAULT_ATOL, DEFAULT_RTOL)
+
+
+def weights_dtype(model: onnx.ModelProto) -> np.dtype | None:
+    """The dtype of the largest float initializer (the word embeddings), read from its header only."""
+    floats = [t for t in model.graph.initializer
+              if np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).kind == "f"]
+    if not floats:
+        return None
+    largest = max(floats, key=lambda t: math.prod(t.dims))
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(largest.data_type))
 
 
 def graph_only(model: Path | str | onnx.ModelProto) -> onnx.ModelProto:

@@ -23,6 +23,7 @@ from typing import Callable, Protocol
 import onnx
 import onnx_graphsurgeon as gs
 
+from bertopt.ascend.cann import DEFAULT_VERSION, CannTarget, cann_target
 from bertopt.errors import BertoptError, CheckFailed
 from bertopt.facts import ModelFacts
 from bertopt.graph import is_static, save_graph, verify
@@ -40,6 +41,7 @@ class PassOptions:
     seq: int = 384
     target: str = "ascend"
     mask_value: float = -10000.0
+    cann: CannTarget = field(default_factory=lambda: cann_target(DEFAULT_VERSION))  # legalize-ascend's target
 
 
 @dataclass
@@ -68,7 +70,8 @@ _REGISTRY: dict[str, PassInfo] = {}
 
 # Named pipelines, one per target; `default` in a spec means the pipeline of the run's target.
 PIPELINES: dict[str, list[str]] = {
-    "ascend": ["freeze-shapes", "fold-attention-mask", "fuse-gelu", "attention-bigkernel", "legalize-ascend"],
+    "ascend": ["freeze-shapes", "fold-attention-mask", "fuse-gelu", "layernorm-for-atc", "attention-bigkernel",
+               "legalize-ascend"],
     "ort": ["freeze-shapes", "fold-attention-mask", "fuse-gelu", "legalize-ort"],
 }
 DEFAULT = "default"
@@ -190,8 +193,8 @@ class PassManager:
         try:
             result = info.run(graph, facts, self.options)
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        except BertoptError as exc:
-            raise BertoptError(f"pass {info.name}: {exc}") from None
+        except BertoptError as exc:  # the same kind (bad input, exit 2, or a failed check, exit 1), named
+            raise type(exc)(f"pass {info.name}: {exc}") from None
         except Exception as exc:
             raise self._failure(index, info.name, before, f"raised {type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - start
@@ -206,8 +209,17 @@ class PassManager:
         return record, facts
 
     def _check_requirements(self, info: PassInfo, graph: gs.Graph, facts: ModelFacts) -> None:
-        if "static-shapes" in info.requires and not all(is_static(t) for t in graph.inputs):
-            raise BertoptError(f"pass {info.name} requires that {REQUIREMENTS['static-shapes']}")
+        dynamic = [t for t in graph.inputs if not is_static(t)]
+        if "static-shapes" not in info.requires or not dynamic:
+            return
+        roleless = [t for t in dynamic if facts.roles and t.name not in facts.roles]
+        if roleless:
+            dims = roleless[0].shape
+            shape = f"[{', '.join(map(str, dims))}]" if dims is not None else "of unknown shape"
+            raise BertoptError(f"pass {info.name} requires static shapes, but input {roleless[0].name} {shape} "
+                               "has no static shape: freeze-shapes fixes only the inputs it knows the role of "
+                               f"({', '.join(sorted(facts.roles))}); give a model whose other inputs are static")
+        raise BertoptError(f"pass {info.name} requires that {REQUIREMENTS['static-shapes']}")
 
     def _verify(self, index: int, name: str, before: gs.Graph, graph: gs.Graph) -> float:
         if not self.instruments.verify_each:

@@ -14,16 +14,20 @@ from typing import TYPE_CHECKING, Callable
 import onnx_graphsurgeon as gs
 
 from bertopt.backends import Backend, Skipped
-from bertopt.ascend.atc import AtcOptions, AtcResult, compile_om
+from bertopt.ascend.atc import AtcOptions, AtcResult, compile_om, gelu_impls_from, in_work_dir
+from bertopt.ascend.cann import CannTarget, resolve_cann
+from bertopt.ascend.check import ConformanceReport, check_ascend
+from bertopt.ascend.legality import check_model_level
+from bertopt.ascend.fusion_result import FusionResult, compare_with_prediction, read_fusion_result
 from bertopt.ascend.npu import om_backend
-from bertopt.ascend.soc import detect_soc
+from bertopt.ascend.soc import detect_soc, is_310p
 from bertopt.backends.emulation import EmulationBackend
 from bertopt.backends.ort import ort_backends
 from bertopt.errors import BertoptError
 from bertopt.facts import ModelFacts, check_shape, detect_facts
-from bertopt.files import write_json
+from bertopt.files import check_writable_folder, write_json
 from bertopt.graph import is_static, load_graph, save_graph, to_model
-from bertopt.parity import Comparison, parity_check
+from bertopt.parity import Comparison, parity_check, tolerances_for
 from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord
 from bertopt.validate import CandidateReport, validate_candidates
 
@@ -49,12 +53,18 @@ class RunConfig:
     force: bool = False
     exporter: str = "legacy"
     opset: int | None = None
+    attention: str = "eager"  # export options for presets and HF folders (bertopt.export.export_onnx)
+    dtype: str = "fp32"
+    mask: str = "int"
     dump_dir: Path | None = None
     check_each_pass: bool = False
     samples: int = 2
-    atol: float = 1e-4  # the optimized ONNX (fp32); other candidates use their kind's default
-    rtol: float = 1e-4
+    atol: float | None = None  # the optimized ONNX; None: by the model's dtype (fp32 1e-4, fp16 2^-7)
+    rtol: float | None = None
     soc: str | None = None
+    cann: str | None = None  # CANN version; None: the installed toolkit's, else the seed's
+    gelu_impl: str = "high_performance"  # the Gelu kernel atc is asked for (the seed's)
+    require_fusion: bool = False  # attention that will not fuse fails the run instead of warning
     atc_args: tuple[str, ...] = ()
     device: int = 0
     evaluate: str | None = None  # "squad" (the hub) or "squad=PATH"
@@ -68,6 +78,52 @@ class RunConfig:
 
 
 @dataclass
+class AscendSetup:
+    """The Ascend target of one run, decided before any work: CANN version, chip and atc options."""
+
+    cann: CannTarget
+    cann_source: str  # option | toolkit | default
+    soc_source: str  # option | npu-smi | default
+    options: AtcOptions
+
+    def emulated_gelu(self) -> str:
+        """The Gelu kernel atc compiles, as far as its flags tell; else the one --gelu-impl names."""
+        return self.options.gelu_mode() or self.options.gelu_impl
+
+    def warnings(self) -> list[str]:
+        found = []
+        soc = self.options.soc_version
+        if not is_310p(soc):
+            found.append(f"soc {soc} is not a 310P: ATC's attention big kernels fuse only on Atlas inference "
+                         "products (310P; canndev's ZAttentionScoreFusionPass, msit's big-kernel README)")
+        if self.options.gelu_mode() is None:
+            found.append(f"your atc flags leave Gelu's kernel to ATC (an --op_precision_mode ini, or Gelu not in "
+                         f"--optypelist_for_implmode): the emulation assumes --gelu-impl {self.options.gelu_impl}")
+        return found
+
+
+@dataclass
+class AscendOutcome:
+    """What ATC was predicted to do with the output and, where atc ran, what it says it did."""
+
+    check: ConformanceReport  # legality for the CANN version, the form and the fusion prediction
+    fusion: FusionResult | None = None  # read from the fusion_result.json of a real atc run
+    fusion_problems: list[str] = field(default_factory=list)  # predicted fusions that did not take effect
+
+    def warnings(self, require_fusion: bool) -> list[str]:
+        if require_fusion or self.check.fusion_predicted:
+            return []
+        return [f"ATC is not predicted to fuse attention: {line}" for line in self.check.fusion.failures()]
+
+    def failures(self, require_fusion: bool) -> list[str]:
+        problems = [f"not legal for CANN {self.check.cann}: {line}"
+                    for line in self.check.failure_summary(require_fusion=False)]
+        if require_fusion and not self.check.fusion_predicted:
+            problems += [f"--require-fusion: {line}" for line in self.check.fusion.failures()]
+        return problems + self.fusion_problems
+
+
+@dataclass
 class RunReport:
     output_dir: Path
     original_model: Path
@@ -77,8 +133,11 @@ class RunReport:
     passes: list[PassRecord]
     parity: Comparison | None  # the optimized ONNX on ORT CPU; None when it could not run
     atc: AtcResult | None = None  # None with --target ort
+    ascend: AscendOutcome | None = None  # None with --target ort
     validation: list[CandidateReport] = field(default_factory=list)
     squad: SquadCheck | None = None  # with --eval squad
+    warnings: list[str] = field(default_factory=list)
+    require_fusion: bool = False
 
     def to_dict(self) -> dict:
         return {
@@ -88,17 +147,33 @@ class RunReport:
             "facts": self.facts.to_dict(),
             "passes": [record.to_dict() for record in self.passes],
             "parity": self.parity.to_dict() if self.parity else None,
-            "atc": self.atc.to_dict() if self.atc else None,
+            "atc": self._atc_dict(),
+            "check": self.ascend.check.to_dict() if self.ascend else None,
+            "warnings": self.warnings,
             "validation": [candidate.to_dict() for candidate in self.validation],
             "squad": self.squad.to_dict() if self.squad else None,
         }
 
+    def _atc_dict(self) -> dict | None:
+        if self.atc is None:
+            return None
+        data = self.atc.to_dict()
+        if self.ascend is not None and self.ascend.fusion is not None:
+            data["fusion"] = self.ascend.fusion.to_dict()
+            data["fusion_problems"] = self.ascend.fusion_problems
+        return data
+
     def failures(self, strict_emulation: bool = False) -> list[str]:
-        """What makes the run fail (exit 1): atc failing, the optimized ONNX or a real OM failing
-        validation; the emulation's verdict counts only when `strict_emulation`."""
+        """What makes the run fail (exit 1): atc failing, an output not legal for the CANN version,
+        fusions predicted but not taken by a real atc (or not predicted, with require_fusion), the
+        optimized ONNX or a real OM failing validation; the emulation's verdict counts only when
+        `strict_emulation`."""
         problems = [self.atc.summary_line()] if self.atc and self.atc.status == "failed" else []
+        if self.ascend is not None:
+            problems += self.ascend.failures(self.require_fusion)
         for candidate in self.validation:
-            if candidate.passed is False and (candidate.kind != "emulation" or strict_emulation):
+            counts = not candidate.informational and (candidate.kind != "emulation" or strict_emulation)
+            if candidate.passed is False and counts:
                 problems.append(f"{candidate.name} failed validation"
                                 + (f": {candidate.error}" if candidate.error else ""))
         return problems
@@ -112,11 +187,12 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
     """
     out_dir = config.output_dir()
     _refuse_existing_results(out_dir, config.force)
+    check_writable_folder(out_dir, "--output")
     _check_target(config.target)
     pictures = _pass_pictures(config.report)
     squad_data = _squad_data(config.evaluate) if config.evaluate else None
-    atc_options, soc_source = _atc_options(config) if config.target == "ascend" else (None, None)
-    manager = PassManager(config.passes, _pass_options(config), _instruments(config, out_dir))
+    ascend = _ascend_setup(config) if config.target == "ascend" else None
+    manager = PassManager(config.passes, _pass_options(config, ascend), _instruments(config, out_dir))
     if pictures is not None:
         manager.instruments.on_pass_changed = pictures
     original, description = _obtain_onnx(config, out_dir, progress)
@@ -124,27 +200,65 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
         manager.instruments.parity_probe = _parity_probe(original, config)
     optimized = out_dir / OPTIMIZED_NAME
     graph, facts, records = optimize_file(original, optimized, manager, progress)
-    atc_options = _with_input_shape(atc_options, graph, config) if atc_options else None
+    outcome, output_names = None, [tensor.name for tensor in graph.outputs]
+    if ascend is not None:
+        ascend = replace(ascend, options=_with_input_shape(ascend.options, graph, config))
+        progress(f"predicting what ATC (CANN {ascend.cann.version}) fuses")
+        outcome = AscendOutcome(check_ascend(graph, cann=ascend.cann, soc=ascend.options.soc_version))
     del graph  # its weights: atc and validation read optimized.onnx, so keeping it only raises their peak
     gc.collect()  # a gs graph is a reference cycle: it goes only when the collector runs
     atc = None
-    if atc_options is not None:
+    if ascend is not None:
         progress("atc: compiling the OM")
-        atc = compile_om(out_dir, atc_options, soc_source, echo or progress)
+        atc = compile_om(out_dir, ascend.options, ascend.soc_source, ascend.cann_source, echo or progress)
+        _read_what_atc_fused(atc, outcome)
     progress("validating the candidates against the original graph (ONNX Runtime fp32)")
-    validation = validate_candidates(original, _candidates(config, optimized, atc), facts,
+    candidates = _candidates(config, optimized, output_names, atc, ascend)
+    validation = validate_candidates(original, candidates, facts,
                                      batch=config.batch, seq=config.seq, samples=config.samples,
-                                     atol={"onnx": config.atol}, rtol={"onnx": config.rtol})
+                                     **_onnx_tolerances(config, facts))
+    warnings = (ascend.warnings() + outcome.warnings(config.require_fusion)) if ascend else []
     report = RunReport(out_dir, original.resolve(), optimized.resolve(), description, facts, records,
-                       validation[0].comparison, atc, validation)
+                       validation[0].comparison, atc, outcome, validation, warnings=warnings,
+                       require_fusion=config.require_fusion)
     if squad_data is not None:
-        report.squad = _squad_check(config, squad_data, original, optimized, out_dir, progress)
+        report.squad = _squad_check(config, squad_data, original, optimized, out_dir, ascend, progress)
     write_json(out_dir / REPORT_NAME, report.to_dict())
     if pictures is not None:
         from bertopt.report_html import REPORT_HTML, write_html_report
 
         write_html_report(report, pictures.pictures, out_dir / REPORT_HTML)
     return report
+
+
+def _onnx_tolerances(config: RunConfig, facts: ModelFacts) -> dict[str, dict[str, float]]:
+    """The optimized ONNX's tolerances: the user's, else the ones its dtype calls for (other kinds keep theirs)."""
+    atol, rtol = tolerances_for(facts.dtype)
+    return {"atol": {"onnx": atol if config.atol is None else config.atol},
+            "rtol": {"onnx": rtol if config.rtol is None else config.rtol}}
+
+
+def _read_what_atc_fused(atc: AtcResult, outcome: AscendOutcome) -> None:
+    """A real atc run's fusion_result.json, compared with the prediction (a prediction is not a result).
+
+    Where fusion was predicted, a missing or unreadable file is a failure too: nothing confirms it.
+    """
+    if atc.status != "ran":
+        return
+    predicted = outcome.check.fusion_predicted
+    if atc.fusion_result is None:
+        if predicted:
+            outcome.fusion_problems.append("atc wrote no fusion_result.json (--export_compile_stat=0?): "
+                                           "nothing confirms the predicted fusions")
+        return
+    try:
+        outcome.fusion = read_fusion_result(atc.fusion_result)
+    except BertoptError as exc:
+        if predicted:
+            outcome.fusion_problems.append(f"cannot confirm the predicted fusions: {exc}")
+        return
+    if predicted:
+        outcome.fusion_problems += compare_with_prediction(outcome.check.fusion, outcome.fusion)
 
 
 def optimize_file(source: Path, output: Path, manager: PassManager,
@@ -163,19 +277,34 @@ def optimize_file(source: Path, output: Path, manager: PassManager,
     return graph, facts, records
 
 
+@dataclass
+class Optimized:
+    """What `bertopt optimize` did: the facts, each pass's record, and why the output is not legal for
+    the CANN version's ATC (empty when it is, or when the target is not ascend)."""
+
+    facts: ModelFacts
+    passes: list[PassRecord]
+    illegal: list[str]
+
+
 def optimize(source: Path, output: Path, spec: str, *, batch: int, seq: int, target: str = "ascend",
-             force: bool = False, progress: Progress = lambda message: None) -> tuple[ModelFacts, list[PassRecord]]:
+             cann: str | None = None, force: bool = False,
+             progress: Progress = lambda message: None) -> Optimized:
     """`bertopt optimize`: an ONNX file in, the optimized ONNX file out; no export, atc or validation."""
     source, output = Path(source), Path(output)
     if output.resolve() == source.resolve():
         raise BertoptError(f"--output {output} is the input model; bertopt never overwrites its input")
     if output.exists() and not force:
         raise BertoptError(f"--output {output} exists; pass --force to overwrite it")
+    check_writable_folder(output.parent, "--output")
     _check_target(target)
-    options = PassOptions(batch=batch, seq=seq, target=target)
+    target_cann = resolve_cann(cann)[0] if target == "ascend" else None
+    options = PassOptions(batch=batch, seq=seq, target=target, **({"cann": target_cann} if target_cann else {}))
     instruments = Instruments(reproducer_dir=output.parent / f"{output.stem}.reproducer")
-    _, facts, records = optimize_file(source, output, PassManager(spec, options, instruments), progress)
-    return facts, records
+    graph, facts, records = optimize_file(source, output, PassManager(spec, options, instruments), progress)
+    illegal = [] if target_cann is None else [
+        f"{check.name}: {check.reason}" for check in check_model_level(graph, target_cann) if check.ok is False]
+    return Optimized(facts, records, illegal)
 
 
 def _squad_data(evaluate: str) -> str:
@@ -187,11 +316,13 @@ def _squad_data(evaluate: str) -> str:
 
 
 def _squad_check(config: RunConfig, data: str, original: Path, optimized: Path, out_dir: Path,
-                 progress: Progress):
-    from bertopt.squad.check import check_run  # imports the tokenizers: only when asked
+                 ascend: AscendSetup | None, progress: Progress):
+    from bertopt.squad.check import check_run, emulations_of  # imports the tokenizers: only when asked
 
+    emulations = [] if ascend is None else emulations_of(
+        optimized, gelu=ascend.emulated_gelu(), precision=ascend.options.precision()[1], cann=ascend.cann.version)
     return check_run(config.model, original, optimized, data, out_dir / "squad", seq=config.seq,
-                     batch=config.batch, emulation=config.target == "ascend", progress=progress)
+                     batch=config.batch, emulations=emulations, progress=progress)
 
 
 def _pass_pictures(report: str) -> PassPictures | None:
@@ -210,10 +341,13 @@ def _check_target(target: str) -> None:
         raise BertoptError(f"--target {target!r}: expected ascend or ort")
 
 
-def _atc_options(config: RunConfig) -> tuple[AtcOptions, str]:
-    """(options, where the soc came from); built before any work so a bad --atc-arg costs nothing."""
-    soc, source = detect_soc(config.soc)
-    return AtcOptions(model=OPTIMIZED_NAME, output=OM_PREFIX, soc_version=soc, extra=tuple(config.atc_args)), source
+def _ascend_setup(config: RunConfig) -> AscendSetup:
+    """CANN version, chip and atc options, decided before any work so bad flags cost nothing."""
+    cann, cann_source = resolve_cann(config.cann)
+    soc, soc_source = detect_soc(config.soc)
+    options = AtcOptions(model=in_work_dir(OPTIMIZED_NAME), output=in_work_dir(OM_PREFIX), soc_version=soc,
+                         cann=cann, gelu_impl=config.gelu_impl, extra=tuple(config.atc_args))
+    return AscendSetup(cann, cann_source, soc_source, options)
 
 
 def _with_input_shape(options: AtcOptions, graph: gs.Graph, config: RunConfig) -> AtcOptions:
@@ -224,17 +358,27 @@ def _with_input_shape(options: AtcOptions, graph: gs.Graph, config: RunConfig) -
     return replace(options, input_shape=shapes)
 
 
-def _candidates(config: RunConfig, optimized: Path, atc: AtcResult | None) -> list[Backend | Skipped]:
-    """The optimized ONNX in fp32 first (its verdict is the run's parity), then the Ascend candidates."""
+def _candidates(config: RunConfig, optimized: Path, output_names: list[str], atc: AtcResult | None,
+                ascend: AscendSetup | None) -> list[Backend | Skipped]:
+    """The optimized ONNX in fp32 first (its verdict is the run's parity), then the Ascend candidates:
+    the emulation of the Gelu kernel and precision atc is asked for, the other Gelu kernel beside it
+    (informational: the evidence for choosing one), and the OM where it can run."""
     found: list[Backend | Skipped] = list(ort_backends(optimized, "optimized ONNX fp32"))
-    if config.target == "ascend":
-        found.append(EmulationBackend(optimized))
-        found.append(om_backend(atc.om if atc else None, config.device))
+    if ascend is None:
+        return found
+    options = ascend.options
+    found += [EmulationBackend(optimized, gelu=gelu, precision=options.precision()[1], cann=ascend.cann.version,
+                               informational=index > 0)
+              for index, gelu in enumerate(gelu_impls_from(ascend.emulated_gelu()))]
+    # the OM's outputs bind to the graph's by position (its own names are "<op>:<index>:<name>")
+    found.append(om_backend(atc.om if atc else None, config.device, output_names=output_names))
     return found
 
 
-def _pass_options(config: RunConfig) -> PassOptions:
-    return PassOptions(batch=config.batch, seq=config.seq, target=config.target)
+def _pass_options(config: RunConfig, ascend: AscendSetup | None) -> PassOptions:
+    if ascend is None:
+        return PassOptions(batch=config.batch, seq=config.seq, target=config.target)
+    return PassOptions(batch=config.batch, seq=config.seq, target=config.target, cann=ascend.cann)
 
 
 def _instruments(config: RunConfig, out_dir: Path) -> Instruments:
@@ -258,7 +402,8 @@ def _obtain_onnx(config: RunConfig, out_dir: Path, progress: Progress) -> tuple[
         return Path(config.model), f"ONNX file {config.model}"
     source = resolve_source(config.model)
     progress(f"exporting {config.model} ({config.exporter})")
-    result = export_onnx(source, out_dir / "original.onnx", exporter=config.exporter, opset=config.opset)
+    result = export_onnx(source, out_dir / "original.onnx", exporter=config.exporter, opset=config.opset,
+                         attention=config.attention, dtype=config.dtype, mask=config.mask)
     return result.path, result.description
 
 

@@ -75,6 +75,7 @@ class SweepConfig:
     passes: str = "default"
     samples: int = 2
     soc: str | None = None
+    cann: str | None = None  # None: the installed toolkit's version, else the seed's
     threads: int | None = None  # ONNX Runtime threads of validation; None: its default (every core)
 
 
@@ -92,6 +93,8 @@ class Shape:
     samples: int
     soc: str
     soc_source: str
+    cann: str
+    cann_source: str
     threads: int | None = None
 
 
@@ -255,12 +258,14 @@ def export_and_measure(name: str, path: Path) -> PreparedSize:
 
 
 def make_shapes(config: SweepConfig, prepared: dict[str, PreparedSize]) -> list[Shape]:
+    from bertopt.ascend.cann import resolve_cann
     from bertopt.ascend.soc import detect_soc
 
     soc, soc_source = detect_soc(config.soc)
+    cann, cann_source = resolve_cann(config.cann)
     return [Shape(size, seq, batch, info.original, config.output / size / f"seq{seq}_bs{batch}",
                   peak_estimate(info.weights_bytes, info.heads, batch, seq), config.passes, config.samples, soc,
-                  soc_source, config.threads)
+                  soc_source, cann.version, cann_source, config.threads)
             for size, info in prepared.items() for seq in config.seqs for batch in config.batches]
 
 
@@ -482,15 +487,16 @@ class _Clock:
 
 
 def _evaluate(shape: Shape) -> dict:
-    from bertopt.ascend.atc import AtcOptions, compile_om
-    from bertopt.backends.ort import OrtBackend
+    from bertopt.ascend.atc import AtcOptions, compile_om, in_work_dir
+    from bertopt.ascend.cann import cann_target
     from bertopt.ascend.check import check_ascend
+    from bertopt.backends.ort import OrtBackend
     from bertopt.pipeline import Instruments, PassManager, PassOptions
     from bertopt.run import OM_PREFIX, OPTIMIZED_NAME, optimize_file
     from bertopt.validate import validate_candidates
 
-    optimized = shape.folder / OPTIMIZED_NAME
-    manager = PassManager(shape.passes, PassOptions(batch=shape.batch, seq=shape.seq, target="ascend"),
+    optimized, target = shape.folder / OPTIMIZED_NAME, cann_target(shape.cann)
+    manager = PassManager(shape.passes, PassOptions(batch=shape.batch, seq=shape.seq, target="ascend", cann=target),
                           Instruments(reproducer_dir=shape.folder / "reproducer"))
     clock = _Clock()
 
@@ -500,9 +506,10 @@ def _evaluate(shape: Shape) -> dict:
 
     graph, facts, records = optimize_file(shape.original, optimized, manager, lap_before_saving)
     clock.lap("save")
-    atc = compile_om(shape.folder, AtcOptions(model=OPTIMIZED_NAME, output=OM_PREFIX, soc_version=shape.soc),
-                     shape.soc_source)
-    conformance = check_ascend(graph)
+    options = AtcOptions(model=in_work_dir(OPTIMIZED_NAME), output=in_work_dir(OM_PREFIX), soc_version=shape.soc,
+                         cann=target)
+    atc = compile_om(shape.folder, options, shape.soc_source, shape.cann_source)
+    conformance = check_ascend(graph, cann=target, soc=shape.soc)
     del graph  # before the two ORT sessions load the weights again
     gc.collect()  # a gs graph is a reference cycle: it goes only when the collector runs
     clock.lap("atc_and_conformance")
@@ -516,7 +523,8 @@ def _evaluate(shape: Shape) -> dict:
     passed = report.passed is True and conformance.conforming
     return {"status": "passed" if passed else "failed",
             "passes_changed": [r.name for r in records if r.changed],
-            "conforming": conformance.conforming,
+            "conforming": conformance.conforming, "fuses": conformance.fusion_predicted,
+            "fusion_gates": conformance.fusion.failures(),
             "parity_max_abs": parity_max, "parity_passed": report.passed,
             "parity": comparison.summary_line() if comparison else report.error,
             "parity_batches": batches, "atc": atc.status, "phase_seconds": clock.phases}
@@ -525,7 +533,7 @@ def _evaluate(shape: Shape) -> dict:
 def _row(shape: Shape, *, status: str, seconds: float, error: str | None = None, node: str | None = None,
          **fields) -> dict:
     base = {"size": shape.size, "seq": shape.seq, "batch": shape.batch, "status": status,
-            "passes_changed": [], "conforming": None, "parity_max_abs": None, "parity_passed": None,
+            "passes_changed": [], "conforming": None, "fuses": None, "fusion_gates": [], "parity_max_abs": None, "parity_passed": None,
             "parity": None, "atc": None, "error": error, "seconds": round(seconds, 2),
             "folder": str(shape.folder), "node": node, "estimate_mib": round(shape.estimate / (1 << 20)),
             "done_before": False}
@@ -545,16 +553,17 @@ def render_table(rows: list[dict]) -> str:
     A `node` column (the Ray node that ran the shape) appears when any row has one.
     """
     with_node = any(row.get("node") for row in rows)
-    lines = ["| size | seq | batch | passes changed | conforming | parity max abs | parity | status | seconds |"
-             + (" node |" if with_node else ""),
-             "|---|---:|---:|---|---|---:|---|---|---:|" + ("---|" if with_node else "")]
+    lines = ["| size | seq | batch | passes changed | conforming | ATC fuses | parity max abs | parity | status "
+             "| seconds |" + (" node |" if with_node else ""),
+             "|---|---:|---:|---|---|---|---:|---|---|---:|" + ("---|" if with_node else "")]
     for row in rows:
         parity = {True: "PASSED", False: "FAILED", None: "-"}[row["parity_passed"]]
         worst = "-" if row["parity_max_abs"] is None else f"{row['parity_max_abs']:.2e}"
         status = row["status"] + (" (done before)" if row["done_before"] else "")
         status += f": {row['error']}" if row.get("error") else ""
         line = (f"| {row['size']} | {row['seq']} | {row['batch']} | {len(row['passes_changed'])} "
-                f"| {_yes_no(row['conforming'])} | {worst} | {parity} | {status} | {row['seconds']:.1f} |")
+                f"| {_yes_no(row['conforming'])} | {_yes_no(row.get('fuses'))} | {worst} | {parity} | {status} "
+                f"| {row['seconds']:.1f} |")
         lines.append(line + (f" {row.get('node') or '-'} |" if with_node else ""))
     return "\n".join(lines)
 

@@ -37,6 +37,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ def _sweep(config: SweepConfig, sizes: dict[str, str], progress: Progress) -> Sw
     check = OutputCheck(config.output / CHECK_NAME, secrets.token_hex(16))
     write_text(check.marker, check.token)
     try:
-        _check_every_node_sees(check, nodes, progress)
+        nodes = _check_every_node_sees(check, nodes, progress)
         prepared = _export_all(sizes, config, check, nodes, progress)
         shapes = make_shapes(config, prepared)
         done, todo = split_done(shapes)
@@ -178,20 +179,34 @@ def see_output(check: OutputCheck) -> str:
     return node
 
 
-def _check_every_node_sees(check: OutputCheck, nodes: list[dict], progress: Progress) -> None:
-    """One task pinned to each node reads the marker; the first node that cannot is one line."""
+def _check_every_node_sees(check: OutputCheck, nodes: list[dict], progress: Progress) -> list[dict]:
+    """One task pinned to each node reads the marker; the first node that cannot is one line.
+
+    A node that left the cluster meanwhile (Ray lists a lost node as alive until its health checks
+    fail) is skipped; the nodes that answered are returned.
+    """
     probe = ray.remote(see_output)
     refs = [probe.options(num_cpus=0, max_retries=0,
                           scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
                           ).remote(check) for node in nodes]
-    try:
-        seen = ray.get(refs, timeout=CHECK_TIMEOUT_SECONDS)
-    except GetTimeoutError:
-        raise BertoptError(f"a Ray node did not answer the shared-folder check within "
-                           f"{CHECK_TIMEOUT_SECONDS:.0f} s") from None
-    except RayTaskError as exc:
-        raise BertoptError(first_line(_cause(exc))) from None
+    deadline = time.monotonic() + CHECK_TIMEOUT_SECONDS
+    answered, seen = [], []
+    for node, ref in zip(nodes, refs):
+        try:
+            seen.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            answered.append(node)
+        except GetTimeoutError:
+            raise BertoptError(f"Ray node {node['NodeID'][:8]} ({node['NodeManagerAddress']}) did not answer the "
+                               f"shared-folder check within {CHECK_TIMEOUT_SECONDS:.0f} s") from None
+        except RayTaskError as exc:
+            raise BertoptError(first_line(_cause(exc))) from None
+        except RayError as exc:
+            progress(f"node {node['NodeID'][:8]} left the cluster during the shared-folder check "
+                     f"({type(exc).__name__}); going on without it")
+    if not answered:
+        raise BertoptError("no Ray node answered the shared-folder check")
     progress(f"{len(seen)} node(s) see {check.marker.parent}: {', '.join(seen)}")
+    return answered
 
 
 def _cause(exc: RayTaskError) -> BaseException:

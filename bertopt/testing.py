@@ -41,9 +41,11 @@ def run_spec(model: ModelSource, spec: str, *, batch: int, seq: int, **options) 
     return SpecResult(graph, facts, records, batch, seq)
 
 
-def assert_parity(original: ModelSource | os.PathLike, result: SpecResult, *, atol: float = 1e-4,
-                  rtol: float = 1e-4, samples: int = 2) -> Comparison:
-    """Both graphs on the same realistic inputs (ids across the vocab, padded masks); fail on a diff."""
+def assert_parity(original: ModelSource | os.PathLike, result: SpecResult, *, atol: float | None = None,
+                  rtol: float | None = None, samples: int = 2) -> Comparison:
+    """Both graphs on the same realistic inputs (ids across the vocab, padded masks); fail on a diff.
+
+    Tolerances default to the model's dtype: 1e-4 for fp32, bertopt.parity.FP16_ATOL for fp16."""
     comparison = parity_check(original, to_model(result.graph), result.facts, batch=result.batch,
                               seq=result.seq, samples=samples, atol=atol, rtol=rtol)
     assert comparison.passed, comparison.summary_line()

@@ -14,24 +14,49 @@ Every exporter turns the `attention_mask` input ([batch, seq], 1 = token, 0 = pa
   all -inf, so its softmax is NaN);
 - dynamo exporter: ``Cast(bool) -> GatherND -> And -> Where(., 0, -3.4028235e38)``;
 - dynamo exporter with SDPA at opset 23: the boolean mask (``And`` of the GatherND) goes straight
-  into the ``attn_mask`` input of each ONNX ``Attention`` op.
+  into the ``attn_mask`` input of each ONNX ``Attention`` op;
+- XLM and FlauBERT (``masked_fill``): ``Where(Equal(mask, 0), -3.4028235e38, scores)`` replaces the
+  scores themselves;
+- GPT-2-style decoders: padding and causality in one ``Where(And(tril, mask), 0, -3.4028235e38)``;
+- fp16 exports: all of the above with finfo(float16).min = -65504;
+- a float attention-mask input: a 0/1 mask, spelled as the integer one after a Cast(bool), or an
+  additive mask (0 keeps, very negative removes) added to the scores as it is;
+- no attention-mask input: the scores go straight into the Softmax (the legacy exporter), or a zero
+  mask computed from shapes alone (the dynamo exporter).
 
 -3.4e38 is -inf in fp16 (ATC compiles to fp16 on the 310P), and -inf turns fully masked rows into
 NaN. This pass replaces all of them with the canonical mask the seed's model had::
 
     Mul(Sub(1, Cast(Unsqueeze(attention_mask, axes=[1, 2]), float)), mask_value)   # [batch, 1, 1, seq]
 
-with `PassOptions.mask_value` (default -10000). It needs no static shape, so it runs on dynamic
-graphs too.
+with `PassOptions.mask_value` (default -10000, exact in fp16), in the dtype of the scores. The
+other kinds of model get the same shape and values, spelled for what they have:
 
-How a mask is recognised, whatever its form: the sites are every ``Softmax(Add(scores, M))`` and
-every ``Attention(q, k, v, M)`` (matched with the pattern matcher) where M is computed from the
-attention_mask input alone: no other graph input reaches M except through ``Shape``/``Size``, which
-read only shapes. Each distinct M is then evaluated with ONNX Runtime on a few masks (the
-subgraph that computes it, with zeros fed to the other inputs whose shapes it reads) and must broadcast
-to [batch, 1|heads, 1|seq, seq] and be 0 (or True) where the mask is 1 and at most -1000 (or False)
-where it is 0. An additive bias, a causal mask or anything else that fails this is left alone and
-named in the notes, so a graph is never silently given a different function.
+- an additive mask input: ``Max(Cast(Unsqueeze(attention_mask, [1, 2]), float), mask_value)``: the
+  same function for any value at or above mask_value, and -inf or finfo.min clamped to an fp16-safe
+  one (both remove the token: exp(-10000) is 0 in fp32 and fp16);
+- no mask input: a zero constant ``[batch, 1, 1, seq]`` added to every layer's scores, so the
+  ``Softmax(Add(scaled scores, mask))`` form ATC's attention fusion needs exists (attention-bigkernel
+  expands it to [batch, 1, seq, seq] like any mask). Decision: a constant needs static shapes, so on a
+  dynamic graph such a model is left alone with a note (run freeze-shapes first);
+- causal models (`ModelFacts.attention`): ``Min`` of the mask above and a constant ``[1, 1, seq, seq]``
+  holding mask_value above the diagonal (Min, not Add, so a token both padded and later stays at
+  mask_value). Also static shapes only.
+
+A ``Where(B, fill, scores)`` site becomes ``Add(scores, mask)``; a Softmax fed the bare scores (no
+mask input) gets the Add inserted in front of it. A Cast between the masked scores and the Softmax to
+the type the scores already have (XLM's ``.float()`` in an fp32 model) is dropped, so the Softmax
+reads the masked scores as ATC's form has it; a real cast (fp16 scores, fp32 Softmax) stays.
+
+How a mask is recognised, whatever its form: the sites are every ``Softmax(Add(scores, M))``,
+``Softmax(Where(B, fill, scores))`` and ``Attention(q, k, v, M)`` where M (or B) depends on no graph
+input's values but the attention mask's (``Shape``/``Size`` read only shapes; constants are free).
+Each distinct M or B is then evaluated with ONNX Runtime on a few masks (bertopt.subgraph; binary
+0/1 probes, or 0 / finfo.min probes for an additive input) and must broadcast to
+[batch, 1|heads, 1|seq, seq] and be 0 (or True) where the token is kept and at most -1000 (or False)
+where it is removed; for a causal model "kept" also requires the key not to come after the query.
+An additive bias, a mask the model does not announce, or anything else that fails this is left
+alone and named in the notes, so a graph is never silently given a different function.
 
 Attention-23 (dynamo, SDPA) decision: its boolean mask is replaced by the canonical float mask too.
 ONNX Attention adds a float `attn_mask` to the scores (and applies a boolean one as 0 / -inf), so
@@ -42,6 +67,9 @@ seq])``; on a graph with dynamic inputs they are left alone with a note (run fre
 
 NaN guards are removed only after the Softmax of a layer whose mask was replaced: with a finite
 mask and finite scores a softmax row cannot be NaN, so ``Where(IsNaN(p), 0, p)`` is dead.
+
+The pass is idempotent: a graph whose layers all read the canonical mask (also through the Expand
+attention-bigkernel adds) is left alone.
 
 Fully masked rows (never produced by a tokenizer: [CLS] is always kept) are the one place the
 result differs from the original: the original gives a uniform row (finfo.min swamps the scores)
@@ -55,66 +83,97 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
 
 from bertopt.errors import BertoptError
-from bertopt.facts import ModelFacts
+from bertopt.facts import MASKED_AT_MOST, ModelFacts, attention_layer_softmaxes, where_fill
 from bertopt.graph import add_node, constant_value, is_static, make_constant, replace_uses
-from bertopt.parity import OrtRunner
 from bertopt.pattern import Const, Match, OneOf, Op, Pattern, Var, _
 from bertopt.pipeline import PassOptions, PassResult, register_pass
+from bertopt.subgraph import SubgraphEvaluator, closure, input_dtype, value_dependents
 
-# A masked score at or below this vanishes from the softmax in fp32 and fp16 alike (exp(-1000) is 0).
-MASKED_AT_MOST = -1000.0
 # The canonical value plus any realistic score must stay finite in fp16 (max 65504).
 FP16_SAFE_LIMIT = 32768.0
 # Probe shape for graphs with dynamic inputs: small, with room for a few patterns per row.
 PROBE_BATCH, PROBE_SEQ = 3, 8
-# Ops whose output depends on their input's shape only, never on its values.
-SHAPE_ONLY_OPS = {"Shape", "Size"}
 
 NAN_GUARD = Pattern(Op("Where", Op("IsNaN", Var("probs")), Const(0.0), Var("probs")))
 
 
 @dataclass
 class Site:
-    """One place a mask enters attention: input `index` of `node` (an Add or an Attention)."""
+    """One place a mask enters attention.
 
+    kind "add": input `index` of the Add `node` before `softmax`; "where": the Where `node` whose
+    condition (input 0) removes scores when it is `removes_when`; "bare": `softmax` reads the scores
+    straight; "attention": input 3 of the Attention `node`.
+    """
+
+    kind: str
     node: gs.Node
-    index: int
-    softmax: gs.Node | None  # the Softmax after an Add site; None for Attention
+    softmax: gs.Node | None
+    index: int = 0
+    removes_when: bool = True
+    cast: gs.Node | None = None  # a Cast between the masked scores and the Softmax (XLM's .float())
 
     @property
-    def mask(self) -> gs.Tensor:
-        return self.node.inputs[self.index]
+    def source(self) -> gs.Tensor | None:
+        """What is evaluated: the additive mask, the Where condition, or nothing for a bare site."""
+        if self.kind == "bare":
+            return None
+        return self.node.inputs[0] if self.kind == "where" else self.node.inputs[self.index]
 
     @property
     def scores(self) -> gs.Tensor:
-        """A tensor of the scores' dtype: the other Add operand, or Attention's query."""
-        return self.node.inputs[1 - self.index] if self.softmax is not None else self.node.inputs[0]
+        """A tensor of the scores' dtype."""
+        if self.kind == "add":
+            return self.node.inputs[1 - self.index]
+        if self.kind == "where":
+            return self.node.inputs[2 if self.removes_when else 1]
+        return self.softmax.inputs[0] if self.kind == "bare" else self.node.inputs[0]
+
+
+@dataclass
+class Canonical:
+    """What the canonical mask of this model is made of."""
+
+    mask_input: gs.Tensor | None
+    kind: str | None  # facts.mask_kind
+    causal: bool
+    value: float
+
+    def describe(self) -> str:
+        name = self.mask_input.name if self.mask_input is not None else None
+        base = {"binary": f"(1 - {name}) * {self.value:g}", "additive": f"max({name}, {self.value:g})",
+                None: "a zero mask"}[self.kind]
+        return base + (f" plus a causal mask ({self.value:g} above the diagonal)" if self.causal else "")
+
+    @property
+    def needs_static_shapes(self) -> bool:
+        return self.causal or self.mask_input is None
 
 
 @register_pass("fold-attention-mask", "replace every exporter's attention-mask subgraph with one "
-               "fp16-safe (1 - mask) * mask_value shared by all layers; drop dead NaN guards")
+               "fp16-safe (1 - mask) * mask_value shared by all layers (a zero mask where there is no "
+               "mask input, plus a causal one for decoders); drop dead NaN guards")
 def fold_attention_mask(graph: gs.Graph, facts: ModelFacts, options: PassOptions) -> PassResult:
     value = _checked_mask_value(options.mask_value)
     mask_input = next((t for t in graph.inputs if t.name == facts.input_for("attention_mask")), None)
-    if mask_input is None:
-        return PassResult.no_change("the model has no attention_mask input; nothing to fold")
-    mask_only = _mask_only_tensors(graph, mask_input)
-    sites = _find_sites(graph, mask_only)
+    canonical = Canonical(mask_input, facts.mask_kind if mask_input is not None else None,
+                          facts.attention == "causal", value)
+    free = _mask_only_tensors(graph, mask_input)
+    sites, notes = _find_sites(graph, free, mask_input)
     if not sites:
-        return PassResult.no_change(_nothing_found(graph, mask_input, mask_only))
-    if _already_canonical(graph, sites, mask_input, value):
+        return PassResult.no_change(_nothing_found(graph, mask_input, free))
+    if _already_canonical(graph, sites, canonical):
         return PassResult.no_change(f"all {len(sites)} attention layers already share the canonical "
-                                    f"mask (1 - {mask_input.name}) * {value:g}")
-    sites, rejected = _foldable(sites, mask_input)
-    problems = _probe_masks(graph, facts, mask_input, sites) if sites else {}
-    accepted = [site for site in sites if problems[site.mask.name] is None]
+                                    f"mask {canonical.describe()}")
+    sites, rejected = _foldable(sites, canonical, facts)
+    problems = _probe_masks(graph, facts, canonical, sites) if sites else {}
+    accepted = [site for site in sites if site.source is None or problems[site.source.name] is None]
     rejected += [f"left mask '{name}' alone: {problem}" for name, problem in problems.items() if problem]
     if not accepted:
-        return PassResult.no_change("no attention mask folded; " + "; ".join(rejected))
-    return _fold(graph, mask_input, accepted, value, rejected)
+        return PassResult.no_change("no attention mask folded; " + "; ".join(notes + rejected))
+    return _fold(graph, facts, canonical, accepted, notes + rejected)
 
 
 def _checked_mask_value(value: float) -> float:
@@ -124,70 +183,97 @@ def _checked_mask_value(value: float) -> float:
     return float(value)
 
 
-def _foldable(sites: list[Site], mask_input: gs.Tensor) -> tuple[list[Site], list[str]]:
-    """ONNX Runtime takes an Attention attn_mask only with its query dim (seq) spelled out, so the
-    canonical mask is expanded to [batch, 1, seq, seq] for those sites: that needs static shapes."""
-    if is_static(mask_input):
+def _foldable(sites: list[Site], canonical: Canonical, facts: ModelFacts) -> tuple[list[Site], list[str]]:
+    """Constants of the model's shape (zero and causal masks) and the [batch, 1, seq, seq] Expand ONNX
+    Runtime needs in front of an Attention attn_mask both need static shapes."""
+    if facts.is_static:
         return sites, []
-    attention = [site for site in sites if site.softmax is None]
+    if canonical.needs_static_shapes:
+        what = "a zero mask" if canonical.mask_input is None else "a causal mask"
+        reason = "the model has no attention_mask input; " if canonical.mask_input is None else ""
+        return [], [f"{reason}{what} of the model's shape needs static shapes (run freeze-shapes first)"]
+    attention = [site for site in sites if site.kind == "attention"]
     notes = [f"left the attn_mask of {len(attention)} Attention op(s) alone: it must be expanded to "
              "[batch, 1, seq, seq], which needs static shapes (run freeze-shapes first)"] if attention else []
-    return [site for site in sites if site.softmax is not None], notes
+    return [site for site in sites if site.kind != "attention"], notes
 
 
-def _mask_only_tensors(graph: gs.Graph, mask_input: gs.Tensor) -> set[int]:
-    """ids of the tensors computed from `mask_input` and constants only (shapes of others allowed)."""
-    others = [t for t in graph.inputs if t is not mask_input]
-    return _reachable([mask_input]) - _reachable(others)
+def _mask_only_tensors(graph: gs.Graph, mask_input: gs.Tensor | None) -> set[int]:
+    """ids of the tensors whose values depend on no graph input but `mask_input` (constants included).
+
+    Only tensors of the graph are collected: a constant is in the set when a node reads it."""
+    others = value_dependents([t for t in graph.inputs if t is not mask_input])
+    tensors = {id(t) for node in graph.nodes for t in [*node.inputs, *node.outputs]}
+    return (tensors | {id(t) for t in graph.inputs}) - others
 
 
-def _reachable(starts: list[gs.Tensor]) -> set[int]:
-    """ids of the tensors whose values depend on `starts`; Shape/Size cut the dependency."""
-    seen = {id(t) for t in starts}
-    frontier = list(starts)
-    while frontier:
-        for node in frontier.pop().outputs:
-            if node.op in SHAPE_ONLY_OPS:
-                continue
-            for out in node.outputs:
-                if id(out) not in seen:
-                    seen.add(id(out))
-                    frontier.append(out)
-    return seen
+# --------------------------------------------------------------------------- finding the sites
 
-
-def _softmax_pattern(mask_only: set[int]) -> Pattern:
+def _add_pattern(free: set[int]) -> Pattern:
     def one_operand_is_mask(add: gs.Node) -> bool:
-        return sum(id(t) in mask_only for t in add.inputs) == 1
+        return sum(id(t) in free for t in add.inputs) == 1
 
     add = Op("Add", _, _, name="add", where=(one_operand_is_mask, "an operand computed from the "
                                              "attention_mask input alone"))
-    return Pattern(Op("Softmax", add, name="softmax"))
+    return Pattern(Op("Softmax", OneOf(add, Op("Cast", add, name="cast")), name="softmax"))
 
 
-def _attention_pattern(mask_only: set[int]) -> Pattern:
+def _where_pattern(free: set[int]) -> Pattern:
+    def condition_is_mask(where: gs.Node) -> bool:
+        return id(where.inputs[0]) in free and _fill_index(where, free) is not None
+
+    where = Op("Where", _, _, _, name="where", where=(condition_is_mask, "a condition computed from the "
+                                                      "attention_mask input alone and a very negative fill"))
+    return Pattern(Op("Softmax", OneOf(where, Op("Cast", where, name="cast")), name="softmax"))
+
+
+def _fill_index(where: gs.Node, free: set[int]) -> int | None:
+    return where_fill(where, lambda tensor: id(tensor) not in free)
+
+
+def _attention_pattern(free: set[int]) -> Pattern:
     def mask_is_mask_only(attention: gs.Node) -> bool:
-        return id(attention.inputs[3]) in mask_only
+        return id(attention.inputs[3]) in free
 
     return Pattern(Op("Attention", _, _, _, _, partial_inputs=True, outputs=None,
                       where=(mask_is_mask_only, "an attn_mask computed from the attention_mask input alone")))
 
 
-def _find_sites(graph: gs.Graph, mask_only: set[int]) -> list[Site]:
+def _find_sites(graph: gs.Graph, free: set[int], mask_input: gs.Tensor | None) -> tuple[list[Site], list[str]]:
+    """Every attention layer's mask site; a layer fed bare scores only counts where there is no mask
+    input (with one, adding the mask would change what the layer computes)."""
     sites = []
-    for match in _softmax_pattern(mask_only).find_all(graph, allow_escape=True):
+    for match in _add_pattern(free).find_all(graph, allow_escape=True):
         add = match.node("add")
-        index = next(i for i, t in enumerate(add.inputs) if id(t) in mask_only)
-        sites.append(Site(add, index, match.node("softmax")))
-    for match in _attention_pattern(mask_only).find_all(graph, allow_escape=True):
-        sites.append(Site(match.root, 3, None))
-    return sites
+        index = next(i for i, t in enumerate(add.inputs) if id(t) in free)
+        sites.append(Site("add", add, match.node("softmax"), index=index, cast=_optional(match, "cast")))
+    for match in _where_pattern(free).find_all(graph, allow_escape=True):
+        where = match.node("where")
+        sites.append(Site("where", where, match.node("softmax"), removes_when=_fill_index(where, free) == 1,
+                          cast=_optional(match, "cast")))
+    for match in _attention_pattern(free).find_all(graph, allow_escape=True):
+        sites.append(Site("attention", match.root, None, index=3))
+    seen = {id(site.softmax) for site in sites if site.softmax is not None}
+    bare = [s for s in attention_layer_softmaxes(graph) if id(s) not in seen]
+    if mask_input is None:
+        sites += [Site("bare", softmax, softmax) for softmax in bare]
+        return sites, []
+    notes = [f"{len(bare)} attention layer(s) read no mask; left them alone"] if bare and sites else []
+    return sites, notes
 
 
-def _nothing_found(graph: gs.Graph, mask_input: gs.Tensor, mask_only: set[int]) -> str:
-    looked_for = (f"looked for Softmax(Add(scores, M)) and Attention(q, k, v, M) with M computed from "
-                  f"'{mask_input.name}' alone")
-    patterns = (("Softmax", _softmax_pattern(mask_only)), ("Attention", _attention_pattern(mask_only)))
+def _optional(match: Match, name: str) -> gs.Node | None:
+    try:
+        return match.node(name)
+    except KeyError:
+        return None
+
+
+def _nothing_found(graph: gs.Graph, mask_input: gs.Tensor | None, free: set[int]) -> str:
+    name = mask_input.name if mask_input is not None else "no graph input"
+    looked_for = (f"looked for Softmax(Add(scores, M)), Softmax(Where(B, fill, scores)) and Attention(q, k, "
+                  f"v, M) with M computed from '{name}' alone")
+    patterns = (("Softmax", _add_pattern(free)), ("Attention", _attention_pattern(free)))
     for op, pattern in patterns:
         candidate = next((n for n in graph.nodes if n.op == op), None)
         if candidate is not None:
@@ -197,31 +283,80 @@ def _nothing_found(graph: gs.Graph, mask_input: gs.Tensor, mask_only: set[int]) 
 
 # --------------------------------------------------------------------------- the canonical mask
 
-def _canonical_pattern(value: float) -> Pattern:
+def _padding_pattern(canonical: Canonical) -> Pattern | None:
     unsqueezed = OneOf(Op("Unsqueeze", Var("mask"), Const([1, 2])),
                        Op("Unsqueeze", Var("mask"), attrs={"axes": [1, 2]}))
-    return Pattern(Op("Mul", Op("Sub", Const(1.0), Op("Cast", unsqueezed)), Const(value)))
+    if canonical.kind == "binary":
+        return Pattern(Op("Mul", Op("Sub", Const(1.0), Op("Cast", unsqueezed)), Const(canonical.value)))
+    if canonical.kind == "additive":
+        return Pattern(Op("Max", Op("Cast", unsqueezed), Const(canonical.value)))
+    return None
 
 
-def _already_canonical(graph: gs.Graph, sites: list[Site], mask_input: gs.Tensor, value: float) -> bool:
+def _already_canonical(graph: gs.Graph, sites: list[Site], canonical: Canonical) -> bool:
+    if any(site.kind not in ("add", "attention") or _noop_cast(site) for site in sites):
+        return False
     masks = {id(mask): mask for mask in map(_unexpanded, sites)}
-    if len(masks) != 1:
+    if len(masks) != 1 or _guards_after(graph, sites):
         return False
     mask = next(iter(masks.values()))
-    match = _canonical_pattern(value).match(mask.inputs[0], graph) if mask.inputs else None
-    return match is not None and match["mask"] is mask_input and not _guards_after(graph, sites)
+    if canonical.causal:
+        parts = mask.inputs[0].inputs if mask.inputs and mask.inputs[0].op == "Min" else [mask]
+        causal = [t for t in parts if isinstance(t, gs.Constant) and _is_causal_constant(t, canonical.value)]
+        if len(causal) != 1:
+            return False
+        rest = [t for t in parts if t is not causal[0]]
+        return not rest if canonical.mask_input is None else len(rest) == 1 and _is_padding(graph, rest[0], canonical)
+    return _is_padding(graph, mask, canonical)
+
+
+def _is_padding(graph: gs.Graph, mask: gs.Tensor, canonical: Canonical) -> bool:
+    pattern = _padding_pattern(canonical)
+    if pattern is None:
+        values = constant_value(mask)
+        return values is not None and values.ndim == 4 and not values.any()
+    match = pattern.match(mask.inputs[0], graph) if mask.inputs else None
+    return match is not None and match["mask"] is canonical.mask_input
+
+
+def _is_causal_constant(tensor: gs.Constant, value: float) -> bool:
+    values = tensor.values
+    if values.ndim != 4 or values.shape[:2] != (1, 1) or values.shape[2] != values.shape[3]:
+        return False
+    return np.array_equal(values[0, 0], _causal_values(values.shape[3], value, values.dtype))
+
+
+def _causal_values(seq: int, value: float, dtype: np.dtype) -> np.ndarray:
+    return np.triu(np.full((seq, seq), value, dtype=dtype), k=1)
 
 
 def _unexpanded(site: Site) -> gs.Tensor:
-    """The mask before the Expand this pass puts in front of an Attention op."""
-    producer = site.mask.inputs[0] if site.mask.inputs else None
-    if site.softmax is None and producer is not None and producer.op == "Expand":
+    """The mask before an Expand (this pass's in front of an Attention op, attention-bigkernel's to
+    [batch, 1, seq, seq])."""
+    mask = site.source
+    producer = mask.inputs[0] if mask.inputs else None
+    if producer is not None and producer.op == "Expand":
         return producer.inputs[0]
-    return site.mask
+    return mask
 
 
-def _canonical_mask(graph: gs.Graph, mask_input: gs.Tensor, dtype: np.dtype, value: float) -> gs.Variable:
-    """(1 - Cast(Unsqueeze(mask, [1, 2]))) * value, shaped [batch, 1, 1, seq] (dims symbolic or not)."""
+def _canonical_mask(graph: gs.Graph, facts: ModelFacts, canonical: Canonical, dtype: np.dtype) -> gs.Tensor:
+    """The canonical mask (see the module docstring), [batch, 1, 1, seq] or [batch, 1, seq, seq]."""
+    value = canonical.value
+    if canonical.mask_input is None:
+        padding = None if canonical.causal else make_constant(
+            graph, "mask_zero", np.zeros((facts.batch, 1, 1, facts.seq), dtype=dtype))
+    else:
+        padding = _padding_mask(graph, canonical.mask_input, canonical.kind, dtype, value)
+    if not canonical.causal:
+        return padding
+    causal = make_constant(graph, "mask_causal", _causal_values(facts.seq, value, dtype)[None, None])
+    if padding is None:
+        return causal
+    return add_node(graph, "Min", [padding, causal], dtype=dtype, shape=[facts.batch, 1, facts.seq, facts.seq])[0]
+
+
+def _padding_mask(graph: gs.Graph, mask_input: gs.Tensor, kind: str, dtype: np.dtype, value: float) -> gs.Variable:
     batch, seq = mask_input.shape if mask_input.shape is not None else (None, None)
     shape = [batch, 1, 1, seq]
     axes = np.array([1, 2], dtype=np.int64)
@@ -233,38 +368,76 @@ def _canonical_mask(graph: gs.Graph, mask_input: gs.Tensor, dtype: np.dtype, val
                               dtype=mask_input.dtype, shape=shape)
     as_float = add_node(graph, "Cast", unsqueezed,
                         attrs={"to": onnx.helper.np_dtype_to_tensor_dtype(dtype)}, dtype=dtype, shape=shape)
+    fill = make_constant(graph, "mask_value", np.array(value, dtype=dtype))
+    if kind == "additive":
+        return add_node(graph, "Max", [*as_float, fill], dtype=dtype, shape=shape)[0]
     kept = add_node(graph, "Sub", [make_constant(graph, "mask_one", np.array(1.0, dtype=dtype)), *as_float],
                     dtype=dtype, shape=shape)
-    scaled = add_node(graph, "Mul", [*kept, make_constant(graph, "mask_value", np.array(value, dtype=dtype))],
-                      dtype=dtype, shape=shape)
-    return scaled[0]
+    return add_node(graph, "Mul", [*kept, fill], dtype=dtype, shape=shape)[0]
 
 
-def _expanded_for_attention(graph: gs.Graph, canonical: gs.Variable) -> gs.Variable:
-    batch, _one, _also_one, seq = canonical.shape
-    shape = np.array([batch, 1, seq, seq], dtype=np.int64)
+def _expanded_for_attention(graph: gs.Graph, facts: ModelFacts, canonical: gs.Tensor) -> gs.Variable:
+    shape = np.array([facts.batch, 1, facts.seq, facts.seq], dtype=np.int64)
     return add_node(graph, "Expand", [canonical, make_constant(graph, "mask_shape", shape)],
                     dtype=canonical.dtype, shape=shape.tolist())[0]
 
 
-def _fold(graph: gs.Graph, mask_input: gs.Tensor, sites: list[Site], value: float,
+def _fold(graph: gs.Graph, facts: ModelFacts, canonical: Canonical, sites: list[Site],
           notes: list[str]) -> PassResult:
-    old_masks = {id(site.mask): site.mask for site in sites}
-    old_constants = sorted({c for mask in old_masks.values() for c in _masking_constants(mask)})
+    old_masks = {id(site.source): site for site in sites if site.source is not None}
+    old_constants = sorted({c for site in old_masks.values() for c in _masking_constants(site)})
     nodes_before = {id(n) for n in graph.nodes}
-    canonical = _canonical_mask(graph, mask_input, _scores_dtype(sites), value)
-    expanded = _expanded_for_attention(graph, canonical) if any(s.softmax is None for s in sites) else None
+    mask = _canonical_mask(graph, facts, canonical, _scores_dtype(sites))
+    expanded = _expanded_for_attention(graph, facts, mask) if any(s.kind == "attention" for s in sites) else None
+    casts = [site.cast for site in sites if _noop_cast(site)]
     for site in sites:
-        site.node.inputs[site.index] = canonical if site.softmax is not None else expanded
+        _use_mask(graph, site, mask if site.kind != "attention" else expanded)
+    for cast in casts:
+        replace_uses(cast.outputs[0], cast.inputs[0], graph)
     guards = _remove_dead_guards(graph, sites)
     graph.cleanup(remove_unused_graph_inputs=False)
     removed = len(nodes_before - {id(n) for n in graph.nodes})
-    old = ", ".join(f"{c:g}" for c in old_constants) or "none (boolean mask)"
-    notes = [f"replaced {len(old_masks)} mask(s) feeding {len(sites)} attention layer(s) with "
-             f"(1 - {mask_input.name}) * {value:g}; old masking constant(s): {old}", *notes]
-    return PassResult(changed=True, notes=notes, counts={
-        "masks_replaced": len(old_masks), "layers": len(sites),
-        "nan_guards_removed": guards, "nodes_removed": removed})
+    bare = sum(site.kind == "bare" for site in sites)
+    return PassResult(changed=True, notes=[_summary(canonical, sites, old_masks, old_constants), *notes],
+                      counts={"masks_replaced": len(old_masks), "layers": len(sites), "masks_added": bare,
+                              "nan_guards_removed": guards, "noop_casts_removed": len(casts),
+                              "nodes_removed": removed})
+
+
+def _summary(canonical: Canonical, sites: list[Site], old_masks: dict, old_constants: list[float]) -> str:
+    bare = sum(site.kind == "bare" for site in sites)
+    if bare == len(sites):
+        return f"added {canonical.describe()} to the scores of {bare} attention layer(s) that had none"
+    if old_constants:
+        old = ", ".join(f"{c:g}" for c in old_constants)
+    else:
+        old = "none (additive mask input)" if canonical.kind == "additive" else "none (boolean mask)"
+    return (f"replaced {len(old_masks)} mask(s) feeding {len(sites) - bare} attention layer(s) with "
+            f"{canonical.describe()}; old masking constant(s): {old}")
+
+
+def _noop_cast(site: Site) -> bool:
+    """A Cast between the masked scores and the Softmax to the type the scores already have."""
+    scores = site.scores.dtype
+    return (site.cast is not None and scores is not None
+            and onnx.helper.tensor_dtype_to_np_dtype(site.cast.attrs["to"]) == np.dtype(scores))
+
+
+def _use_mask(graph: gs.Graph, site: Site, mask: gs.Tensor) -> None:
+    """Point the site at `mask`: an Add operand, a Where turned into Add(scores, mask), an Add inserted
+    in front of a bare Softmax, or an Attention attn_mask."""
+    if site.kind in ("add", "attention"):
+        site.node.inputs[site.index] = mask
+        return
+    scores = site.scores
+    if site.kind == "bare":
+        masked = add_node(graph, "Add", [scores, mask], dtype=scores.dtype, shape=scores.shape)[0]
+        site.softmax.inputs[0] = masked
+        return
+    output = site.node.outputs[0]
+    site.node.inputs.clear()
+    site.node.outputs.clear()
+    graph.nodes.append(gs.Node("Add", name=site.node.name, inputs=[scores, mask], outputs=[output]))
 
 
 def _scores_dtype(sites: list[Site]) -> np.dtype:
@@ -274,14 +447,16 @@ def _scores_dtype(sites: list[Site]) -> np.dtype:
     return dtypes.pop() if dtypes else np.dtype(np.float32)
 
 
-def _masking_constants(mask: gs.Tensor) -> set[float]:
+def _masking_constants(site: Site) -> set[float]:
     """The very negative fill values (one-element float constants) of the old mask subgraph."""
+    tensors = [site.source] + [t for node in closure([site.source]) for t in node.inputs]
+    if site.kind == "where":
+        tensors.append(site.node.inputs[1 if site.removes_when else 2])
     found = set()
-    for node in _closure([mask]):
-        for tensor in node.inputs:
-            values = constant_value(tensor)
-            if values is not None and values.size == 1 and values.dtype.kind == "f":
-                found.update(float(v) for v in values.reshape(-1) if v <= MASKED_AT_MOST)
+    for tensor in tensors:
+        values = constant_value(tensor)
+        if values is not None and values.size == 1 and values.dtype.kind == "f":
+            found.update(float(v) for v in values.reshape(-1) if v <= MASKED_AT_MOST)
     return found
 
 
@@ -299,103 +474,71 @@ def _remove_dead_guards(graph: gs.Graph, sites: list[Site]) -> int:
 
 # --------------------------------------------------------------------------- verifying a mask
 
-def _closure(tensors: list[gs.Tensor]) -> list[gs.Node]:
-    """Every node that `tensors` are computed from, inputs first."""
-    order, seen, stack = [], set(), [(t, False) for t in tensors]
-    while stack:
-        tensor, done = stack.pop()
-        node = tensor.inputs[0] if tensor.inputs else None
-        if done:
-            order.append(node)
-        elif node is not None and id(node) not in seen:
-            seen.add(id(node))
-            stack.append((tensor, True))
-            stack.extend((t, False) for t in node.inputs)
-    return order
-
-
-def _probe_masks(graph: gs.Graph, facts: ModelFacts, mask_input: gs.Tensor,
+def _probe_masks(graph: gs.Graph, facts: ModelFacts, canonical: Canonical,
                  sites: list[Site]) -> dict[str, str | None]:
-    """Each distinct mask's name -> why it is not an attention mask (None when it is one)."""
-    masks = list(dict.fromkeys(site.mask.name for site in sites))
-    batch, seq = _probe_shape(mask_input, facts)
-    probes = _probe_inputs(batch, seq)
+    """Each distinct mask's name -> why it is not this model's attention mask (None when it is)."""
+    by_name = {site.source.name: site for site in sites if site.source is not None}
+    if not by_name:
+        return {}
+    batch, seq = _probe_shape(canonical.mask_input, facts)
+    keeps = _probe_keeps(batch, seq) if canonical.mask_input is not None else [np.ones((batch, seq), bool)]
     try:
-        runner, other_feeds = _probe_runner(graph, mask_input, masks, batch, seq)
-        results = [runner.run({mask_input.name: probe.astype(_np_dtype(mask_input)), **other_feeds})
-                   for probe in probes]
+        evaluator = SubgraphEvaluator(graph, [site.source for site in by_name.values()], batch, seq)
+        results = [evaluator.run(_probe_feed(canonical, keep)) for keep in keeps]
     except BertoptError as exc:
-        return {name: f"cannot evaluate it: {exc}" for name in masks}
-    problems: dict[str, str | None] = dict.fromkeys(masks)
-    for probe, outputs in zip(probes, results):
-        for name in masks:
-            problems[name] = problems[name] or _mask_problem(outputs[name], probe)
+        return {name: f"cannot evaluate it: {exc}" for name in by_name}
+    causal = np.tril(np.ones((seq, seq), dtype=bool)) if canonical.causal else np.ones((1, 1), dtype=bool)
+    problems: dict[str, str | None] = dict.fromkeys(by_name)
+    for keep, outputs in zip(keeps, results):
+        expected = keep[:, None, None, :] & causal[None, None]
+        for name, site in by_name.items():
+            problems[name] = problems[name] or _mask_problem(outputs[name], expected, site)
     return problems
 
 
-def _probe_shape(mask_input: gs.Tensor, facts: ModelFacts) -> tuple[int, int]:
-    if is_static(mask_input):
+def _probe_shape(mask_input: gs.Tensor | None, facts: ModelFacts) -> tuple[int, int]:
+    if facts.is_static:
+        return facts.batch, facts.seq
+    if mask_input is not None and is_static(mask_input):
         return int(mask_input.shape[0]), int(mask_input.shape[1])
     return PROBE_BATCH, min(PROBE_SEQ, facts.max_positions or PROBE_SEQ)
 
 
-def _probe_inputs(batch: int, seq: int) -> list[np.ndarray]:
-    """0/1 masks of [batch, seq]: rows padded to different lengths, random holes, and their complement,
-    so that every position is seen both kept and removed, even at batch 1."""
-    padded = np.zeros((batch, seq), dtype=np.int64)
+def _probe_keeps(batch: int, seq: int) -> list[np.ndarray]:
+    """Which tokens are kept, [batch, seq]: rows padded to different lengths, random holes, and their
+    complement, so that every position is seen both kept and removed, even at batch 1."""
+    padded = np.zeros((batch, seq), dtype=bool)
     for row in range(batch):
-        padded[row, :max(1, seq - row * max(1, seq // batch))] = 1
-    holes = np.random.default_rng(0).integers(0, 2, size=(batch, seq))
-    return [padded, holes, 1 - holes]
+        padded[row, :max(1, seq - row * max(1, seq // batch))] = True
+    holes = np.random.default_rng(0).integers(0, 2, size=(batch, seq)).astype(bool)
+    return [padded, holes, ~holes]
 
 
-def _probe_runner(graph: gs.Graph, mask_input: gs.Tensor, names: list[str], batch: int,
-                  seq: int) -> tuple[OrtRunner, dict[str, np.ndarray]]:
-    """An ORT session computing the named masks; other inputs it reads (for their shapes) get zeros."""
-    tensors = graph.tensors()
-    nodes = _closure([tensors[name] for name in names])
-    read = {id(t) for node in nodes for t in node.inputs}
-    others = {t.name: _zeros_like_input(t, batch, seq) for t in graph.inputs
-              if id(t) in read and t is not mask_input}
-    inputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype),
-                                                 value.shape) for name, value in others.items()]
-    inputs.append(onnx.helper.make_tensor_value_info(
-        mask_input.name, onnx.helper.np_dtype_to_tensor_dtype(_np_dtype(mask_input)), [batch, seq]))
-    constants = {id(t): t for node in nodes for t in node.inputs if isinstance(t, gs.Constant)}
-    probe = onnx.helper.make_graph(
-        [OnnxExporter.export_node(node) for node in nodes], "mask_probe", inputs,
-        [onnx.helper.make_empty_tensor_value_info(name) for name in names],
-        initializer=[OnnxExporter.export_tensor_proto(t) for t in constants.values()])
-    model = onnx.helper.make_model(probe, opset_imports=update_import_domains(graph))
-    model.ir_version = graph.ir_version or model.ir_version
-    return OrtRunner(model, threads=1), others
+def _probe_feed(canonical: Canonical, keep: np.ndarray) -> dict[str, np.ndarray]:
+    """The mask input for `keep`: 1/0 for a binary mask, 0/finfo.min for an additive one."""
+    if canonical.mask_input is None:
+        return {}
+    dtype = input_dtype(canonical.mask_input)
+    if canonical.kind == "additive":
+        return {canonical.mask_input.name: np.where(keep, 0, np.finfo(dtype).min).astype(dtype)}
+    return {canonical.mask_input.name: keep.astype(dtype)}
 
 
-def _zeros_like_input(tensor: gs.Tensor, batch: int, seq: int) -> np.ndarray:
-    """Zeros (a valid token id and type) for a graph input: [batch, seq] when 2-D, else its static shape."""
-    if tensor.shape is not None and len(tensor.shape) == 2:
-        return np.zeros((batch, seq), dtype=_np_dtype(tensor))
-    if is_static(tensor):
-        return np.zeros(tensor.shape, dtype=_np_dtype(tensor))
-    raise BertoptError(f"the mask reads input '{tensor.name}' of unknown shape {tensor.shape}")
-
-
-def _np_dtype(tensor: gs.Tensor) -> np.dtype:
-    return np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.int64)
-
-
-def _mask_problem(value: np.ndarray, mask: np.ndarray) -> str | None:
-    """Why `value` is not the boolean or additive extended form of `mask` (None when it is)."""
-    batch, seq = mask.shape
+def _mask_problem(value: np.ndarray, keep: np.ndarray, site: Site) -> str | None:
+    """Why `value` is not the boolean or additive form of `keep` ([batch, 1, 1|seq, seq]; None when it is)."""
     try:
-        shape = np.broadcast_shapes(value.shape, (batch, 1, 1, seq))
+        shape = np.broadcast_shapes(value.shape, keep.shape)
     except ValueError:
         shape = ()
-    if len(shape) != 4:
-        return (f"its shape {list(value.shape)} does not broadcast to [batch, 1, 1, seq] "
-                f"= [{batch}, 1, 1, {seq}]")
+    batch, seq = keep.shape[0], keep.shape[-1]
+    if len(shape) != 4 or shape[0] != batch or shape[-1] != seq:
+        return f"its shape {list(value.shape)} does not broadcast to [batch, 1, 1, seq] = [{batch}, 1, 1, {seq}]"
     full = np.broadcast_to(value, shape)
-    keep = np.broadcast_to((mask != 0)[:, None, None, :], shape)
+    keep = np.broadcast_to(keep, shape)
+    if site.kind == "where":
+        keep = keep if not site.removes_when else ~keep
+        wrong = full != keep
+        return f"the condition differs from the mask at {int(wrong.sum())} position(s)" if wrong.any() else None
     if value.dtype == np.bool_:
         wrong = full != keep
         return f"it differs from the mask at {int(wrong.sum())} position(s)" if wrong.any() else None

@@ -24,8 +24,8 @@ from bertopt.facts import ModelFacts, check_shape
 from bertopt.graph import infer_shapes, is_static, replace_uses
 from bertopt.pipeline import PassOptions, PassResult, register_pass
 
-# Folding a constant larger than this would bloat the model (e.g. an Expand of a constant to
-# [batch, 1, seq, seq]); such tensors are left to be computed at run time.
+# Folding a constant larger than this would bloat the model; such tensors are left to be computed at
+# run time.
 FOLD_SIZE_LIMIT = 16 << 20
 MAX_ROUNDS = 8
 
@@ -75,11 +75,28 @@ def _fold_until_stable(graph: gs.Graph) -> int:
         count = len(graph.nodes)
         infer_shapes(graph)
         _fold_static_shape_ops(graph)
-        graph.fold_constants(fold_shapes=False, size_threshold=FOLD_SIZE_LIMIT)
+        graph.fold_constants(fold_shapes=False, size_threshold=FOLD_SIZE_LIMIT,
+                             should_exclude_node=_broadcasts_float_data)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         if len(graph.nodes) == count:
             return rounds
     return MAX_ROUNDS
+
+
+def _broadcasts_float_data(node: gs.Node) -> bool:
+    """A node making a float tensor larger than any of its inputs (an Expand of a mask to [batch, 1,
+    seq, seq], a Tile) only copies values: folding it is not shape arithmetic, just a bigger model.
+    It also keeps freeze-shapes from folding, on a second run, what the other passes wrote, such as
+    attention-bigkernel's Expand of the constant zero mask."""
+    out = node.outputs[0] if node.outputs else None
+    if out is None or out.dtype is None or np.dtype(out.dtype).kind != "f" or not is_static(out):
+        return False
+    largest = max((_elements(t) for t in node.inputs if t.shape is not None and is_static(t)), default=0)
+    return _elements(out) > largest
+
+
+def _elements(tensor: gs.Tensor) -> int:
+    return int(np.prod(tensor.shape, dtype=np.int64))
 
 
 def _fold_static_shape_ops(graph: gs.Graph) -> None:

@@ -1,7 +1,10 @@
-"""legalize-ascend: the last pass for ATC. Make the graph one that ATC's ONNX parser takes.
+"""legalize-ascend: the last pass for ATC. Make the graph one the run's CANN version takes.
 
-ATC parses ONNX 1.12 models: default-domain opset <= 17, IR version <= 8, and only the operators
-of its ONNX operator list (shipped as ``bertopt/data/atc_onnx_ops.txt``, with its source). In order:
+The target is `options.cann` (bertopt.ascend.cann; its data, with sources, in bertopt/data/cann.json):
+CANN 5.0/6.0 parse ONNX 1.8 models at opset 9-13, IR 7, without LayerNormalization; 7.0 ONNX 1.12;
+8.0 and 9.0 ONNX 1.12 with per-operator opset ranges (e.g. ReduceMean up to 16, LayerNormalization
+17-18). ATC looks every node up at the model's opset, so the model's opset must lie inside the range
+of each op it holds. In order:
 
 1. **Gelu written out for ATC.** ATC has no ONNX Gelu, but fuses the erf subgraph
    ``Div(x, 1.4142135) -> Erf -> Add(., 1) -> Mul(x, .) -> Mul(., 0.5)`` into its own Gelu op (the
@@ -11,21 +14,27 @@ of its ONNX operator list (shipped as ``bertopt/data/atc_onnx_ops.txt``, with it
    com.microsoft ``FastGelu``, decomposed tanh forms) as ``Mul(Mul(x, 0.5), Add(Tanh(Mul(Add(x,
    Mul(Pow(x, 3), 0.044715)), 0.7978846)), 1))``. Never erf for tanh or the reverse: the two differ
    by up to ~1e-3. Subgraphs already in the canonical form are left alone.
-2. **Operator list.** Any op ATC's list lacks (or any op outside the ONNX domain) is a
-   BertoptError naming each one: ATC would otherwise fail later, with a worse message.
-3. **Opset <= 17.** `onnx.version_converter` cannot do this for BERT exports (measured with onnx
-   1.23.2: "No Adapter From Version $18 for Split" on a dynamo opset-18 export, "No Previous
-   Version of Gelu exists" on opset 20), so each op is lowered by itself: a node whose schema at
-   the graph's opset dates from 17 or earlier stays; ``Reduce*`` (opset 18 moved ``axes`` from an
-   attribute to an input) get their constant axes back as the attribute; ``Split-18`` loses
-   ``num_outputs`` (Split-13 splits evenly by output count; an uneven split gets explicit sizes,
-   which Split-18 would have computed the same way); ``Cast-19`` loses ``saturate`` (it only
-   concerns float8, which opset 17 lacks). Any other newer op stays only if its opset-17 schema
-   takes the same inputs and attributes (later versions of Reshape, Shape, Squeeze, Transpose...
-   only added types); otherwise it is a BertoptError. The checker run after the pass then
-   validates every node against the opset-17 schemas, types included.
-4. **IR version <= 8.** IR 9 and 10 added float8/4-bit types and function overloads, which a
-   BERT graph at opset 17 does not use.
+2. **LayerNormalization decomposed** where the version has none (5.0-7.0), or where keeping it would
+   leave no opset every other op accepts (8.0+: LayerNormalization needs 17, ReduceMean stops at 16):
+   written as the ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add chain ATC's
+   LayerNormONNXFusionPass fuses back into its LayerNorm kernel (bertopt.ascend.layernorm).
+3. **Operator list.** Any op the version's list lacks (or any op outside the ONNX domain) is a
+   BertoptError naming each one and the version: ATC would otherwise fail later, with a worse message.
+4. **Opset.** The highest opset inside the version's range and every op's own range, never above the
+   graph's (bertopt does not raise opsets). `onnx.version_converter` cannot do this for BERT exports
+   (measured with onnx 1.23.2: "No Adapter From Version $18 for Split" on a dynamo opset-18 export,
+   "No Previous Version of Gelu exists" on opset 20), so each node whose schema is newer than the
+   target is lowered by itself, per `onnx.defs` schema history: ``Reduce*-18`` get their constant axes
+   back as the attribute; ``Split-18`` loses ``num_outputs`` (Split-13 splits evenly by output count;
+   an uneven split gets Split-18's sizes as an input); ``Cast-19`` loses ``saturate`` (float8 only);
+   ``Reshape-14`` loses ``allowzero`` where that changes nothing (0, or a constant shape without
+   zeros); ``Shape-15``'s ``start``/``end`` become a Slice of the full shape. Any other newer op stays
+   only if its older schema takes the same inputs and attributes (Add/Sub/Mul/Div-14, Pow-15,
+   Where-16, Equal-19, Transpose/Squeeze/Unsqueeze-21... only added types); otherwise BertoptError
+   naming op, opset and version. The checker run after the pass then validates every node against the
+   target opset's schemas, types included.
+5. **IR version** at most the version's (ONNX 1.8: 7, ONNX 1.12: 8). The newer IR versions added
+   float8/4-bit types and function overloads, which a BERT graph at these opsets does not use.
 
 Reported, not fixed (other passes own them): remaining ``Shape`` ops, and float constants outside
 the fp16 range (ATC compiles to fp16 on 310P, where they become inf).
@@ -42,9 +51,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from bertopt.ascend.legality import (ATC_MAX_IR_VERSION, ATC_MAX_OPSET, ONNX_DOMAINS, fp16_unsafe_constants,
-                                 unsupported_ops)
-from bertopt.errors import BertoptError
+from bertopt.ascend.cann import CannTarget
+from bertopt.ascend.layernorm import write_decomposed_layernorm
+from bertopt.ascend.legality import (LAYER_NORMALIZATION, ONNX_DOMAINS, fp16_unsafe_constants, onnx_op_types,
+                                     opset_window, ops_outside_opset, unsupported_ops)
+from bertopt.errors import BertoptError, CheckFailed
 from bertopt.facts import ModelFacts
 from bertopt.graph import add_node, constant_value, make_constant, unique_name
 from bertopt.passes.fuse_gelu import (CUBE_COEFF, ERF, SQRT2, SQRT_2_OVER_PI, TANH, erf_gelu_pattern,
@@ -53,27 +64,32 @@ from bertopt.pattern import Const, Op, Pattern, Var
 from bertopt.pipeline import PassOptions, PassResult, register_pass
 
 
-@register_pass("legalize-ascend", "write Gelu as ATC's erf subgraph (tanh stays tanh), lower to opset 17 "
-               "and IR 8, refuse ops outside ATC's ONNX operator list")
+@register_pass("legalize-ascend", "lower to the run's CANN version (--cann): Gelu as ATC's erf subgraph (tanh "
+               "stays tanh), LayerNormalization decomposed where the version lacks it, the version's opset and "
+               "IR version; refuse ops outside its ONNX operator list")
 def legalize_ascend(graph: gs.Graph, facts: ModelFacts, options: PassOptions) -> PassResult:
-    gelus = write_gelus_for_atc(graph)
-    check_atc_operators(graph)
+    target = options.cann
     source_opset, source_ir = int(graph.opset), graph.ir_version
-    lowered = lower_opset(graph, ATC_MAX_OPSET)
-    pruned = _set_imports(graph, min(source_opset, ATC_MAX_OPSET))
-    if not graph.ir_version or graph.ir_version > ATC_MAX_IR_VERSION:
-        graph.ir_version = ATC_MAX_IR_VERSION
+    gelus = write_gelus_for_atc(graph)
+    layernorms = decompose_layernorms_for(graph, target)
+    check_atc_operators(graph, target)
+    opset = target_opset(graph, target)
+    lowered = lower_opset(graph, opset, target)
+    pruned = _set_imports(graph, opset)
+    if not graph.ir_version or graph.ir_version > target.ir_version:
+        graph.ir_version = target.ir_version
     counts = {"gelu_erf_written": gelus[ERF], "gelu_tanh_written": gelus[TANH],
-              **{f"lowered_{op}": n for op, n in sorted(lowered.items())}}
+              "layernorm_decomposed": layernorms, **{f"lowered_{op}": n for op, n in sorted(lowered.items())}}
     notes = _leftovers(graph, counts)
-    changed = bool(gelus or lowered or pruned or graph.opset != source_opset
+    changed = bool(gelus or layernorms or lowered or pruned or graph.opset != source_opset
                    or graph.ir_version != source_ir)
     if changed:
-        notes.insert(0, f"opset {source_opset} -> {graph.opset}, IR version {source_ir} -> {graph.ir_version}, "
-                        f"{sum(gelus.values())} Gelu(s) written in ATC's form")
+        notes.insert(0, f"{target.label}: opset {source_opset} -> {graph.opset}, IR version {source_ir} -> "
+                        f"{graph.ir_version}, {sum(gelus.values())} Gelu(s) written in ATC's form, "
+                        f"{layernorms} LayerNormalization(s) decomposed")
         return PassResult(changed=True, counts=counts, notes=notes)
-    notes.insert(0, f"already legal for ATC: opset {graph.opset}, IR {graph.ir_version}, every Gelu in "
-                    "ATC's form, every op in ATC's list")
+    notes.insert(0, f"already legal for {target.label}: opset {graph.opset}, IR {graph.ir_version}, every Gelu "
+                    "in ATC's form, every op in its list")
     return PassResult(changed=False, counts=counts, notes=notes)
 
 
@@ -153,24 +169,70 @@ def _elementwise(graph: gs.Graph, op: str, *operands, like: gs.Tensor,
     return out
 
 
-# ----------------------------------------------------------------------------- 2. operator list
+# ----------------------------------------------------------------------------- 2. LayerNormalization
 
-def check_atc_operators(graph: gs.Graph) -> None:
-    """Raise BertoptError naming every op ATC's ONNX parser does not support."""
-    missing = unsupported_ops(graph)
+def decompose_layernorms_for(graph: gs.Graph, target: CannTarget) -> int:
+    """Write every LayerNormalization decomposed when `target` cannot take it here; how many."""
+    op_types = onnx_op_types(graph)
+    if LAYER_NORMALIZATION not in op_types:
+        return 0
+    low, high = opset_window(op_types, target)
+    if target.layer_normalization and low <= min(high, int(graph.opset)):
+        return 0
+    nodes = [n for n in graph.nodes if n.op == LAYER_NORMALIZATION and n.domain in ONNX_DOMAINS]
+    for node in nodes:
+        _decompose_layernorm(graph, node, target)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return len(nodes)
+
+
+def _decompose_layernorm(graph: gs.Graph, node: gs.Node, target: CannTarget) -> None:
+    used_extras = [t.name for t in node.outputs[1:] if t.outputs or t in graph.outputs]
+    if used_extras:
+        raise BertoptError(f"LayerNormalization '{node.name}' has its Mean/InvStdDev output(s) {used_extras} "
+                           f"read; {target.label} has no LayerNormalization and bertopt decomposes only Y")
+    x, scale = node.inputs[0], node.inputs[1]
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    out = node.outputs[0]
+    node.inputs.clear()
+    node.outputs.clear()
+    write_decomposed_layernorm(graph, x, scale, bias, float(node.attrs.get("epsilon", 1e-5)),
+                               int(node.attrs.get("axis", -1)), out)
+
+
+# ----------------------------------------------------------------------------- 3. operator list
+
+def check_atc_operators(graph: gs.Graph, target: CannTarget) -> None:
+    """Raise CheckFailed (exit 1: the model is valid, the target cannot take it) naming every op the target's
+    ONNX parser does not support."""
+    missing = unsupported_ops(graph, target)
     if missing:
         listed = ", ".join(f"{op} (x{n})" for op, n in sorted(missing.items()))
-        raise BertoptError(f"ATC's ONNX operator list (CANN 8.0.0, bertopt/data/atc_onnx_ops.txt) has no "
-                           f"{listed}; atc would reject this model")
+        raise CheckFailed(f"{target.label}'s ONNX operator list (bertopt/data/cann.json) has no {listed}; "
+                           "atc would reject this model")
 
 
-# ----------------------------------------------------------------------------- 3. opset
+# ----------------------------------------------------------------------------- 4. opset
 
 # Rewrites one node into its older form in place; True when it had to change something.
 Lowering = Callable[[gs.Graph, gs.Node], bool]
 
 
-def lower_opset(graph: gs.Graph, target: int) -> Counter:
+def target_opset(graph: gs.Graph, target: CannTarget) -> int:
+    """The highest opset the target and every op in the graph accept, at most the graph's own."""
+    op_types = onnx_op_types(graph)
+    low, high = opset_window(op_types, target)
+    opset = min(high, int(graph.opset))
+    if opset < low:
+        outside = ops_outside_opset(op_types, opset, target)
+        why = (f"it holds {', '.join(outside)}" if outside
+               else f"it takes opset {target.opset_range[0]}-{target.opset_range[1]} and bertopt does not raise "
+                    f"a model's opset (this one is {graph.opset})")
+        raise CheckFailed(f"no opset suits {target.label} for this graph: {why}")
+    return opset
+
+
+def lower_opset(graph: gs.Graph, target: int, cann: CannTarget) -> Counter:
     """Rewrite the default-domain nodes whose schema is newer than `target`; counts by op type."""
     source = int(graph.opset)
     lowered: Counter = Counter()
@@ -182,23 +244,24 @@ def lower_opset(graph: gs.Graph, target: int) -> Counter:
         lowering = LOWERINGS.get(node.op)
         if lowering is not None and lowering(graph, node):
             lowered[node.op] += 1
-        _check_signature_at(node, source, target)
+        _check_signature_at(node, source, target, cann)
     return lowered
 
 
-def _check_signature_at(node: gs.Node, source: int, target: int) -> None:
+def _check_signature_at(node: gs.Node, source: int, target: int, cann: CannTarget) -> None:
     """The node's inputs and attributes must mean the same under the op's `target` schema."""
     where = f"{node.op} '{node.name}' (opset {source})"
+    needed = f"{cann.label} needs opset {target}"
     if not onnx.defs.has(node.op, target):
-        raise BertoptError(f"{where} has no opset-{target} form; ATC cannot parse it")
+        raise CheckFailed(f"{where} has no opset-{target} form; {needed}")
     schema = onnx.defs.get_schema(node.op, target)
     unknown = sorted(set(node.attrs) - set(schema.attributes))
     if unknown:
-        raise BertoptError(f"{where} uses attribute(s) {unknown} that opset {target} lacks; "
+        raise CheckFailed(f"{where} uses attribute(s) {unknown} that opset {target} lacks; {needed} and "
                            "bertopt has no lowering for it")
     if len(node.inputs) > schema.max_input:
-        raise BertoptError(f"{where} has {len(node.inputs)} inputs, opset {target} takes at most "
-                           f"{schema.max_input}; bertopt has no lowering for it")
+        raise CheckFailed(f"{where} has {len(node.inputs)} inputs, opset {target} takes at most "
+                           f"{schema.max_input}; {needed} and bertopt has no lowering for it")
 
 
 def _axes_input_to_attribute(graph: gs.Graph, node: gs.Node) -> bool:
@@ -241,14 +304,45 @@ def _drop_saturate(graph: gs.Graph, node: gs.Node) -> bool:
     return node.attrs.pop("saturate", None) is not None
 
 
+def _drop_allowzero(graph: gs.Graph, node: gs.Node) -> bool:
+    """Reshape-14 -> 13: `allowzero` only matters for a 0 in the target shape (copied before 14)."""
+    if "allowzero" not in node.attrs:
+        return False
+    if node.attrs.pop("allowzero"):
+        shape = constant_value(node.inputs[1])
+        if shape is None or not shape.all():
+            raise BertoptError(f"Reshape '{node.name}' with allowzero=1 and a target shape that is not a "
+                               "constant without zeros has no opset-13 spelling")
+    return True
+
+
+def _slice_shape(graph: gs.Graph, node: gs.Node) -> bool:
+    """Shape-15 -> 13: `start`/`end` become a Slice of the full shape."""
+    start, end = node.attrs.pop("start", None), node.attrs.pop("end", None)
+    if start is None and end is None:
+        return False
+    sliced = node.outputs[0]
+    full = gs.Variable(unique_name(graph, f"{node.name}_full"), dtype=np.int64)
+    node.outputs = [full]
+    bounds = [make_constant(graph, f"{node.name}_{what}", np.array([value], np.int64))
+              for what, value in (("start", start or 0), ("end", np.iinfo(np.int64).max if end is None else end))]
+    graph.nodes.append(gs.Node("Slice", name=unique_name(graph, f"{node.name}_slice"), inputs=[full, *bounds],
+                               outputs=[sliced]))
+    return True
+
+
 LOWERINGS: dict[str, Lowering] = {
     **{op: _axes_input_to_attribute for op in ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
                                                 "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd",
                                                 "ReduceSumSquare")},
     "Split": _num_outputs_to_sizes,
     "Cast": _drop_saturate,
+    "Reshape": _drop_allowzero,
+    "Shape": _slice_shape,
 }
 
+
+# ----------------------------------------------------------------------------- 5. imports and IR
 
 def _set_imports(graph: gs.Graph, opset: int) -> bool:
     """Default domain at `opset`, other domains only while a node uses them; True if that changed."""

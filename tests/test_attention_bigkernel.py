@@ -1,4 +1,6 @@
-"""attention-bigkernel: goldens per export variant, parity, the six points of the standard form."""
+"""attention-bigkernel: goldens per export variant, parity, the six points of the standard form: where the
+2-D Reshape goes for both LayerNorm forms, a mask Expand per layer, the scale Mul's name, the block
+input's four readers."""
 
 import math
 
@@ -9,12 +11,15 @@ import onnxsim
 import pytest
 
 from bertopt.ascend.check import check_ascend
+from bertopt.ascend.form import scale_named_for_atc
+from bertopt.ascend.layernorm import layernorm_pattern
 from bertopt.errors import BertoptError
 from bertopt.golden import assert_graph_matches, graph_text
-from bertopt.graph import load_graph, save_graph, to_model
+from bertopt.graph import load_graph, producer, save_graph, to_model, unique_name
 from bertopt.pipeline import Instruments, PassManager, PassOptions
 from bertopt.testing import SpecResult, assert_parity, run_spec
 from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
+from user_exports import user_export  # noqa: F401 (a fixture)
 
 GOLDEN = GOLDEN_DIR / "attention-bigkernel"
 PASS = "attention-bigkernel"
@@ -34,7 +39,23 @@ def frozen(path, spec: str = "freeze-shapes") -> SpecResult:
 
 
 def scale_nodes(graph: gs.Graph) -> list[gs.Node]:
-    return [n for n in graph.nodes if n.op == "Mul" and n.name.startswith("bert_")]
+    """The Muls right after a scores MatMul (Q times K transposed)."""
+    return [n for n in graph.nodes if n.op == "Mul" and producer(n.inputs[0]) is not None
+            and producer(n.inputs[0]).op == "MatMul" and not isinstance(producer(n.inputs[0]).inputs[1], gs.Constant)]
+
+
+def layernorms(graph: gs.Graph) -> list:
+    return layernorm_pattern().find_all(graph, allow_escape=True)
+
+
+def block_inputs(graph: gs.Graph) -> list[gs.Tensor]:
+    """Per layer, the tensor its Q, K and V projections read."""
+    read = [n.inputs[0] for n in graph.nodes if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant)]
+    return list({id(t): t for t in read if sum(r.op == "MatMul" for r in t.outputs) == 3}.values())
+
+
+def residual_add(x: gs.Tensor) -> gs.Node:
+    return next(n for n in x.outputs if n.op == "Add")
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +71,9 @@ def onnxsim_export(tiny_export, tmp_path_factory):
 
 
 @pytest.mark.golden
-@pytest.mark.parametrize("variant, masks_expanded", [("legacy14", 0), ("legacy17", 0), ("dynamo18", 0)])
-def test_golden_and_parity_per_export(tiny_export, variant, masks_expanded):
+@pytest.mark.parametrize("variant, scales_rewritten", [("legacy14", 0), ("legacy17", 0), ("dynamo18", 2)])
+def test_golden_and_parity_per_export(tiny_export, variant, scales_rewritten):
+    """Legacy exports name the scale Mul '/model/bert/.../Mul': it keeps its name; dynamo's are renamed."""
     path = tiny_export(variant)
     before = frozen(path)
     after = run_pass(before)
@@ -61,8 +83,9 @@ def test_golden_and_parity_per_export(tiny_export, variant, masks_expanded):
     assert record.changed
     assert record.counts["blocks_rewritten"] == record.counts["blocks_total"] == 2
     assert record.counts["k_transposes_split"] == 2
-    assert record.counts["scales_rewritten"] == 2
-    assert record.counts["masks_expanded"] == masks_expanded
+    assert record.counts["scales_rewritten"] == scales_rewritten
+    assert all(scale_named_for_atc(n.name) for n in scale_nodes(after.graph))
+    assert record.counts["masks_expanded"] == 0  # transformers 5 expands its mask to [batch, 1, seq, seq]
     assert record.counts["reshapes_2d"] == 4  # first, last, two context Reshapes
     assert check_ascend(after.graph).blocks_conforming
     assert_parity(path, after)
@@ -89,12 +112,13 @@ def test_golden_with_the_folded_mask(tiny_export):
     before = frozen(path, "freeze-shapes,fold-attention-mask")
     after = run_pass(before)
     assert_graph_matches(after.graph, GOLDEN / "legacy14-folded.after.txt")
-    assert after.record(PASS).counts["masks_expanded"] == 1
+    assert after.record(PASS).counts["masks_expanded"] == 2
     expands = [n for n in after.graph.nodes if n.op == "Expand"]
-    assert len(expands) == 1 and expands[0].outputs[0].shape == [TINY_BATCH, 1, TINY_SEQ, TINY_SEQ]
-    assert len(expands[0].outputs[0].outputs) == 2  # one Expand shared by both layers
+    assert [e.outputs[0].shape for e in expands] == [[TINY_BATCH, 1, TINY_SEQ, TINY_SEQ]] * 2
+    assert [[r.op for r in e.outputs[0].outputs] for e in expands] == [["Add"], ["Add"]]  # one per layer
+    assert expands[0].inputs[0] is expands[1].inputs[0]  # of the one folded mask
     report = check_ascend(after.graph)
-    assert report.conforming, report.render()
+    assert report.blocks_conforming, report.render()  # legality for the CANN version is legalize-ascend's
     assert_parity(path, after)
 
 
@@ -162,6 +186,75 @@ def test_sdpa_export_after_mask_folding(tiny_export):
     assert_parity(path, after)
 
 
+def pre_scales(graph: gs.Graph) -> list[gs.Node]:
+    """Muls and Divs by a constant that a scores MatMul reads (Q or K scaled before the product)."""
+    scores = [n for n in graph.nodes if n.op == "MatMul" and not any(isinstance(t, gs.Constant) for t in n.inputs)]
+    return [producer(t) for n in scores for t in n.inputs
+            if producer(t) is not None and producer(t).op in ("Mul", "Div")
+            and any(isinstance(i, gs.Constant) for i in producer(t).inputs)]
+
+
+@pytest.mark.golden
+def test_dynamo_sdpa_k_transpose_and_scales(user_export):
+    """torch 2.13's dynamo exporter writes SDPA's K^T as Reshape [b*h, s, hd] -> Transpose(0, 2, 1) ->
+    Reshape [b, h, hd, s] and scales Q and K by sqrt(1/sqrt(hd)) each: the two Transposes of the
+    standard form, one bert Mul after the scores."""
+    path = user_export(variant="dynamo18sdpa")
+    before = frozen(path, "freeze-shapes,fold-attention-mask")
+    assert run_pass(before, PASS).record(PASS).changed
+    after = run_pass(before)
+    assert_graph_matches(before.graph, GOLDEN / "dynamo18sdpa.before.txt")
+    assert_graph_matches(after.graph, GOLDEN / "dynamo18sdpa.after.txt")
+    counts = after.record(PASS).counts
+    assert counts["k_transposes_unbatched"] == counts["scales_rewritten"] == counts["blocks_rewritten"] == 2
+    assert pre_scales(after.graph) == []
+    assert [float(n.inputs[1].values) for n in scale_nodes(after.graph)] == [0.25, 0.25]
+    assert all(scale_named_for_atc(n.name) for n in scale_nodes(after.graph))
+    report = check_ascend(after.graph)
+    assert report.blocks_conforming, report.render()
+    assert_parity(path, after)
+
+
+@pytest.mark.parametrize("variant, concats", [pytest.param("legacy14", 4, marks=pytest.mark.golden),
+                                              ("dynamo18", 0)])
+def test_xlm_query_divided_alone(user_export, variant, concats):
+    """XLM divides Q alone by sqrt(hd) before the scores MatMul ((q / s) k = (q k) / s: one bert Mul after
+    it), multiplies every LayerNorm output by its padding mask [batch, seq, 1] (flattened with the 2-D
+    encoder), and the legacy exporter writes its key/value cache Concat with one input (a copy, dropped)."""
+    path = user_export("xlm", variant)
+    before = frozen(path, "freeze-shapes,fold-attention-mask")
+    assert [n.op for n in pre_scales(before.graph)] == ["Div", "Div"]
+    after = run_pass(before)
+    if variant == "legacy14":
+        assert_graph_matches(after.graph, GOLDEN / "xlm-legacy14.after.txt")
+    counts = after.record(PASS).counts
+    assert counts["scales_rewritten"] == counts["blocks_rewritten"] == 2
+    assert counts["concats_removed"] == concats
+    assert pre_scales(after.graph) == []
+    assert [float(n.inputs[1].values) for n in scale_nodes(after.graph)] == [0.25, 0.25]
+    padding = [n for n in after.graph.nodes if n.op == "Mul" and producer(n.inputs[1]) is not None
+               and producer(n.inputs[1]).op == "Reshape"]
+    assert [n.outputs[0].shape for n in padding] == [[TINY_BATCH * TINY_SEQ, 32]]  # layer 1's input
+    report = check_ascend(after.graph)
+    assert report.blocks_conforming, report.render()
+    assert_parity(path, after)
+
+
+def test_a_token_operand_the_2d_encoder_cannot_flatten_is_named(user_export):
+    """A [1, seq, 1] operand broadcast against the tokens [batch, seq, n] has no 2-D spelling here."""
+    before = frozen(user_export("xlm"), "freeze-shapes,fold-attention-mask")
+    padding = [n for n in before.graph.nodes if n.op == "Mul" and n.inputs[1].shape == [TINY_BATCH, TINY_SEQ, 1]]
+    assert len(padding) == 3  # the embeddings' and each layer's output
+    padding[1].inputs[1] = gs.Constant("ones", np.ones((1, TINY_SEQ, 1), np.float32))
+    after = run_pass(before)
+    record = after.record(PASS)
+    assert any(note == f"the 2-D encoder was not applied: Mul '{padding[1].name}' broadcasts 'ones' [1, {TINY_SEQ}, "
+               "1] against the [batch, seq, n] tokens, which the 2-D encoder would break" for note in record.notes)
+    assert record.counts["reshapes_2d"] == 0 and record.counts["scales_rewritten"] == 2
+    failing = {c.name for block in check_ascend(after.graph).blocks for c in block.checks if c.ok is False}
+    assert failing == {"2d-encoder", "context-reshape"}
+
+
 def test_second_run_reports_no_change(tiny_export):
     result = frozen(tiny_export("dynamo18"), f"freeze-shapes,{PASS},{PASS}")
     first, second = result.records[1:]
@@ -204,3 +297,96 @@ def test_bert_base_seq384(tmp_path):
     assert len(report.blocks) == 12 and report.blocks_conforming, report.render()
     assert after.record(PASS).counts["blocks_rewritten"] == 12
     assert_parity(path, after, samples=1)
+
+
+# ----------------------------------------------------------------------------- the 2-D Reshape's place
+
+@pytest.mark.parametrize("variant, form", [("legacy14", "Add"), ("legacy17", "LayerNormalization")])
+def test_reshape_goes_on_the_first_layernorms_input(tiny_export, variant, form):
+    """Both forms: the first LayerNorm reads [batch*seq, hidden] and its own output feeds Q, K, V, residual."""
+    path = tiny_export(variant)
+    after = run_pass(frozen(path))
+    first = layernorms(after.graph)[0]
+    assert first.root.op == form
+    reshape = producer(first["x"])
+    assert reshape.op == "Reshape" and reshape.inputs[1].values.tolist() == [-1, 32]
+    assert reshape.inputs[0].shape == [TINY_BATCH, TINY_SEQ, 32]
+    assert first["x"].shape == [TINY_BATCH * TINY_SEQ, 32]
+    x = first.root.outputs[0]
+    assert x is block_inputs(after.graph)[0]
+    assert sorted(n.op for n in x.outputs) == ["Add", "MatMul", "MatMul", "MatMul"]
+    last = layernorms(after.graph)[-1].root.outputs[0]
+    assert [(n.op, n.inputs[1].values.tolist()) for n in last.outputs] == [("Reshape", [TINY_BATCH, TINY_SEQ, 32])]
+    assert check_ascend(after.graph).blocks_conforming
+    assert_parity(path, after)
+
+
+def test_albert_reshape_goes_above_the_embedding_projection(tiny_export):
+    """ALBERT's first block reads MatMul + Add of the embedding LayerNorm: that LayerNorm is the first."""
+    path = tiny_export("legacy14", preset="albert-tiny")
+    after = run_pass(frozen(path))
+    first = layernorms(after.graph)[0]
+    assert producer(first["x"]).op == "Reshape"
+    embedding = first["x"].shape[-1]
+    assert producer(first["x"]).inputs[1].values.tolist() == [-1, embedding] != [-1, after.facts.hidden]
+    x = block_inputs(after.graph)[0]
+    assert producer(x).op == "Add" and x.shape == [TINY_BATCH * TINY_SEQ, after.facts.hidden]
+    assert_parity(path, after)
+
+
+# ----------------------------------------------------------------------------- the scale Mul's name
+
+def test_scale_names_containing_bert_are_kept(tiny_export):
+    """ATC's MulAddFusionPass looks for 'bert' anywhere in the name; other names become bert_*."""
+    path = tiny_export("legacy14")
+    before = frozen(path)
+    first, second = scale_nodes(before.graph)
+    first.name, second.name = "layer0/attention/scale", "encoder.my_bert_scale"
+    after = run_pass(before)
+    assert after.record(PASS).counts["scales_rewritten"] == 1
+    names = [n.name for n in scale_nodes(after.graph)]
+    assert names[0].startswith("bert_Mul") and names[1] == "encoder.my_bert_scale"
+    assert check_ascend(after.graph).blocks_conforming
+    assert_parity(path, after)
+
+
+# ----------------------------------------------------------------------------- four readers of the block input
+
+def test_residual_through_a_copy_reads_the_block_input(tiny_export):
+    """A residual reading the block input through an Identity: ATC's kernel would take the Identity as
+    the fourth reader, bertopt's form wants the residual Add itself there, so the Add reads the input."""
+    path = tiny_export("legacy14")
+    before = frozen(path)
+    for x in block_inputs(before.graph):
+        residual = residual_add(x)
+        copy = gs.Variable(unique_name(before.graph, "copy"), dtype=np.float32, shape=x.shape)
+        before.graph.nodes.append(gs.Node("Identity", unique_name(before.graph, "Identity"), inputs=[x],
+                                          outputs=[copy]))
+        residual.inputs[list(residual.inputs).index(x)] = copy
+    before.graph.toposort()
+    assert [len(x.outputs) for x in block_inputs(before.graph)] == [4, 4]  # Q, K, V and the Identity
+    after = run_pass(before)
+    assert after.record(PASS).counts["residuals_rewired"] == 2
+    assert not any(n.op == "Identity" for n in after.graph.nodes)
+    report = check_ascend(after.graph)
+    assert report.blocks_conforming, report.render()
+    assert_parity(path, after)
+
+
+def test_residual_reading_something_else_is_named(tiny_export, tmp_path):
+    """Layer 0's residual edited to read the LayerNorm's input (as a pre-LN block does): three readers
+    stay, the notes say why, and nothing dead is added (the pipeline's cleanup would drop it)."""
+    before = frozen(tiny_export("legacy14"))
+    x = block_inputs(before.graph)[0]
+    residual = residual_add(x)
+    residual.inputs[list(residual.inputs).index(x)] = layernorms(before.graph)[0]["x"]
+    edited = save_graph(before.graph, tmp_path / "pre-ln-layer0.onnx")
+    after = run_pass(before)
+    record = after.record(PASS)
+    assert record.counts["residuals_rewired"] == 0
+    note = next(n for n in record.notes if n.startswith("layer 0:"))
+    assert "has 3 readers, ATC's LayerNorm+QKV kernel wants 4" in note and "not the block input" in note
+    assert [len(x.outputs) for x in block_inputs(after.graph)] == [3, 4]
+    failing = {c.name for c in check_ascend(after.graph).blocks[0].checks if c.ok is False}
+    assert failing == {"ln-consumers"}
+    assert_parity(edited, after)

@@ -76,7 +76,7 @@ def test_existing_results_need_force(tmp_path, tiny_export):
     model = tiny_export("legacy14")
     out = tmp_path / "o"
     first = bertopt("run", str(model), "--passes", "freeze-shapes", "--batch", "2", "--seq", "16",
-                    "--output", str(out))
+                    "--output", str(out), "--target", "ort")
     assert first.returncode == 0, first.stderr
     report = json.loads((out / "report.json").read_text())
     assert {"original_model", "optimized_model", "facts", "passes"} <= report.keys()
@@ -86,7 +86,7 @@ def test_existing_results_need_force(tmp_path, tiny_export):
     assert_one_line_error(bertopt("run", str(model), "--output", str(out)), 2, "--force")
     assert digest(out / "optimized.onnx") == stamp
     forced = bertopt("run", str(model), "--passes", "freeze-shapes", "--batch", "2", "--seq", "16",
-                     "--output", str(out), "--force")
+                     "--output", str(out), "--force", "--target", "ort")
     assert forced.returncode == 0, forced.stderr
 
 
@@ -101,7 +101,7 @@ def test_optimize_writes_only_the_model(tmp_path, tiny_export):
     before = digest(model)
     out = tmp_path / "opt.onnx"
     result = bertopt("optimize", str(model), "--passes", "freeze-shapes", "--batch", "2", "--seq", "16",
-                     "--output", str(out))
+                     "--output", str(out), "--target", "ort")
     assert result.returncode == 0, result.stderr
     assert onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[1].dim_value == 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["opt.onnx"]
@@ -111,13 +111,23 @@ def test_optimize_writes_only_the_model(tmp_path, tiny_export):
     assert digest(model) == before
 
 
+def test_an_optimize_output_illegal_for_the_cann_version_is_written_and_exits_1(tmp_path, tiny_export):
+    out = tmp_path / "opt.onnx"
+    result = bertopt("optimize", str(tiny_export("legacy14")), "--passes", "freeze-shapes", "--batch", "2",
+                     "--seq", "16", "--output", str(out), "--cann", "6.0")
+    assert_one_line_error(result, 1, "not legal for the CANN version's ATC")
+    assert "opset 14 outside CANN 6.0's 9-13" in result.stderr and out.is_file()
+
+
 def test_check_exit_codes(tmp_path, tiny_export):
     model = tiny_export("legacy14")
     out = tmp_path / "o"
     assert bertopt("run", str(model), "--batch", "2", "--seq", "16", "--output", str(out)).returncode == 0
-    conforming = bertopt("check", str(out / "optimized.onnx"))
-    assert conforming.returncode == 0, conforming.stdout
-    assert "2 of 2 in the standard form" in conforming.stdout
+    legal = bertopt("check", str(out / "optimized.onnx"), "--legal-only")
+    assert legal.returncode == 0, legal.stdout
+    assert "2 of 2 in the standard form" in legal.stdout
+    tiny = bertopt("check", str(out / "optimized.onnx"))
+    assert_one_line_error(tiny, 1, "hidden = 32 is not 768 or 1024")
     raw = bertopt("check", str(model), "--json")
     assert raw.returncode == 1
     report = json.loads(raw.stdout)
@@ -130,3 +140,21 @@ def test_check_exit_codes(tmp_path, tiny_export):
                                             (("transmogrify",), "No such command")])
 def test_usage_errors_are_one_line(args, fragment):
     assert_one_line_error(bertopt(*args), 2, fragment)
+
+
+@pytest.mark.parametrize("command", ["run", "optimize"])
+def test_an_output_that_cannot_be_created_is_refused_before_any_work(tmp_path, tiny_export, command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    target = blocker / "sub" / ("out.onnx" if command == "optimize" else "out")
+    result = bertopt(command, str(tiny_export("legacy14")), "--output", str(target), "--batch", "2", "--seq", "16")
+    assert_one_line_error(result, 2, "is a file, not a folder")
+
+
+def test_an_unwritable_output_parent_is_refused(tmp_path, monkeypatch):
+    from bertopt.errors import BertoptError
+    from bertopt.files import check_writable_folder
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # what a read-only filesystem answers
+    with pytest.raises(BertoptError, match="not writable"):
+        check_writable_folder(tmp_path / "new" / "out", "--output")

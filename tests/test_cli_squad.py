@@ -25,7 +25,7 @@ def test_check_reports_every_candidate(tmp_path):
                      "--output", str(tmp_path / "check"))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "check" / "squad.json").read_text())
-    for name in ("original", "optimized", "emulation"):
+    for name in ("original", "optimized", "emulation-high_performance", "emulation-high_precision"):
         assert (tmp_path / "check" / name / "metrics.json").exists()
     assert "emulation" in result.stdout and "F1" in result.stdout
     assert report
@@ -42,7 +42,7 @@ def test_run_with_squad_eval(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     scores = {s["name"]: s for s in report["squad"]["scores"]}
-    assert set(scores) == {"original", "optimized", "emulation"}
+    assert set(scores) == {"original", "optimized", "emulation-high_performance", "emulation-high_precision"}
     assert scores["optimized"]["delta"] == {"exact_match": 0.0, "f1": 0.0}
     assert "SQuAD v1.1" in result.stdout
 

@@ -77,6 +77,14 @@ def test_inputs_then_results_folder_pass_fail_and_bad(tiny_export, tmp_path):
     passed = bertopt("validate", str(original), "--inputs", str(prep), "--results", str(tmp_path / "good"))
     assert passed.returncode == 0, passed.stderr
     assert "ais_bench results" in passed.stdout
+    assert "ais_bench result_bs1_summary.json: throughput 248.4 samples/s" in " ".join(passed.stdout.split())
+
+    write_results(tmp_path / "padded" / "result_bs4", prep, original, batch=4, devices=[0, 1])
+    padded = bertopt("validate", str(original), "--inputs", str(prep), "--results", str(tmp_path / "padded"))
+    assert padded.returncode == 0, padded.stderr
+    assert "device0: 3 samples at batch 4: ais_bench filled the last batch's 1 empty row(s) with copies of " \
+           "sample 0's input files and wrote no output for them" in " ".join(padded.stdout.split())
+    assert "device1_summary.json: throughput" in " ".join(padded.stdout.split())
 
     bad = write_results(tmp_path / "bad", prep, original, shift=0.2)
     failed = bertopt("validate", str(original), "--inputs", str(prep), "--results", str(bad))
@@ -100,17 +108,25 @@ def tiny_run(tmp_path_factory):
 def test_run_writes_atc_and_validation(tiny_run):
     result, out = tiny_run
     assert result.returncode == 0, result.stderr
-    assert "atc not found" in result.stdout and "atc --model optimized.onnx --output om/optimized" in result.stdout
-    assert "Ascend fp16 emulation" in result.stdout and "same span" in result.stdout
+    assert "atc not found" in result.stdout and "atc --model ../optimized.onnx --output ../om/optimized" in result.stdout
+    assert "Ascend emulation: force_fp16, Gelu high_performance" in result.stdout and "same span" in result.stdout
+    assert "warning: ATC is not predicted to fuse attention" in result.stdout and "hidden = 32" in result.stdout
     assert "skipped: no compiled OM" in result.stdout
     report = json.loads((out / "report.json").read_text())
-    assert {"original_model", "optimized_model", "facts", "passes", "parity", "atc", "validation"} <= report.keys()
+    assert {"original_model", "optimized_model", "facts", "passes", "parity", "atc", "check", "validation",
+            "warnings"} <= report.keys()
     atc = report["atc"]
     assert atc["status"] == "not-found" and atc["soc"] == "Ascend310P3" and atc["soc_source"] == "default"
+    assert atc["cann"] == {"version": "6.0", "source": "default"} and atc["overrides"] == {}
+    assert report["check"]["legal"] is True and report["check"]["fusion_predicted"] is False
     assert atc["argv"][-2:] == ["--optypelist_for_implmode=Gelu", "--op_select_implmode=high_performance"]
     assert (out / "atc.sh").is_file()
     kinds = [(c["kind"], c["passed"]) for c in report["validation"]]
     assert kinds[0] == ("onnx", True) and ("emulation", True) in kinds and ("npu", None) in kinds
+    emulations = [c for c in report["validation"] if c["kind"] == "emulation"]
+    assert [(c["informational"], "Gelu high_performance" in c["name"]) for c in emulations] == [(False, True),
+                                                                                              (True, False)]
+    assert "Gelu high_precision" in emulations[1]["name"] and "[for comparison]" in emulations[1]["name"]
     fp32 = report["validation"][0]
     assert {"max_abs", "p99_abs", "max_rel", "p99_rel", "atol", "rtol", "passed"} <= fp32["outputs"][0].keys()
     assert fp32["span_agreement"] == 1.0
@@ -146,6 +162,25 @@ def test_run_with_a_failing_atc_exits_1_with_its_log_tail(tmp_path):
 
 
 def test_run_refuses_a_bad_atc_arg_before_any_work(tmp_path):
-    result = bertopt("run", "bert-tiny", "--output", str(tmp_path / "o"), "--atc-arg=--soc_version=X")
-    assert_one_line_error(result, 2, "use --soc")
+    result = bertopt("run", "bert-tiny", "--output", str(tmp_path / "o"), "--atc-arg=soc_version=X")
+    assert_one_line_error(result, 2, "start with '--'")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [(("--cann", "4.0"), "CANN"),
+                                            (("--cann", "6.0", "--atc-arg=--precision_mode_v2=fp16"), "no such flag"),
+                                            (("--gelu-impl", "fastest"), "--gelu-impl")])
+def test_run_refuses_a_cann_version_flag_or_gelu_kernel_it_cannot_honour(tmp_path, args, fragment):
+    result = bertopt("run", "bert-tiny", "--output", str(tmp_path / "o"), *args)
+    assert_one_line_error(result, 2, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_an_fp16_export_is_held_to_fp16_tolerances(tmp_path):
+    out = tmp_path / "o"
+    result = bertopt("run", "bert-tiny", "--dtype", "fp16", "--exporter", "dynamo", "--batch", "2", "--seq", "16",
+                     "--target", "ort", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["facts"]["dtype"] == "float16" and "fp16 weights" in report["model_description"]
+    assert report["validation"][0]["outputs"][0]["atol"] == 2.0 ** -7

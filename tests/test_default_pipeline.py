@@ -25,7 +25,7 @@ def test_ascend_default_conforms_with_parity(tiny_export, variant):
     path = tiny_export(variant)
     result = run_spec(path, "default", batch=TINY_BATCH, seq=TINY_SEQ)
     assert [r.name for r in result.records] == ["freeze-shapes", "fold-attention-mask", "fuse-gelu",
-                                                 "attention-bigkernel", "legalize-ascend"]
+                                                 "layernorm-for-atc", "attention-bigkernel", "legalize-ascend"]
     assert_ready_for_atc(result.graph)
     assert result.record("attention-bigkernel").counts["blocks_rewritten"] == 2  # shapes seen past fused Gelus
     assert_parity(path, result)
@@ -49,7 +49,9 @@ def test_unprocessed_export_does_not_conform(tiny_export):
     frozen = run_spec(tiny_export("legacy14"), "freeze-shapes", batch=TINY_BATCH, seq=TINY_SEQ)
     report = check_ascend(frozen.graph)
     assert not report.conforming
-    assert {"qkv-form", "scale-mul", "context-reshape", "2d-encoder"} <= report.failing_conditions()
+    assert {"qkv-form", "context-reshape", "2d-encoder"} <= report.failing_conditions()
+    # the export already scales by a Mul named /model/bert/...: ATC's MulAddFusionPass wants only "bert" in it
+    assert "scale-mul" not in report.failing_conditions()
 
 
 @pytest.mark.integration
@@ -82,7 +84,7 @@ def test_other_families_conform_with_parity(tiny_export, preset, variant):
     path = tiny_export(variant, preset=preset)
     result = run_spec(path, "default", batch=TINY_BATCH, seq=TINY_SEQ)
     assert_ready_for_atc(result.graph)
-    assert all(record.changed for record in result.records)
+    assert all(record.changed for record in result.records if record.name != "layernorm-for-atc")
     assert_parity(path, result)
 
 

@@ -4,9 +4,10 @@ import onnx
 import pytest
 
 from bertopt.errors import BertoptError
-from bertopt.export import export_onnx, resolve_source
+from bertopt.export import export_onnx, random_source, resolve_source
 from bertopt.facts import detect_facts
 from bertopt.graph import load_graph
+from user_exports import FAMILIES, user_export  # noqa: F401 (a fixture)
 
 
 def test_export_is_cached_by_content(tmp_path):
@@ -72,8 +73,56 @@ def test_overrides_refused_for_real_checkpoints():
     (dict(exporter="dynamo", opset=14), "dynamo exporter takes opset 18 to 23"),
     (dict(attention="flash"), "eager, sdpa"),
     (dict(head="ner"), "qa, cls"),
+    (dict(dtype="bf16"), "--dtype 'bf16': expected one of fp32, fp16"),
+    (dict(mask="bool"), "--mask 'bool': expected one of int, float, additive, none"),
 ])
 def test_bad_export_options(tmp_path, options, message):
     with pytest.raises(BertoptError, match=message):
         export_onnx(resolve_source("bert-tiny"), tmp_path / "x.onnx", **options)
     assert not (tmp_path / "x.onnx").exists()
+
+
+INT64, FLOAT, FLOAT16 = onnx.TensorProto.INT64, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+
+
+@pytest.mark.parametrize("mask, inputs", [
+    ("int", {"input_ids": INT64, "attention_mask": INT64, "token_type_ids": INT64}),
+    ("float", {"input_ids": INT64, "attention_mask": FLOAT, "token_type_ids": INT64}),
+    ("additive", {"input_ids": INT64, "attention_mask": FLOAT, "token_type_ids": INT64}),
+    ("none", {"input_ids": INT64, "token_type_ids": INT64}),
+])
+def test_mask_options(user_export, mask, inputs):
+    model = onnx.load(str(user_export(mask=mask)))
+    assert {v.name: v.type.tensor_type.elem_type for v in model.graph.input} == inputs
+
+
+@pytest.mark.parametrize("variant", ["legacy14", "dynamo18"])
+def test_fp16_export_has_fp16_weights(user_export, variant):
+    model = onnx.load(str(user_export(variant=variant, dtype="fp16")))
+    weights = [t for t in model.graph.initializer if len(t.dims) == 2 and t.data_type != INT64]
+    assert weights and all(t.data_type == FLOAT16 for t in weights)
+    assert {v.type.tensor_type.elem_type for v in model.graph.input} == {INT64}
+
+
+def test_fp16_mask_is_in_the_models_dtype(user_export):
+    model = onnx.load(str(user_export(dtype="fp16", mask="additive")))
+    assert {v.name: v.type.tensor_type.elem_type for v in model.graph.input}["attention_mask"] == FLOAT16
+
+
+def test_new_options_enter_the_cache_key_and_description(tmp_path):
+    source = resolve_source("bert-tiny", config_overrides={"num_hidden_layers": 1})
+    plain = export_onnx(source, tmp_path / "a.onnx", cache_dir=tmp_path / "cache")
+    half = export_onnx(source, tmp_path / "b.onnx", dtype="fp16", cache_dir=tmp_path / "cache")
+    bare = export_onnx(source, tmp_path / "c.onnx", mask="none", cache_dir=tmp_path / "cache")
+    assert len({plain.key, half.key, bare.key}) == 3
+    assert "fp16 weights" in half.description and "none attention mask" in bare.description
+    assert "fp16" not in plain.description
+
+
+def test_random_source_builds_any_model_type(tmp_path):
+    source = random_source("gpt2", FAMILIES["gpt2"])
+    assert source.description.startswith("gpt2, RANDOM weights")
+    assert random_source("gpt2", FAMILIES["gpt2"]).fingerprint == source.fingerprint
+    assert random_source("gpt2", dict(FAMILIES["gpt2"], n_layer=1)).fingerprint != source.fingerprint
+    model = source.build("eager", "cls")
+    assert type(model).__name__ == "GPT2ForSequenceClassification" and model.config.n_embd == 32

@@ -9,6 +9,7 @@ from onnx import TensorProto, helper
 from bertopt.errors import BertoptError
 from bertopt.facts import detect_facts
 from bertopt.graph import load_graph
+from user_exports import user_export  # noqa: F401 (a fixture)
 
 ROLES = {"input_ids": "input_ids", "attention_mask": "attention_mask", "token_type_ids": "token_type_ids"}
 
@@ -82,3 +83,39 @@ def test_other_families(tiny_export, preset, roles, positions, variant):
     assert (facts.num_layers, facts.hidden, facts.heads, facts.head_dim, facts.vocab_size) == (2, 32, 2, 16, 1000)
     assert set(facts.roles.values()) == roles
     assert facts.max_positions == positions
+
+
+@pytest.mark.parametrize("mask, kind, roles", [
+    ("int", "binary", ROLES),
+    ("float", "binary", ROLES),
+    ("additive", "additive", ROLES),
+    ("none", None, {"input_ids": "input_ids", "token_type_ids": "token_type_ids"}),
+])
+@pytest.mark.parametrize("variant", ["legacy14", "dynamo18"])
+def test_mask_kinds(user_export, variant, mask, kind, roles):
+    facts = detect_facts(load_graph(user_export(variant=variant, mask=mask)))
+    assert (facts.mask_kind, facts.roles, facts.attention) == (kind, roles, "bidirectional")
+
+
+@pytest.mark.parametrize("variant", ["legacy14", "dynamo18"])
+def test_fp16_export_facts(user_export, variant):
+    facts = detect_facts(load_graph(user_export(variant=variant, dtype="fp16")))
+    assert (facts.num_layers, facts.hidden, facts.heads, facts.head_dim, facts.roles) == (2, 32, 2, 16, ROLES)
+
+
+def test_ids_through_a_slice_are_found():
+    """XLM slices the ids to the last `seq` columns (for its cache) before looking them up."""
+    ids = gs.Variable("ids", dtype=np.int64, shape=["b", "s"])
+    sliced, out = gs.Variable("sliced", dtype=np.int64), gs.Variable("out", dtype=np.float32)
+    starts, ends = gs.Constant("starts", np.array([0])), gs.Constant("ends", np.array([1 << 62]))
+    table = gs.Constant("table", np.ones((50, 8), np.float32))
+    nodes = [gs.Node("Slice", inputs=[ids, starts, ends, gs.Constant("axes", np.array([1]))], outputs=[sliced]),
+             gs.Node("Gather", inputs=[table, sliced], outputs=[out])]
+    graph = gs.Graph(nodes=nodes, inputs=[ids], outputs=[out], opset=14)
+    with pytest.raises(BertoptError, match="no attention Softmax"):  # past the lookup: the ids were found
+        detect_facts(graph)
+
+
+def test_a_gpt2_decoder_is_causal(user_export):
+    facts = detect_facts(load_graph(user_export("gpt2")))
+    assert (facts.family, facts.attention, facts.hidden, facts.heads, facts.head_dim) == ("gpt2", "causal", 32, 2, 16)

@@ -16,6 +16,7 @@ from bertopt.passes.fold_attention_mask import fold_attention_mask
 from bertopt.pipeline import PassOptions
 from bertopt.testing import assert_parity, run_spec
 from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
+from user_exports import user_export  # noqa: F401 (a fixture)
 
 GOLDEN = GOLDEN_DIR / "fold-attention-mask"
 FOLD = "fold-attention-mask"
@@ -41,11 +42,13 @@ HEAD_DIM = HIDDEN // HEADS
 
 
 def chain420_model(fill: float = -10000.0, *, commuted: bool = False, bias: float | None = None,
-                   with_mask: bool = True) -> onnx.ModelProto:
+                   with_mask: bool = True, where: str | None = None) -> onnx.ModelProto:
     """A two-layer BERT encoder whose extended mask is the transformers <= 4.20 chain.
 
     `commuted` swaps the operands of the mask Mul and of the scores Add; `bias` adds a constant to
-    the mask (then it is no longer a pure mask); `with_mask=False` drops the mask and its input.
+    the mask (then it is no longer a pure mask); `with_mask=False` drops the mask and its input;
+    `where` masks with masked_fill instead: "removed" is Where(mask == 0, fill, scores) as XLM writes
+    it, "kept" is Where(bool(mask), scores, fill).
     """
     rng = np.random.default_rng(42)
     inits: list[onnx.TensorProto] = []
@@ -75,6 +78,10 @@ def chain420_model(fill: float = -10000.0, *, commuted: bool = False, bias: floa
         mask = node("Mul", [fill_name, mask] if commuted else [mask, fill_name], "extended_mask")
         if bias is not None:
             mask = node("Add", [mask, const("bias", np.float32(bias))], "biased_mask")
+        if where == "removed":
+            mask = node("Equal", ["mask_u2", const("zero", np.int64(0))], "mask_removed")
+        elif where == "kept":
+            mask = node("Cast", ["mask_u2"], "mask_kept", to=TensorProto.BOOL)
     heads_shape = const("heads_shape", np.array([0, 0, HEADS, HEAD_DIM]))
     merged_shape = const("merged_shape", np.array([0, 0, HIDDEN]))
     for layer in range(2):
@@ -87,7 +94,11 @@ def chain420_model(fill: float = -10000.0, *, commuted: bool = False, bias: floa
         scores = node("MatMul", [q, k], f"scores{layer}")
         scale = const(f"scale{layer}", np.float32(np.sqrt(HEAD_DIM)))
         scores = node("Div", [scores, scale], f"scaled{layer}")
-        if mask is not None:
+        if where == "removed":
+            scores = node("Where", [mask, const(f"fill{layer}", np.float32(fill)), scores], f"masked{layer}")
+        elif where == "kept":
+            scores = node("Where", [mask, scores, const(f"fill{layer}", np.float32(fill))], f"masked{layer}")
+        elif mask is not None:
             scores = node("Add", [mask, scores] if commuted else [scores, mask], f"masked{layer}")
         probs = node("Softmax", [scores], f"probs{layer}", axis=-1)
         context = node("MatMul", [probs, v], f"context{layer}")
@@ -111,6 +122,19 @@ HAND_BUILT = {
     "chain420": chain420_model(),
     "chain420-commuted": chain420_model(commuted=True),
     "chain420-finfo": chain420_model(FINFO_MIN),
+}
+MASKED_FILL = {"removed": chain420_model(FINFO_MIN, where="removed"),
+               "kept": chain420_model(FINFO_MIN, where="kept")}
+
+# golden name -> (family, export variant, export options): exports users bring (issue 12), frozen first
+USER_EXPORTS = {
+    "nomask-legacy14": ("bert", "legacy14", {"mask": "none"}),
+    "float-dynamo18": ("bert", "dynamo18", {"mask": "float"}),
+    "additive-legacy14": ("bert", "legacy14", {"mask": "additive"}),
+    "fp16-dynamo18": ("bert", "dynamo18", {"dtype": "fp16"}),
+    "sdpa-dynamo18": ("bert", "dynamo18sdpa", {}),
+    "xlm-legacy14": ("xlm", "legacy14", {}),
+    "gpt2-dynamo18": ("gpt2", "dynamo18", {}),
 }
 
 
@@ -184,6 +208,43 @@ def test_hand_built_chains_golden_and_parity(name):
     assert_parity(model, after)
 
 
+@pytest.mark.golden
+@pytest.mark.parametrize("name", list(USER_EXPORTS))
+def test_user_exports_golden_parity_and_second_run(user_export, name):
+    family, variant, options = USER_EXPORTS[name]
+    path = user_export(family, variant, **options)
+    before, after = _before_and_after(path, "freeze-shapes")
+    assert after.record(FOLD).changed, after.record(FOLD).notes
+    assert_graph_matches(before, GOLDEN / f"{name}.before.txt")
+    assert_graph_matches(after.graph, GOLDEN / f"{name}.after.txt")
+    assert_parity(path, after)
+    again = run_spec(to_model(after.graph), FOLD, batch=TINY_BATCH, seq=TINY_SEQ).record(FOLD)
+    assert not again.changed and "already share the canonical mask" in again.notes[0]
+
+
+@pytest.mark.parametrize("form", list(MASKED_FILL))
+def test_masked_fill_becomes_the_canonical_add(form):
+    """Both orientations of Where(condition, fill, scores) fold to the graph the Add chain folds to."""
+    model = MASKED_FILL[form]
+    result = run_spec(model, FOLD, batch=TINY_BATCH, seq=TINY_SEQ)
+    record = result.record(FOLD)
+    assert record.counts["layers"] == 2 and "old masking constant(s): -3.40282e+38" in record.notes[0]
+    assert not [n for n in result.graph.nodes if n.op == "Where"]
+    assert_graph_matches(result.graph, GOLDEN / "chain420.after.txt")
+    assert_parity(model, result)
+
+
+def test_a_where_that_fills_kept_tokens_is_not_folded():
+    """Where(bool(mask), fill, scores) removes the tokens the mask keeps: the probe must refuse it."""
+    model = chain420_model(FINFO_MIN, where="kept")
+    for node in model.graph.node:
+        if node.op_type == "Where":
+            node.input[1], node.input[2] = node.input[2], node.input[1]
+    record = run_spec(model, FOLD, batch=TINY_BATCH, seq=TINY_SEQ).record(FOLD)
+    assert not record.changed
+    assert "the condition differs from the mask" in record.notes[0]
+
+
 # --------------------------------------------------------------------------- what the pass reports
 
 @pytest.mark.parametrize("name, masks, guards, old_constant", [
@@ -208,7 +269,8 @@ def test_counts_and_old_constant(tiny_export, name, masks, guards, old_constant)
 
 def test_hand_built_chain_reports_its_constant():
     record = run_spec(HAND_BUILT["chain420"], FOLD, batch=TINY_BATCH, seq=TINY_SEQ).record(FOLD)
-    assert record.counts == {"masks_replaced": 1, "layers": 2, "nan_guards_removed": 0, "nodes_removed": 5}
+    assert record.counts == {"masks_replaced": 1, "layers": 2, "masks_added": 0, "nan_guards_removed": 0,
+                             "noop_casts_removed": 0, "nodes_removed": 5}
     assert "old masking constant(s): -10000" in record.notes[0]
 
 

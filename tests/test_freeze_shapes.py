@@ -2,13 +2,19 @@
 
 from collections import Counter
 
+import numpy as np
+import onnx_graphsurgeon as gs
 import pytest
 
 from bertopt.errors import BertoptError
+from bertopt.facts import ModelFacts
 from bertopt.golden import assert_graph_matches
 from bertopt.graph import is_static
+from bertopt.passes.freeze_shapes import freeze_shapes
+from bertopt.pipeline import PassOptions
 from bertopt.testing import assert_parity, run_spec
 from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
+from user_exports import user_export  # noqa: F401 (a fixture)
 
 VARIANTS = ["legacy14", "legacy17", "sdpa14", "dynamo18", "dynamo20"]
 
@@ -61,3 +67,27 @@ def test_refreezing_at_another_shape_is_refused(tiny_export, tmp_path):
 def test_bad_shapes_are_refused(tiny_export, batch, seq, message):
     with pytest.raises(BertoptError, match=message):
         run_spec(tiny_export("legacy14"), "freeze-shapes", batch=batch, seq=seq)
+
+
+@pytest.mark.parametrize("mask", ["float", "additive"])
+@pytest.mark.parametrize("variant", ["legacy14", "dynamo18"])
+def test_float_mask_inputs_are_frozen(user_export, variant, mask):
+    path = user_export(variant=variant, mask=mask)
+    result = run_spec(path, "freeze-shapes", batch=TINY_BATCH, seq=TINY_SEQ)
+    assert {t.name: list(t.shape) for t in result.graph.inputs}["attention_mask"] == [TINY_BATCH, TINY_SEQ]
+    assert result.facts.is_static
+    assert_parity(path, result)
+
+
+def test_a_broadcast_of_float_data_is_not_folded():
+    """Expand(const [b, 1, 1, s] -> [b, 1, s, s]) only copies values: folding it is no shape arithmetic."""
+    x = gs.Variable("x", dtype=np.float32, shape=[2, 1, 4, 4])
+    ids = gs.Variable("ids", dtype=np.int64, shape=["b", "s"])
+    expanded, y = gs.Variable("expanded", dtype=np.float32), gs.Variable("y", dtype=np.float32)
+    zero = gs.Constant("zero", np.zeros((2, 1, 1, 4), np.float32))
+    nodes = [gs.Node("Expand", inputs=[zero, gs.Constant("shape", np.array([2, 1, 4, 4]))], outputs=[expanded]),
+             gs.Node("Add", inputs=[x, expanded], outputs=[y])]
+    graph = gs.Graph(nodes=nodes, inputs=[ids, x], outputs=[y], opset=14)
+    facts = ModelFacts("bert", 1, 4, 1, 4, 10, 16, 2, roles={"ids": "input_ids"})
+    freeze_shapes(graph, facts, PassOptions(batch=2, seq=4))
+    assert [node.op for node in graph.nodes] == ["Expand", "Add"]

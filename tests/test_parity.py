@@ -13,8 +13,12 @@ from onnx import TensorProto, helper, numpy_helper
 from bertopt.errors import BertoptError
 from bertopt.facts import ModelFacts
 from bertopt.parity import (
+    DEFAULT_ATOL,
+    FP16_ATOL,
     REL_EPSILON,
     OrtRunner,
+    dtype_tolerances,
+    kept_tokens,
     best_spans,
     compare_outputs,
     input_specs_of,
@@ -351,3 +355,33 @@ def test_parity_feeds_a_rewrite_with_narrower_input_types():
     result = parity_check(qa_model(), qa_model(int_type=TensorProto.INT32), qa_facts(),
                           batch=2, seq=8)
     assert result.passed and all(o.max_abs == 0.0 for o in result.outputs)
+
+
+# --------------------------------------------------------------------------- mask kinds and dtypes
+
+def test_additive_mask_feeds_hold_zero_and_the_dtypes_minimum():
+    facts = qa_facts(mask_kind="additive")
+    specs = {"input_ids": (np.dtype(np.int64), (4, 12)), "attention_mask": (np.dtype(np.float16), (4, 12)),
+             "token_type_ids": (np.dtype(np.int64), (4, 12))}
+    [feed] = realistic_feeds(facts, specs, batch=4, seq=12, seed=2)
+    [binary] = realistic_feeds(qa_facts(), specs, batch=4, seq=12, seed=2)
+    mask = feed["attention_mask"]
+    assert mask.dtype == np.float16 and set(np.unique(mask).tolist()) == {0.0, -65504.0}
+    assert np.array_equal(mask == 0, binary["attention_mask"] == 1)
+    assert np.array_equal(kept_tokens(facts, feed), kept_tokens(qa_facts(), binary))
+    assert kept_tokens(qa_facts(roles={"input_ids": "input_ids"}), {"input_ids": feed["input_ids"]}) is None
+
+
+def _with_weights_of(model: onnx.ModelProto, dtype: int) -> onnx.ModelProto:
+    """The model with its largest initializer (the word table) stored as `dtype`; only the header counts."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    word = next(t for t in model.graph.initializer if t.name == "word")
+    values = numpy_helper.to_array(word).astype(helper.tensor_dtype_to_np_dtype(dtype))
+    word.CopyFrom(numpy_helper.from_array(values, "word"))
+    return model
+
+
+def test_tolerances_follow_the_weights_dtype():
+    assert dtype_tolerances(qa_model()) == (DEFAULT_ATOL, DEFAULT_ATOL)
+    assert dtype_tolerances(_with_weights_of(qa_model(), TensorProto.FLOAT16)) == (FP16_ATOL, FP16_ATOL)
+    assert FP16_ATOL == 2.0 ** -7

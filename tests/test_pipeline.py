@@ -133,6 +133,22 @@ def test_requirement_is_checked_before_the_pass(fake_passes):
         PassManager("needs-static").run(graph, FACTS)
 
 
+def test_requirement_names_the_dynamic_input_freeze_shapes_cannot_freeze(fake_passes, tiny_export):
+    """An input without a role (ids, mask, token types) stays dynamic through freeze-shapes: the
+    refusal names it instead of advising a freeze-shapes that already ran."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from bertopt.testing import run_spec
+
+    fake_passes("needs-static", noop, requires=("static-shapes",))
+    model = onnx.load(str(tiny_export("legacy14")))
+    model.graph.input.append(helper.make_tensor_value_info("langs", TensorProto.INT64, ["batch", "seq"]))
+    with pytest.raises(BertoptError, match=r"input langs \[batch, seq\] has no static shape: freeze-shapes "
+                                           r"fixes only the inputs it knows the role of"):
+        run_spec(model, "freeze-shapes,needs-static", batch=2, seq=8)
+
+
 def test_unknown_requirement_is_a_programming_error():
     with pytest.raises(ValueError):
         pipeline.register_pass("x", "y", requires=("magic",))

@@ -30,23 +30,25 @@ def _json(path: Path):
 def test_check_writes_every_candidate(checked):
     out = checked.output
     ids = {example.id for example in load_examples(MINI)}
-    for name in ("original", "optimized", "emulation"):
+    for name in ("original", "optimized", "emulation-high_performance", "emulation-high_precision"):
         assert set(_json(out / name / "predictions.json")) == ids
         assert set(_json(out / name / "metrics.json")) == {"exact_match", "f1", "total"}
         assert _json(out / name / "metrics.json")["total"] == 29
     summary = _json(out / "squad.json")
-    assert [s["name"] for s in summary["scores"]] == ["original", "optimized", "emulation"]
+    assert [s["name"] for s in summary["scores"]] == ["original", "optimized", "emulation-high_performance",
+                                                     "emulation-high_precision"]
     assert (summary["seq"], summary["doc_stride"], summary["batch"]) == (SEQ, 64, BATCH)
     assert (out / "original.onnx").is_file() and (out / "optimized.onnx").is_file()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
 def test_original_and_optimized_give_the_same_answers(checked):
-    original, optimized, emulation = checked.scores
+    original, optimized, emulation, high_precision = checked.scores
     assert optimized.predictions == original.predictions
     assert checked.delta(optimized) == {"exact_match": 0.0, "f1": 0.0}
     assert checked.same_answers(optimized) == 1.0
     assert emulation.nonfinite_features == 0 and checked.same_answers(emulation) > 0.5
+    assert "Gelu high_performance" in emulation.label and "Gelu high_precision" in high_precision.label
     # the random QA head answers badly but not always emptily: the flow produced real spans
     assert sum(bool(text) for text in original.predictions.values()) > 20
 
@@ -118,7 +120,7 @@ def test_check_refuses_a_used_output_folder_before_any_work(tmp_path):
 
 def test_check_library_call_with_an_emulation_runner(checked, tmp_path):
     """check() on given models and features; any callable stands in for the emulation."""
-    from bertopt.squad.check import check
+    from bertopt.squad.check import Emulation, check
 
     def zero_head(feeds):
         zeros = np.zeros(feeds["input_ids"].shape, np.float32)
@@ -126,8 +128,9 @@ def test_check_library_call_with_an_emulation_runner(checked, tmp_path):
 
     features, inputs = read_features(checked.output / "features")
     result = check(checked.output / "original.onnx", checked.output / "optimized.onnx", load_examples(MINI),
-                   features, inputs, tmp_path / "out", batch=BATCH, emulation=zero_head, emulation_label="zeros")
-    assert [s.name for s in result.scores] == ["original", "optimized", "emulation"]
+                   features, inputs, tmp_path / "out", batch=BATCH,
+                   emulations=[Emulation("zeros", "zeros", zero_head)])
+    assert [s.name for s in result.scores] == ["original", "optimized", "zeros"]
     assert result.scores[1].predictions == checked.scores[0].predictions
     assert result.scores[2].label == "zeros" and result.same_answers(result.scores[2]) < 1.0
     assert _json(tmp_path / "out" / "squad.json")["scores"][2]["delta"] == result.delta(result.scores[2])

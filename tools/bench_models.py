@@ -80,8 +80,7 @@ def optimize_at(model: Path, batch: int, seq: int, folder: Path) -> tuple[Path, 
     from bertopt.run import optimize
 
     output = folder / f"{model.stem}-bs{batch}-seq{seq}.onnx"
-    facts, _ = optimize(model, output, "default", batch=batch, seq=seq, force=True)
-    return output, facts
+    return output, optimize(model, output, "default", batch=batch, seq=seq, force=True).facts
 
 
 def feeds_for(original: Path, optimized: Path, facts: ModelFacts, batch: int, seq: int) -> tuple[Feed, Feed]:

@@ -6,7 +6,9 @@ of theirs encoded here was read from public sources, cited beside the code or da
 data keyed by version (``bertopt/data/``), read by the passes, ``check``, the atc command and the
 emulation alike, so one table decides.
 
-Modules: ``soc`` (which chip: --soc or npu-smi), ``atc`` (the atc command, running it), ``npu`` (the OM
-on a device through ais_bench), ``form`` (the attention form ATC's big kernels match), ``legality``
-(what ATC's ONNX parser takes), ``check`` (``bertopt check``: form, legality and fusion per block).
+Modules: ``cann`` (the CANN version as a target), ``soc`` (which chip: --soc or npu-smi), ``atc`` (the atc
+command, running it), ``npu`` (the OM on a device through ais_bench), ``form`` (the attention form ATC's big
+kernels match), ``layernorm`` (the LayerNorm spelling ATC fuses), ``legality`` (what a version's ONNX parser
+takes), ``gates`` (the fusion passes' shape and chip conditions), ``fusion_result`` (what ATC says it fused),
+``kernels`` (what its Gelu kernels compute), ``check`` (``bertopt check``: form, legality and fusion per block).
 """

@@ -7,12 +7,17 @@ the LayerNorm output [batch*seq, hidden]::
     q = Transpose(Reshape(Add(MatMul(x, Wq), bq), [b, s, heads, hd]), perm=[0, 2, 1, 3])
     k = Transpose(Transpose(Reshape(Add(MatMul(x, Wk), bk), ...), perm=[0, 2, 1, 3]), perm=[0, 1, 3, 2])
     v = Transpose(Reshape(Add(MatMul(x, Wv), bv), ...), perm=[0, 2, 1, 3])
-    p = Softmax(Add(bert_Mul(MatMul(q, k), 1/sqrt(hd)), mask[b, 1, s, s]))
+    p = Softmax(Add(Mul(MatMul(q, k), 1/sqrt(hd)) named *bert*, mask[b, 1, s, s]))
     context = Reshape(Transpose(MatMul(p, v), perm=[0, 2, 1, 3]), [-1, hidden])
 
 and x feeds exactly the three projections and the residual Add. The pattern helpers here
 (`projection`, `heads`) are shared with the attention-bigkernel pass, which rewrites to this form.
-Whether the kernels then take the block's shapes is a separate question (bertopt.ascend.gates).
+Whether ATC's passes then fuse the block (its shapes, the chip, the CANN version, the LayerNorm and
+Gelu around it) is bertopt.ascend.gates' question, asked of the same located block (`locate_block`).
+
+The scale's name: MulAddFusionPass, which makes the FusedMulAdd the AttentionScore kernel needs, only
+fuses a Mul whose node name CONTAINS `bert` (canndev `mul_add_fusion_pass.cc` lines 83-89, see
+bertopt/data/fusion_gates.json), so any such name passes `scale-mul`; the pass names its Muls `bert_*`.
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ CONDITIONS = {
     "2d-encoder": "the LayerNorm output feeding Q/K/V is 2-D [batch*seq, hidden], read directly",
     "ln-consumers": "that LayerNorm output has exactly 4 consumers: Q, K, V MatMul and the residual Add",
     "qkv-form": "Q, K, V are MatMul -> Add -> Reshape -> Transpose(0,2,1,3); K then Transpose(0,1,3,2)",
-    "scale-mul": "the scores are scaled by a Mul by 1/sqrt(head_dim) named bert_*",
+    "scale-mul": "the scores are scaled by a Mul by 1/sqrt(head_dim) whose name contains 'bert'",
     "mask-shape": "the mask added to the scores has the full shape [batch, 1, seq, seq]",
     "context-reshape": "Softmax -> MatMul -> Transpose(0,2,1,3) -> Reshape to [-1, hidden]",
 }
-SCALE_NAME_PREFIX = "bert_"
+SCALE_NAME_PREFIX = "bert_"  # how the attention-bigkernel pass names the scale Muls it writes
+SCALE_NAME_MARK = "bert"  # what ATC's MulAddFusionPass looks for in the name
 HEAD_PERM = [0, 2, 1, 3]
 KEY_PERM = [0, 1, 3, 2]
 # How far from the Softmax the context Reshape is looked for (MatMul, [Reshape,] Transpose, Reshape).
@@ -104,13 +110,18 @@ def standard_values(facts: ModelFacts) -> Pattern:
     return Pattern(Op("MatMul", Var("probs"), standard_head(Var("x"), facts, "v"), name="context_matmul"))
 
 
+def scale_named_for_atc(name: str) -> bool:
+    """Whether MulAddFusionPass would take a Mul of this name (the name test only)."""
+    return SCALE_NAME_MARK in name
+
+
 def standard_scale(facts: ModelFacts) -> Pattern:
     def named_for_atc(node: gs.Node) -> bool:
-        return node.name.startswith(SCALE_NAME_PREFIX)
+        return scale_named_for_atc(node.name)
 
     return Pattern(Op("Mul", Op("MatMul", _, _, name="scores"),
                       Const(1.0 / math.sqrt(facts.head_dim), rtol=1e-4),
-                      name="scale", where=(named_for_atc, f"a name starting with '{SCALE_NAME_PREFIX}'")))
+                      name="scale", where=(named_for_atc, f"a name containing '{SCALE_NAME_MARK}'")))
 
 
 def standard_context(facts: ModelFacts) -> Pattern:
@@ -122,8 +133,8 @@ def standard_context(facts: ModelFacts) -> Pattern:
 # ----------------------------------------------------------------------------- per block
 
 @dataclass
-class _Block:
-    """What a block check needs, located leniently so that any export can be described."""
+class BlockNodes:
+    """One attention block's landmarks, located leniently so that any export can be described."""
 
     softmax: gs.Node
     scores: gs.Tensor | None = None  # the scaled (or not) scores operand of the Add
@@ -142,7 +153,7 @@ def check_blocks(graph: gs.Graph, facts: ModelFacts) -> list[BlockReport]:
     """Each attention block's six conditions. Needs the shapes inferred (graph.infer_shapes)."""
     reports = []
     for layer, softmax in enumerate(attention_softmaxes(graph)):
-        block = _locate(softmax)
+        block = locate_block(softmax)
         checks = [_check_2d(block, facts), _check_consumers(block), _check_qkv(block, facts, graph),
                   _check_scale(block, facts, graph), _check_mask(block, facts),
                   _check_context(block, facts, graph)]
@@ -150,8 +161,9 @@ def check_blocks(graph: gs.Graph, facts: ModelFacts) -> list[BlockReport]:
     return reports
 
 
-def _locate(softmax: gs.Node) -> _Block:
-    block = _Block(softmax)
+def locate_block(softmax: gs.Node) -> BlockNodes:
+    """The block around `softmax`: scores, mask, scores MatMul, Q projection input, block input."""
+    block = BlockNodes(softmax)
     producer = _producer(softmax.inputs[0])
     if producer is None or producer.op != "Add":
         return block
@@ -223,7 +235,7 @@ def block_input(projection_input: gs.Tensor) -> gs.Tensor:
     return projection_input
 
 
-def _check_2d(block: _Block, facts: ModelFacts) -> Check:
+def _check_2d(block: BlockNodes, facts: ModelFacts) -> Check:
     name = "2d-encoder"
     x = block.x
     if x is None:
@@ -240,7 +252,7 @@ def _check_2d(block: _Block, facts: ModelFacts) -> Check:
     return Check(name, True, f"'{x.name}' is {want}")
 
 
-def _check_consumers(block: _Block) -> Check:
+def _check_consumers(block: BlockNodes) -> Check:
     name = "ln-consumers"
     x = block.x
     if x is None:
@@ -253,7 +265,7 @@ def _check_consumers(block: _Block) -> Check:
                               "the Q, K, V MatMuls and the residual Add")
 
 
-def _check_qkv(block: _Block, facts: ModelFacts, graph: gs.Graph) -> Check:
+def _check_qkv(block: BlockNodes, facts: ModelFacts, graph: gs.Graph) -> Check:
     name = "qkv-form"
     if block.scores_matmul is None:
         return Check(name, False, f"Softmax '{block.softmax.name}' does not read Add(MatMul(Q, K) ..., mask)")
@@ -279,7 +291,7 @@ def _context_matmul(softmax: gs.Node) -> gs.Node | None:
     return next((n for n in probs.outputs if n.op == "MatMul" and n.inputs[0] is probs), None)
 
 
-def _check_scale(block: _Block, facts: ModelFacts, graph: gs.Graph) -> Check:
+def _check_scale(block: BlockNodes, facts: ModelFacts, graph: gs.Graph) -> Check:
     name = "scale-mul"
     want = 1.0 / math.sqrt(facts.head_dim)
     node = _producer(block.scores) if block.scores is not None else None
@@ -287,8 +299,8 @@ def _check_scale(block: _Block, facts: ModelFacts, graph: gs.Graph) -> Check:
         return Check(name, False, f"cannot find the scores added to the mask before Softmax "
                                   f"'{block.softmax.name}'")
     if node.op == "Div":
-        return Check(name, False, f"the scale is Div '{node.name}'; ATC wants Mul by {want:.6g} named "
-                                  f"{SCALE_NAME_PREFIX}*")
+        return Check(name, False, f"the scale is Div '{node.name}'; ATC wants a Mul by {want:.6g} whose name "
+                                  f"contains '{SCALE_NAME_MARK}'")
     if node.op == "MatMul":
         scaled = any(p is not None and p.op in ("Mul", "Div") for p in map(_producer, node.inputs))
         found = "Q and K are scaled before the scores MatMul" if scaled else "the scores are not scaled"
@@ -299,7 +311,7 @@ def _check_scale(block: _Block, facts: ModelFacts, graph: gs.Graph) -> Check:
     return Check(name, True, f"Mul '{node.name}' by {want:.6g}")
 
 
-def _check_mask(block: _Block, facts: ModelFacts) -> Check:
+def _check_mask(block: BlockNodes, facts: ModelFacts) -> Check:
     name = "mask-shape"
     if block.mask is None:
         return Check(name, False, f"Softmax '{block.softmax.name}' does not read Add(scores, mask)")
@@ -312,7 +324,7 @@ def _check_mask(block: _Block, facts: ModelFacts) -> Check:
     return Check(name, True, f"the mask is {want}")
 
 
-def _check_context(block: _Block, facts: ModelFacts, graph: gs.Graph) -> Check:
+def _check_context(block: BlockNodes, facts: ModelFacts, graph: gs.Graph) -> Check:
     name = "context-reshape"
     reshape = context_reshape(block.softmax)
     if reshape is None:

@@ -1,39 +1,54 @@
-"""What ATC's ONNX parser takes: opset, IR version, operator list, static shapes, the fp16 range.
+"""What one CANN version's ATC ONNX parser takes, judged on a graph: the model-level checks of
+``bertopt check``, which `legalize-ascend` makes a graph pass for the same target.
 
-These are the model-level checks of ``bertopt check``; `legalize-ascend` makes a graph pass them.
+Every limit comes from the target (bertopt.ascend.cann, data in bertopt/data/cann.json with sources):
+the default-domain opset within the version's range and within the documented range of every op the
+graph holds (ATC looks each node up at the model's opset, see cann.json), the IR version, the
+operator list, LayerNormalization only where the version lists it. Version-independent: static
+input shapes and no Shape ops (the attention kernels need static shapes), float constants inside
+the fp16 range (ATC compiles to fp16 on 310P, where they become inf).
 """
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from bertopt.ascend.cann import DEFAULT_VERSION, CannTarget, cann_target
 from bertopt.ascend.form import Check
 from bertopt.graph import FP16_MAX, exceeds_fp16, peek_values
 
-ATC_MAX_OPSET = 17
-ATC_MAX_IR_VERSION = 8
 ONNX_DOMAINS = ("", "ai.onnx", None)
+LAYER_NORMALIZATION = "LayerNormalization"
 
 
-@functools.lru_cache(maxsize=None)
-def atc_operator_list() -> frozenset[str]:
-    """ATC's ONNX op types, from the package data bertopt/data/atc_onnx_ops.txt ('#' starts a comment)."""
-    import importlib.resources
-
-    text = importlib.resources.files("bertopt").joinpath("data", "atc_onnx_ops.txt").read_text()
-    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
-    return frozenset(line for line in lines if line)
+def onnx_op_types(graph: gs.Graph) -> set[str]:
+    """The default-domain op types the graph holds."""
+    return {node.op for node in graph.nodes if node.domain in ONNX_DOMAINS}
 
 
-def unsupported_ops(graph: gs.Graph) -> Counter[str]:
-    """How many nodes of each op type ATC's ONNX parser does not take (any op outside the ONNX domain)."""
-    supported = atc_operator_list()
+def unsupported_ops(graph: gs.Graph, target: CannTarget) -> Counter[str]:
+    """How many nodes of each op type the target's ONNX parser does not take (any op outside the ONNX domain)."""
     return Counter(node.op if node.domain in ONNX_DOMAINS else f"{node.domain}.{node.op}"
-                   for node in graph.nodes if node.domain not in ONNX_DOMAINS or node.op not in supported)
+                   for node in graph.nodes
+                   if node.domain not in ONNX_DOMAINS or node.op not in target.operators)
+
+
+def opset_window(op_types: set[str], target: CannTarget) -> tuple[int, int]:
+    """The default-domain opsets a model holding `op_types` may declare for `target` (empty if low > high)."""
+    low, high = target.opset_range
+    for op in op_types:
+        op_low, op_high = target.opset_bounds(op)
+        low, high = max(low, op_low), min(high, op_high)
+    return low, high
+
+
+def ops_outside_opset(op_types: set[str], opset: int, target: CannTarget) -> list[str]:
+    """`op (documented range)` for each op whose own range excludes `opset`."""
+    return [f"{op} (opset {low}-{high})" for op, (low, high) in sorted(target.operator_opsets.items())
+            if op in op_types and not low <= opset <= high]
 
 
 def fp16_unsafe_constants(graph: gs.Graph) -> list[gs.Constant]:
@@ -43,29 +58,58 @@ def fp16_unsafe_constants(graph: gs.Graph) -> list[gs.Constant]:
             and exceeds_fp16(peek_values(tensor))]
 
 
+def check_model_level(graph: gs.Graph, target: CannTarget | None = None) -> list[Check]:
+    """The model-level checks against `target` (None: the default target, as PassOptions.cann)."""
+    target = target or cann_target(DEFAULT_VERSION)
+    return [_check_opset(graph, target), _check_operator_opsets(graph, target), _check_ir(graph, target),
+            _check_operators(graph, target), _check_layer_normalization(graph, target),
+            _check_shape_ops(graph), _check_static_inputs(graph), _check_fp16(graph)]
 
-def check_model_level(graph: gs.Graph) -> list[Check]:
-    return [_check_opset(graph), _check_ir(graph), _check_operators(graph), _check_shape_ops(graph),
-            _check_static_inputs(graph), _check_fp16(graph)]
+
+def _check_opset(graph: gs.Graph, target: CannTarget) -> Check:
+    opset, (low, high) = int(graph.opset), target.opset_range
+    ok = low <= opset <= high
+    return Check("opset", ok, f"default-domain opset {opset} {'within' if ok else 'outside'} "
+                              f"{target.label}'s {low}-{high}")
 
 
-def _check_opset(graph: gs.Graph) -> Check:
+def _check_operator_opsets(graph: gs.Graph, target: CannTarget) -> Check:
     opset = int(graph.opset)
-    ok = opset <= ATC_MAX_OPSET
-    return Check("opset", ok, f"default-domain opset {opset} {'<=' if ok else '>'} {ATC_MAX_OPSET}")
+    outside = ops_outside_opset(onnx_op_types(graph), opset, target)
+    if outside:
+        return Check("operator-opsets", False, f"at opset {opset}, {target.label} does not take "
+                                               f"{', '.join(outside)}")
+    documented = sorted(onnx_op_types(graph) & target.operator_opsets.keys())
+    reason = (f"{', '.join(documented)} documented for opset {opset} by {target.label}" if documented
+              else f"{target.label} documents no per-operator range for these ops")
+    return Check("operator-opsets", True, reason)
 
 
-def _check_ir(graph: gs.Graph) -> Check:
+def _check_ir(graph: gs.Graph, target: CannTarget) -> Check:
     ir = int(graph.ir_version or 0)
-    ok = ir <= ATC_MAX_IR_VERSION
-    return Check("ir-version", ok, f"IR version {ir} {'<=' if ok else '>'} {ATC_MAX_IR_VERSION}")
+    ok = ir <= target.ir_version
+    return Check("ir-version", ok, f"IR version {ir} {'<=' if ok else '>'} {target.ir_version} "
+                                   f"({target.label}, ONNX {target.onnx_version})")
 
 
-def _check_operators(graph: gs.Graph) -> Check:
-    missing = unsupported_ops(graph)
+def _check_operators(graph: gs.Graph, target: CannTarget) -> Check:
+    missing = unsupported_ops(graph, target)
+    missing.pop(LAYER_NORMALIZATION, None)  # its own check says what to do about it
     if missing:
-        return Check("operators", False, f"not in ATC's ONNX operator list: {', '.join(sorted(missing))}")
-    return Check("operators", True, f"all {len({n.op for n in graph.nodes})} op types are in ATC's list")
+        return Check("operators", False, f"not in {target.label}'s ONNX operator list: "
+                                         f"{', '.join(sorted(missing))}")
+    return Check("operators", True, f"all {len({n.op for n in graph.nodes})} op types are in "
+                                    f"{target.label}'s list")
+
+
+def _check_layer_normalization(graph: gs.Graph, target: CannTarget) -> Check:
+    count = sum(node.op == LAYER_NORMALIZATION for node in graph.nodes)
+    if count and not target.layer_normalization:
+        return Check("layer-normalization", False, f"{count} LayerNormalization op(s): {target.label} has none "
+                                                   "(legalize-ascend writes them decomposed)")
+    if count:
+        return Check("layer-normalization", True, f"{count} LayerNormalization op(s), in {target.label}'s list")
+    return Check("layer-normalization", True, "no LayerNormalization op")
 
 
 def _check_shape_ops(graph: gs.Graph) -> Check:

@@ -3,6 +3,8 @@
 Every backend answers ``run(feeds) -> outputs`` (numpy arrays by name) and says what it is:
 
 - ``name``: what the report shows ("optimized ONNX (ORT CPU)", "Ascend fp16 emulation (ORT CPU)");
+- ``informational``: shown for comparison, never a verdict of the run (e.g. the Gelu kernel atc
+  was not asked for, emulated beside the one it was);
 - ``kind``: how much to trust it and which tolerance applies by default:
   ``onnx`` (the optimized graph in fp32: 1e-4), ``emulation`` (Ascend numerics reproduced on ONNX
   Runtime: fp16 tolerance 1e-2, never a substitute for the device), ``npu`` (the compiled OM on an
@@ -35,6 +37,7 @@ DEFAULT_TOLERANCE = {"onnx": FP32_TOLERANCE, "emulation": FP16_TOLERANCE, "npu":
 class Backend(Protocol):
     name: str
     kind: str
+    informational: bool
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name for one batch of feeds (graph input name -> array); the first call builds

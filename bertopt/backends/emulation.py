@@ -1,19 +1,50 @@
 """Ascend-numerics EMULATION on ONNX Runtime: the optimized graph computed the way the OM computes it.
 
 This is an emulation, labelled so everywhere; it never stands in for a run on the device. It
-reproduces the two numeric choices the seed's OM makes (facts note, section 4):
+reproduces two numeric choices ATC makes, each as the user chose it:
 
-- **fp16**, ATC's default precision on 310P. Every float weight is rounded to fp16 (read through a
-  ``Cast`` to fp16 and back, which ONNX Runtime folds into the weight when it builds the session, with
-  numpy's rounding, so no rounded copy of the weights is made here), and every float tensor an op
-  produces is rounded to fp16 (``Cast`` to fp16 and back after each op) while the op itself runs on
-  ONNX Runtime's fp32 kernels. Graph int inputs stay int64; outputs are fp32 holding fp16 values. So
-  values beyond +-65504 become inf (a -3.4e38 mask constant is -inf), and each tensor carries fp16's
-  11-bit precision, as on the NPU, whose cube units also accumulate in fp32 and write fp16.
-- **The high-performance Gelu** (``--optypelist_for_implmode=Gelu
-  --op_select_implmode=high_performance``): the tanh approximation
-  ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, the same function as Ascend's fast Gelu
-  ``x / (1 + exp(-sqrt(8/pi) (x + 0.044715 x^3)))``.
+**The Gelu kernel** (``--gelu-impl``: ``high_performance``, the seed's, or ``high_precision``), as
+`bertopt.ascend.kernels` describes it per CANN version: from CANN 5.1 high_performance is the
+piecewise-quadratic FastGeluV2 form computed step by step in the input's dtype (fp16 under
+force_fp16), high_precision the tanh form in fp32. ATC computes as Gelu:
+
+- each ONNX ``Gelu`` op (as ATC's Gelu; its ``approximate`` attribute is not read, unverified);
+- each erf subgraph its ``GeluONNXFusionPass`` fuses (canndev mirror ``dengguojie/vue-element-admin``,
+  ``ops/built-in/fusion_pass/graph_fusion/ai_core/gelu_onnx_fusion_pass.cc``, 2022-02-10):
+  ``RealDiv(x, c) -> Erf -> Add(., 1) -> Mul(x, .) -> Mul(., 0.5)`` or ``Mul(Mul(x, 0.5), Add)``, with
+  ``|c - 1.41421| <= 1e-5`` in fp32, the Add's constant 1 and the Mul's 0.5 within fp32 epsilon, and the
+  Div, Erf, Add and first Mul each feeding only the next. Anything else, e.g. the ``Mul(x, 0.7071)``
+  spelling or ``Div(x, 1.4142)`` (1.0e-5 off), stays an Erf and is computed op by op (a note says so).
+
+**The precision mode** (``--precision_mode`` or ``--precision_mode_v2`` given through ``--atc-arg``;
+default ``force_fp16``, ATC's default on 310P). Values and meanings from ATC's pages
+(CANN 6.0.1 ``aoepar_16_044``, CANN 9.0 ``atlasatcparam_16_0068`` / ``_0069`` on hiascend.com), for an
+fp32 ONNX model:
+
+- ``force_fp16`` / ``fp16``: every op in fp16;
+- ``must_keep_origin_dtype`` / ``origin``: every op in fp32, nothing rounded;
+- ``allow_fp32_to_fp16``: matrix ops (MatMul, Gemm) in fp16, vector ops keep fp32;
+- ``force_fp32`` / ``cube_fp16in_fp32out``: matrix ops take fp16 inputs and write fp32 (the docs'
+  first choice for them), vector ops fp32;
+- ``allow_mix_precision`` / ``allow_mix_precision_fp16`` / ``mixed_float16``: APPROXIMATE. Ops whose
+  ops-info has ``precision_reduce=true`` go to fp16 (on 310P: MatMul, MatMulV2, BatchMatMul(V2), GEMM;
+  ``aic-ascend310p-ops-info.ini`` in the canndev mirror, 2022; no op of a BERT graph has ``false``),
+  the others (gray list) follow "the previous operator" (docs). GE decides that per input from the
+  producer of each input in turn, the first one deciding (``hicann/ge``,
+  ``.../dtype_strategy/op_dtype_selection_strategy_allow_mix_precision_base.cc``, RunForOpInGrayList);
+  the emulation lets an op follow the producer of its first computed float input (weights are read in
+  the op's dtype, so a bias-first ``Add(bias, MatMul)`` follows the MatMul as ATC's bias fusion would)
+  and keeps fp32 where there is none. ATC's graph fusions before dtype selection are not modelled.
+- the bf16 and hif8 modes (``allow_mix_precision_bf16``, ``allow_fp32_to_bf16``, ``mixed_bfloat16``,
+  ``mixed_hif8``, ``cube_hif8``) exist only on other chips (docs: bf16 on Atlas A2/A3) and are not
+  modelled; the emulation then computes as force_fp16 and says so in its notes, as for an unknown value.
+
+Where an op runs in fp16 its float inputs are rounded to fp16 (weights read through a ``Cast`` to fp16
+and back, which ONNX Runtime folds into the weight when it builds the session, with numpy's rounding,
+so no rounded copy of the weights is made here) and so is each float output (``Cast`` to fp16 and back),
+while the op itself runs on ONNX Runtime's fp32 kernels. Graph int inputs stay int64; outputs are fp32.
+So values beyond +-65504 become inf (a -3.4e38 mask constant is -inf), and each tensor carries fp16's
+11-bit precision, as on the NPU, whose cube units also accumulate in fp32 and write fp16.
 
 Why rounding and not an fp16 graph: ORT 1.32's CPU provider loads an all-fp16 BERT (MatMul,
 Softmax, Erf, LayerNormalization, ReduceMean, Pow... all accepted), but for ops without an fp16
@@ -26,10 +57,9 @@ for the all-fp16 graph, and both give the same NaNs from a -3.4e38 mask constant
 from __future__ import annotations
 
 import gc
-import math
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -38,87 +68,238 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
+from bertopt.ascend.cann import DEFAULT_VERSION
+from bertopt.ascend.kernels import GeluKernel, build_gelu, gelu_kernel
 from bertopt.backends.ort import OrtBackend
-from bertopt.graph import FP16_MAX, exceeds_fp16
-from bertopt.graph import (ModelSource, add_node, constant_value, infer_shapes, load_graph, make_constant,
-                           peek_values, replace_uses, save_model, to_model)
+from bertopt.graph import FP16_MAX, add_node, constant_value, exceeds_fp16, producer
+from bertopt.graph import ModelSource, infer_shapes, load_graph, peek_values, save_model, to_model
 
-# Gelu's erf form feeds Erf with x / sqrt(2) (a Div by 1.4142 or a Mul by 0.7071).
-SQRT2 = math.sqrt(2.0)
-# With u = x / sqrt(2), the tanh form's argument sqrt(2/pi) (x + 0.044715 x^3) is
-# (2 / sqrt(pi)) (u + 2 * 0.044715 u^3): erf(u) ~ tanh(that).
-TANH_SCALE = 2.0 / math.sqrt(math.pi)
-TANH_CUBIC = 2.0 * 0.044715
-EMULATION_NAME = "Ascend fp16 emulation (ORT CPU)"
+DEFAULT_GELU = "high_performance"  # the seed's --op_select_implmode
+DEFAULT_PRECISION = "force_fp16"  # ATC's default --precision_mode on 310P
+CUBE_OPS = frozenset({"MatMul", "Gemm"})  # ONNX ops ATC runs on the cube unit (MatMulV2, BatchMatMulV2, GEMM)
+
+# Per op: FP16 (inputs and outputs fp16), FP16_IN (fp16 inputs, fp32 output), FP32; FOLLOW for vector ops
+# under mixed precision (ATC's gray list).
+FP16, FP16_IN, FP32, FOLLOW = "fp16", "fp16 in, fp32 out", "fp32", "follow"
+
+# ATC's GeluONNXFusionPass constants (gelu_onnx_fusion_pass.cc): RealDiv by 1.41421 within 1e-5.
+ATC_GELU_DIVISOR, ATC_GELU_DIVISOR_TOLERANCE = np.float32(1.41421), np.float32(1e-5)
+FP32_EPSILON = np.finfo(np.float32).eps
+PLACEHOLDER_DOMAIN = "bertopt.emulation"  # a whole Gelu while precisions are decided; never exported
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    cube: str  # FP16 | FP16_IN | FP32
+    vector: str  # FP16 | FP32 | FOLLOW
+    note: str | None = None  # said in the candidate's notes: approximation or not modelled
+
+
+_MIXED = PrecisionPolicy(FP16, FOLLOW, "modelled approximately: MatMul/Gemm in fp16 (310P ops-info "
+                         "precision_reduce=true), every other op follows the producer of its first computed "
+                         "input (ATC's gray list); ATC's fusions before it picks dtypes are not modelled")
+PRECISION_POLICIES = {
+    "force_fp16": PrecisionPolicy(FP16, FP16), "fp16": PrecisionPolicy(FP16, FP16),
+    "must_keep_origin_dtype": PrecisionPolicy(FP32, FP32), "origin": PrecisionPolicy(FP32, FP32),
+    "allow_fp32_to_fp16": PrecisionPolicy(FP16, FP32),
+    "force_fp32": PrecisionPolicy(FP16_IN, FP32), "cube_fp16in_fp32out": PrecisionPolicy(FP16_IN, FP32),
+    "allow_mix_precision": _MIXED, "allow_mix_precision_fp16": _MIXED, "mixed_float16": _MIXED,
+}
+UNMODELLED_PRECISIONS = ("allow_mix_precision_bf16", "allow_fp32_to_bf16", "mixed_bfloat16", "mixed_hif8",
+                         "cube_hif8")
+
+
+def precision_policy(value: str) -> PrecisionPolicy:
+    """How the emulation computes under precision mode `value`; never refuses (ATC judges the value)."""
+    if value in PRECISION_POLICIES:
+        return PRECISION_POLICIES[value]
+    why = ("a bf16/hif8 mode, not available on Atlas inference products (310P)" if value in UNMODELLED_PRECISIONS
+           else "not a precision mode value ATC documents")
+    return PrecisionPolicy(FP16, FP16, f"not modelled ({why}): emulated as {DEFAULT_PRECISION}")
+
+
+def emulation_name(precision: str = DEFAULT_PRECISION, gelu: str = DEFAULT_GELU) -> str:
+    return f"Ascend emulation: {precision}, Gelu {gelu} (ORT CPU)"
+
+
+EMULATION_NAME = emulation_name()
 
 
 @dataclass
 class Emulated:
     model: onnx.ModelProto
     hazards: list[str]  # fp16 problems visible in the graph itself, e.g. constants that overflow
-    gelus: int  # Gelu computations switched to the tanh approximation
+    gelus: int  # Gelu computations switched to the chosen kernel
+    notes: list[str] = field(default_factory=list)  # what the emulation could not model, or only approximately
 
 
-def emulate_ascend_fp16(model: ModelSource) -> Emulated:
-    """The model as the Ascend OM computes it: tanh Gelu, fp16 weights and fp16-rounded tensors."""
+def emulate_ascend(model: ModelSource, *, gelu: str = DEFAULT_GELU, precision: str = DEFAULT_PRECISION,
+                   cann: str = DEFAULT_VERSION) -> Emulated:
+    """The model as the Ascend OM computes it: the chosen Gelu kernel and precision mode."""
+    kernel = gelu_kernel(gelu, cann)
+    policy = precision_policy(precision)
     graph = load_graph(model)
     infer_shapes(graph)  # every op output needs its dtype to be rounded
-    gelus = _tanh_gelu(graph)
-    _round_every_output(graph)
-    hazards = _round_constants(graph)  # after the outputs: its own Casts need no second rounding
-    graph.toposort()
-    return Emulated(to_model(graph), hazards, gelus)
+    placeholders, unfused = _collapse_gelus(graph)
+    precisions = _precisions(graph, policy)
+    hazards = _apply_precisions(graph, precisions)
+    for node in placeholders:
+        _expand_gelu(graph, node, kernel, precisions[id(node)])
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    notes = [f"precision mode {precision}: {policy.note}"] if policy.note else []
+    if unfused:
+        notes.append(f"{unfused} Erf node(s) not in the form ATC fuses into Gelu (GeluONNXFusionPass: "
+                     "Div(x, 1.41421 +- 1e-5) -> Erf -> Add(1) -> Mul(x) -> Mul(0.5)): computed op by op as Erf")
+    return Emulated(to_model(graph), hazards, len(placeholders), notes)
 
 
-def _tanh_gelu(graph: gs.Graph) -> int:
-    count = 0
+# --------------------------------------------------------------------------- Gelu sites
+
+
+def _collapse_gelus(graph: gs.Graph) -> tuple[list[gs.Node], int]:
+    """Each Gelu ATC computes as one op becomes one placeholder node; returns them and the unfused Erfs."""
+    placeholders, unfused = [], 0
     for node in list(graph.nodes):
-        if node.op == "Gelu":
-            node.attrs["approximate"] = "tanh"
-            count += 1
-        elif node.op == "Erf" and _is_gelu_erf(node):
-            _replace_erf_by_tanh(graph, node)
-            count += 1
-    return count
+        if node.op == "Gelu" and node.domain in ("", "ai.onnx", None):
+            site = (node.inputs[0], node.outputs[0], [node])
+        elif node.op == "Erf":
+            site = _atc_erf_gelu(node, graph)
+            unfused += site is None
+        else:
+            continue
+        if site is not None:
+            x, y, nodes = site
+            for part in nodes:
+                part.inputs.clear()
+                part.outputs.clear()
+            placeholders.append(gs.Node("Gelu", f"{y.name}__ascend_gelu", domain=PLACEHOLDER_DOMAIN,
+                                        inputs=[x], outputs=[y]))
+    graph.nodes += placeholders
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return placeholders, unfused
 
 
-def _is_gelu_erf(node: gs.Node) -> bool:
-    """Erf(x / sqrt(2)): the only form ATC fuses into its Gelu (and the only Erf in BERT)."""
-    source = node.inputs[0]
-    if not source.inputs or source.inputs[0].op not in ("Div", "Mul"):
-        return False
-    scale = source.inputs[0]
-    value = constant_value(scale.inputs[1]) if len(scale.inputs) == 2 else None
-    if value is None or value.size != 1:
-        return False
-    wanted = SQRT2 if scale.op == "Div" else 1.0 / SQRT2
-    return math.isclose(float(value.item()), wanted, rel_tol=1e-3)
+def _atc_erf_gelu(erf: gs.Node, graph: gs.Graph) -> tuple[gs.Tensor, gs.Tensor, list[gs.Node]] | None:
+    """(x, y, nodes) of the erf Gelu around `erf` when GeluONNXFusionPass fuses it, else None."""
+    div = producer(erf.inputs[0])
+    if div is None or div.op != "Div" or len(div.inputs) != 2 or not _is_divisor(div.inputs[1]):
+        return None
+    x = div.inputs[0]
+    add = _only_consumer(erf, graph) if _only_consumer(div, graph) is erf else None
+    if add is None or add.op != "Add" or not _has_scalar(add, 1.0):
+        return None
+    first = _only_consumer(add, graph)
+    if first is None or first.op != "Mul":
+        return None
+    other = next((t for t in first.inputs if t is not add.outputs[0]), None)
+    if other is x:  # Mul(x, Add) -> Mul(., 0.5)
+        last = _only_consumer(first, graph)
+        if last is None or last.op != "Mul" or not _has_scalar(last, 0.5):
+            return None
+        return x, last.outputs[0], [div, erf, add, first, last]
+    half_x = producer(other) if other is not None else None  # Mul(Mul(x, 0.5), Add)
+    if (half_x is None or half_x.op != "Mul" or x not in half_x.inputs or not _has_scalar(half_x, 0.5)
+            or _only_consumer(half_x, graph) is not first):
+        return None
+    return x, first.outputs[0], [div, erf, add, half_x, first]
 
 
-def _replace_erf_by_tanh(graph: gs.Graph, erf: gs.Node) -> None:
-    u = erf.inputs[0]
-    dtype = np.float32
-
-    def op(kind: str, *inputs: gs.Tensor) -> gs.Variable:
-        return add_node(graph, kind, inputs, dtype=dtype, shape=u.shape)[0]
-
-    cube = op("Mul", op("Mul", u, u), u)
-    cubic = op("Mul", cube, make_constant(graph, "emulation_tanh_cubic", np.array(TANH_CUBIC, dtype)))
-    inner = op("Mul", op("Add", u, cubic), make_constant(graph, "emulation_tanh_scale", np.array(TANH_SCALE, dtype)))
-    # The Tanh takes over the Erf's output tensor, so every consumer reads the approximation.
-    graph.nodes.append(gs.Node("Tanh", name=f"{erf.name}_tanh", inputs=[inner], outputs=list(erf.outputs)))
-    erf.outputs.clear()
-    erf.inputs.clear()
-    graph.cleanup(remove_unused_graph_inputs=False)
+def _only_consumer(node: gs.Node, graph: gs.Graph) -> gs.Node | None:
+    out = node.outputs[0]
+    return out.outputs[0] if len(out.outputs) == 1 and out not in graph.outputs else None
 
 
-def _round_constants(graph: gs.Graph) -> list[str]:
-    """Every float weight read through fp16; returns the weights that overflow fp16."""
-    hazards = []
-    for tensor in [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and t.dtype == np.float32]:
-        hazards += _fp16_overflow(tensor)
-        _read_through_fp16(graph, tensor)
+def _scalar(tensor: gs.Tensor) -> np.float32 | None:
+    value = constant_value(tensor)
+    return np.float32(value.item()) if value is not None and value.size == 1 else None
+
+
+def _is_divisor(tensor: gs.Tensor) -> bool:
+    value = _scalar(tensor)
+    return value is not None and abs(value - ATC_GELU_DIVISOR) <= ATC_GELU_DIVISOR_TOLERANCE
+
+
+def _has_scalar(node: gs.Node, wanted: float) -> bool:
+    values = [_scalar(t) for t in node.inputs]
+    return any(v is not None and abs(v - np.float32(wanted)) <= FP32_EPSILON for v in values)
+
+
+def _expand_gelu(graph: gs.Graph, placeholder: gs.Node, kernel: GeluKernel, precision: str) -> None:
+    x, y = placeholder.inputs[0], placeholder.outputs[0]
+    placeholder.inputs.clear()
+    placeholder.outputs.clear()
+    build_gelu(graph, x, y, kernel.form, kernel.step_dtype(np.float16 if precision == FP16 else np.float32))
+
+
+# --------------------------------------------------------------------------- precisions
+
+
+def _precisions(graph: gs.Graph, policy: PrecisionPolicy) -> dict[int, str]:
+    """Each node's precision (by id), in topological order so that a follower sees its producer's."""
+    chosen: dict[int, str] = {}
+    for node in graph.nodes:
+        if node.op in CUBE_OPS:
+            chosen[id(node)] = policy.cube
+        elif policy.vector == FOLLOW:
+            chosen[id(node)] = _followed(node, chosen)
+        else:
+            chosen[id(node)] = policy.vector
+    return chosen
+
+
+def _followed(node: gs.Node, chosen: dict[int, str]) -> str:
+    for tensor in node.inputs:
+        source = producer(tensor)
+        if source is not None and _is_float(tensor):
+            return FP16 if chosen[id(source)] == FP16 else FP32
+    return FP32
+
+
+def _is_float(tensor: gs.Tensor) -> bool:
+    return tensor.dtype is not None and np.dtype(tensor.dtype) == np.float32
+
+
+def _apply_precisions(graph: gs.Graph, precisions: dict[int, str]) -> list[str]:
+    """Round the inputs of fp16 ops that are not fp16 yet, and the outputs of fp16 ops; returns the
+    fp16 hazards of the weights read in fp16."""
+    rounded = {id(t) for node in graph.nodes if precisions[id(node)] == FP16 for t in node.outputs if _is_float(t)}
+    copies: dict[int, gs.Tensor] = {}
+    hazards: list[str] = []
+    for node in list(graph.nodes):
+        if precisions[id(node)] in (FP16, FP16_IN):
+            for index, tensor in enumerate(node.inputs):
+                if _is_float(tensor) and id(tensor) not in rounded:
+                    node.inputs[index] = _fp16_copy(graph, tensor, copies, hazards)
+        if precisions[id(node)] == FP16:
+            _round_outputs(graph, node)
     return hazards
+
+
+def _fp16_copy(graph: gs.Graph, tensor: gs.Tensor, copies: dict[int, gs.Tensor], hazards: list[str]) -> gs.Tensor:
+    """`tensor` read through fp16 (one copy shared by every fp16 consumer); ORT folds it for a weight."""
+    if id(tensor) not in copies:
+        if isinstance(tensor, gs.Constant):
+            hazards += _fp16_overflow(tensor)
+        copies[id(tensor)] = _through_fp16(graph, tensor, f"{tensor.name}__fp16")
+    return copies[id(tensor)]
+
+
+def _through_fp16(graph: gs.Graph, tensor: gs.Tensor, name: str, into: gs.Variable | None = None) -> gs.Variable:
+    half = add_node(graph, "Cast", [tensor], name=f"{name}__to_fp16", attrs={"to": TensorProto.FLOAT16},
+                    dtype=np.float16, shape=tensor.shape)[0]
+    out = into if into is not None else gs.Variable(name, dtype=np.float32, shape=tensor.shape)
+    graph.nodes.append(gs.Node("Cast", name=f"{name}__from_fp16", attrs={"to": TensorProto.FLOAT},
+                               inputs=[half], outputs=[out]))
+    return out
+
+
+def _round_outputs(graph: gs.Graph, node: gs.Node) -> None:
+    """Cast the node's float outputs to fp16 and back: its result stored as fp16, under the same tensor."""
+    for index, tensor in enumerate(list(node.outputs)):
+        if _is_float(tensor):
+            exact = gs.Variable(f"{tensor.name}__fp32", dtype=np.float32, shape=tensor.shape)
+            node.outputs[index] = exact
+            _through_fp16(graph, exact, f"{tensor.name}__round", into=tensor)
 
 
 def _fp16_overflow(constant: gs.Constant) -> list[str]:
@@ -133,46 +314,32 @@ def _fp16_overflow(constant: gs.Constant) -> list[str]:
             f"on the NPU"]
 
 
-def _read_through_fp16(graph: gs.Graph, constant: gs.Constant) -> None:
-    """Consumers read Cast(Cast(constant, fp16), fp32); ONNX Runtime folds it into one rounded weight."""
-    rounded = gs.Variable(f"{constant.name}__fp16", dtype=np.float32, shape=constant.shape)
-    replace_uses(constant, rounded, graph)
-    half = add_node(graph, "Cast", [constant], name=f"{constant.name}__to_fp16", attrs={"to": TensorProto.FLOAT16},
-                    dtype=np.float16, shape=constant.shape)[0]
-    graph.nodes.append(gs.Node("Cast", name=f"{constant.name}__from_fp16", attrs={"to": TensorProto.FLOAT},
-                               inputs=[half], outputs=[rounded]))
-
-
-def _round_every_output(graph: gs.Graph) -> None:
-    """After each op, Cast its float outputs to fp16 and back: the op's result stored as fp16."""
-    for node in list(graph.nodes):
-        for index, tensor in enumerate(list(node.outputs)):
-            if tensor.dtype is None or np.dtype(tensor.dtype) != np.float32:
-                continue
-            exact = gs.Variable(f"{tensor.name}__fp32", dtype=np.float32, shape=tensor.shape)
-            node.outputs[index] = exact
-            half = add_node(graph, "Cast", [exact], attrs={"to": TensorProto.FLOAT16},
-                            dtype=np.float16, shape=tensor.shape)[0]
-            graph.nodes.append(gs.Node("Cast", name=f"{tensor.name}__round", attrs={"to": TensorProto.FLOAT},
-                                       inputs=[half], outputs=[tensor]))
-
-
-def _save_emulation(model: ModelSource, path: Path) -> list[str]:
-    """Write the emulated model to `path`; returns its fp16 hazards."""
-    emulated = emulate_ascend_fp16(model)
+def _save_emulation(model: ModelSource, path: Path, **choices: str) -> list[str]:
+    """Write the emulated model to `path`; returns its notes: fp16 hazards, then what is not modelled."""
+    emulated = emulate_ascend(model, **choices)
     save_model(emulated.model, path)
-    return emulated.hazards
+    return emulated.hazards + emulated.notes
 
 
 class EmulationBackend(OrtBackend):
-    """The emulated model on ORT CPU; `notes` carry the graph's fp16 hazards for the report.
+    """The emulated model on ORT CPU; `notes` carry the graph's fp16 hazards and what is not modelled.
 
-    The emulated model is built for the session, on the first `run`, and not kept: `notes` are
-    known from then on.
+    `gelu`: the Gelu implementation mode ATC compiles with (`informational`: a mode atc was not asked
+    for, emulated beside the one it was so a user can compare the two); `precision`: the value of the user's
+    ``--precision_mode`` or ``--precision_mode_v2`` (both flags' values are distinct), None for ATC's
+    default; `cann`: the CANN version, which decides the Gelu kernel. A bad `gelu` or `cann` is a
+    BertoptError here; a precision mode the emulation cannot model is emulated as force_fp16 and said so
+    in `notes`. The emulated model is built for the session, on the first `run`, and not kept: `notes`
+    are known from then on.
     """
 
-    def __init__(self, model: ModelSource | Path, *, threads: int | None = None) -> None:
-        super().__init__(model, name=EMULATION_NAME, kind="emulation", threads=threads)
+    def __init__(self, model: ModelSource | Path, *, gelu: str = DEFAULT_GELU, precision: str | None = None,
+                 cann: str | None = None, threads: int | None = None, informational: bool = False) -> None:
+        self.precision = precision or DEFAULT_PRECISION
+        self.gelu_kernel = gelu_kernel(gelu, cann or DEFAULT_VERSION)
+        name = emulation_name(self.precision, gelu) + (" [for comparison]" if informational else "")
+        super().__init__(model, name=name, kind="emulation", threads=threads)
+        self.informational = informational
         self.notes: list[str] = []
 
     @contextmanager
@@ -181,19 +348,21 @@ class EmulationBackend(OrtBackend):
         # ModelProto, ORT would hold it, its serialised bytes and its own copy of the weights at once.
         with tempfile.TemporaryDirectory(prefix="bertopt-emulation-") as folder:
             path = Path(folder) / "emulated.onnx"
-            self.notes = _save_emulation(self._model, path)
+            self.notes = _save_emulation(self._model, path, gelu=self.gelu_kernel.impl_mode,
+                                         precision=self.precision, cann=self.gelu_kernel.cann)
             gc.collect()  # the emulated gs graph is a reference cycle that holds the weights
             yield path
 
     def padding_row_check(self, feed: dict[str, np.ndarray]) -> str | None:
-        """Run one all-padding batch (zero ids, mask, types), which is how ais_bench fills the last batch.
+        """Run one all-zero batch (zero ids, mask, types): what ais_bench feeds without --input (its
+        pure-inference mode; a last partial batch is padded with copies of a real row instead), and a row
+        whose mask hides every token.
 
-        Returns a note when any output is NaN/inf there: harmless for the discarded padding rows
-        themselves, but the sign of a mask constant that overflows fp16.
+        Returns a note when any output is NaN/inf there: the sign of a mask constant that overflows fp16.
         """
         outputs = self.run({name: np.zeros_like(value) for name, value in feed.items()})
         bad = {name: int(np.count_nonzero(~np.isfinite(v))) for name, v in outputs.items()}
         if not any(bad.values()):
             return None
         counts = ", ".join(f"{name} {count}/{outputs[name].size}" for name, count in bad.items() if count)
-        return f"an all-padding batch (as ais_bench pads the last batch) gives NaN/inf: {counts}"
+        return f"an all-zero batch (fully masked rows, as ais_bench feeds without --input) gives NaN/inf: {counts}"

@@ -23,6 +23,8 @@ class OrtBackend:
     The session is built on the first `run` and released by `close` (see bertopt.backends).
     """
 
+    informational = False
+
     def __init__(self, model: Path | str | onnx.ModelProto, *, name: str, kind: str = "onnx",
                  provider: str = CPU, threads: int | None = None) -> None:
         self.name = name

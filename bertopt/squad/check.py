@@ -1,5 +1,5 @@
 """Score SQuAD answers: from an ais_bench results folder (``eval``), or the original graph against the
-optimized graph (and the Ascend fp16 emulation) on the very same features (``check``).
+optimized graph (and the Ascend emulations, one per Gelu kernel) on the very same features (``check``).
 
 Every scored candidate gets a folder with ``predictions.json`` (the official format,
 ``{question id: answer text}``) and ``metrics.json`` (``exact_match``, ``f1``, ``total``); a check
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -32,6 +32,14 @@ OPTIMIZED_MODEL = "optimized.onnx"
 ORIGINAL, OPTIMIZED, EMULATION = "original", "optimized", "emulation"
 
 Progress = Callable[[str], None]
+
+
+class Emulation(NamedTuple):
+    """A candidate beside the two graphs: its folder name, its label and what runs it."""
+
+    folder: str
+    label: str
+    run: Runner
 
 
 @dataclass
@@ -116,23 +124,22 @@ def evaluate_results(features_dir: Path, results_dir: Path, data: str | Path, ou
 
 
 def check(original: Path, optimized: Path, examples: list[Example], features: Features,
-          inputs: dict[str, str], output: Path, *, batch: int, emulation: Runner | None = None,
-          emulation_label: str = "Ascend fp16 emulation", threads: int | None = None,
-          progress: Progress = lambda message: None) -> SquadCheck:
-    """Run the original and the optimized ONNX (and `emulation`) on the same features and score each.
+          inputs: dict[str, str], output: Path, *, batch: int, emulations: Sequence[Emulation] = (),
+          threads: int | None = None, progress: Progress = lambda message: None) -> SquadCheck:
+    """Run the original and the optimized ONNX (and `emulations`) on the same features and score each.
 
     `inputs` maps the models' input names to roles; each ONNX model runs at its static batch (else
-    `batch`), `emulation` at `batch`. Writes `output` (new or empty) whole or not at all.
+    `batch`), the emulations at `batch`. Writes `output` (new or empty) whole or not at all.
     """
     with new_folder(output) as staging:
-        result = _check_into(staging, original, optimized, examples, features, inputs, batch, emulation,
-                             emulation_label, threads, progress, {})
+        result = _check_into(staging, original, optimized, examples, features, inputs, batch, emulations,
+                             threads, progress, {})
     result.output = Path(output)
     return result
 
 
 def _check_into(folder: Path, original: Path, optimized: Path, examples: list[Example], features: Features,
-                inputs: dict[str, str], batch: int, emulation: Runner | None, emulation_label: str,
+                inputs: dict[str, str], batch: int, emulations: Sequence[Emulation],
                 threads: int | None, progress: Progress, info: dict) -> SquadCheck:
     from bertopt.backends.ort import OrtBackend
 
@@ -145,10 +152,10 @@ def _check_into(folder: Path, original: Path, optimized: Path, examples: list[Ex
         model_batch = static_batch([shape for _, shape in input_specs_of(graph_only(model)).values()]) or batch
         start, end = run_features(OrtBackend(model, name=label, threads=threads).run, feeds, model_batch)
         scores.append(score_logits(name, label, examples, features, start, end))
-    if emulation is not None:
-        progress(f"SQuAD: running the {emulation_label} on {len(features)} features")
-        start, end = run_features(emulation, feeds, batch)
-        scores.append(score_logits(EMULATION, emulation_label, examples, features, start, end))
+    for emulation in emulations:
+        progress(f"SQuAD: running the {emulation.label} on {len(features)} features")
+        start, end = run_features(emulation.run, feeds, batch)
+        scores.append(score_logits(emulation.folder, emulation.label, examples, features, start, end))
     for score in scores:
         write_score(folder / score.name, score)
     result = SquadCheck(folder, features.seq, features.doc_stride, batch, len(features), scores, info)
@@ -181,18 +188,18 @@ def check_model(model: str, data: str | Path, output: Path, *, seq: int, batch: 
         write_features(features, squad_model.inputs, staging / FEATURES_DIR)
         progress(f"running the passes {passes!r} at batch {batch}, seq {seq}")
         optimized = _optimize(squad_model.onnx, passes, batch, seq, staging / OPTIMIZED_MODEL)
-        runner, label = _emulation(optimized, threads) if emulation else (None, "")
         info = {"model": squad_model.description, "passes": passes, "data": str(data), "questions": len(examples),
                 "tokenizer": str(source)}
         result = _check_into(staging, squad_model.onnx, optimized, examples, features, squad_model.inputs, batch,
-                             runner, label, threads, progress, info)
+                             emulations_of(optimized, threads=threads) if emulation else [], threads, progress,
+                             info)
     result.output = Path(output)
     return result
 
 
 def check_run(model: str, original: Path, optimized: Path, data: str | Path, output: Path, *, seq: int,
-              batch: int, emulation: bool, progress: Progress = lambda message: None) -> SquadCheck:
-    """`bertopt run --eval squad`: score the run's original and optimized graphs (and the emulation)."""
+              batch: int, emulations: Sequence[Emulation], progress: Progress = lambda message: None) -> SquadCheck:
+    """`bertopt run --eval squad`: score the run's original and optimized graphs (and its emulations)."""
     from bertopt.squad.model import described_model, load_tokenizer, tokenizer_folder
 
     examples = load_examples(data)
@@ -201,9 +208,8 @@ def check_run(model: str, original: Path, optimized: Path, data: str | Path, out
     progress(f"SQuAD: tokenising {len(examples)} questions (seq {seq})")
     features = prepare_features(examples, load_tokenizer(source, squad_model.facts.vocab_size), seq, None,
                                 str(source))
-    runner, label = _emulation(optimized, None) if emulation else (None, "")
     return check(original, optimized, examples, features, squad_model.inputs, output, batch=batch,
-                 emulation=runner, emulation_label=label, progress=progress)
+                 emulations=emulations, progress=progress)
 
 
 def _optimize(original: Path, passes: str, batch: int, seq: int, path: Path) -> Path:
@@ -214,7 +220,14 @@ def _optimize(original: Path, passes: str, batch: int, seq: int, path: Path) -> 
     return path
 
 
-def _emulation(optimized: Path, threads: int | None) -> tuple[Runner, str]:
-    from bertopt.backends.emulation import EMULATION_NAME, EmulationBackend
+def emulations_of(optimized: Path, *, gelu: str = "high_performance", precision: str | None = None,
+                  cann: str | None = None, threads: int | None = None) -> list[Emulation]:
+    """The Ascend emulation of each Gelu kernel atc offers, `gelu` (the one atc is asked for) first: the
+    evidence for choosing one. Folders are named ``emulation-<kernel>``."""
+    from bertopt.ascend.atc import gelu_impls_from
+    from bertopt.backends.emulation import EmulationBackend
 
-    return EmulationBackend(optimized, threads=threads).run, EMULATION_NAME
+    backends = [EmulationBackend(optimized, gelu=impl, precision=precision, cann=cann, threads=threads)
+                for impl in gelu_impls_from(gelu)]
+    return [Emulation(f"{EMULATION}-{backend.gelu_kernel.impl_mode}", backend.name, backend.run)
+            for backend in backends]

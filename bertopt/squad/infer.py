@@ -1,9 +1,9 @@
 """Start and end logits for every feature: from a model run here, or from an ais_bench results folder.
 
-A model is fed in batches of its static batch size, the last batch padded with all-zero rows whose
-outputs are dropped (as ais_bench pads); a dynamic model takes any batch. ais_bench writes one file
-per feature and output, ``<feature index>_<output index>.npy``: output 0 is the start logits and
-output 1 the end logits of a QA model.
+A model is fed in batches of its static batch size, the last batch padded with copies of its first row
+whose outputs are dropped (as ais_bench pads); a dynamic model takes any batch. ais_bench writes one file
+per feature and output, ``<feature index>_<output index>.npy`` (in ``device<N>/`` folders when several
+devices ran): output 0 is the start logits and output 1 the end logits of a QA model.
 """
 
 from __future__ import annotations
