@@ -276,8 +276,8 @@ def _run_shapes(shapes: list[Shape], check: OutputCheck, largest: int, progress:
     """Submit every shape, then collect rows as tasks finish; whatever ends this early cancels the rest."""
     if not shapes:
         return []
-    # On the driver's node, which lives as long as the sweep (a soft affinity let Ray place it on a busy
-    # node's neighbour, lost with it).
+    # On the driver's node, which lives as long as the sweep (with a soft affinity, Ray placed it on another
+    # node while the driver's was busy, and lost it with that node).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     board = Board.options(scheduling_strategy=here).remote()
     task = ray.remote(shape_task)
