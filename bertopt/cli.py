@@ -268,6 +268,11 @@ def sweep(
     samples: int = typer.Option(2, "--samples", help="realistic samples per parity check"),
     soc: Optional[str] = typer.Option(None, "--soc", help="atc --soc_version (default: from `npu-smi info`, else Ascend310P3)"),
     cann: Optional[str] = typer.Option(None, "--cann", help=CANN_HELP),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
+                                      help="run on Ray: alone, a new local Ray; auto; ray://HOST:PORT; HOST:PORT"),
+    cpus_per_shape: Optional[int] = typer.Option(None, "--cpus-per-shape",
+                                                 help="ONNX Runtime threads of each shape's validation, and the CPUs "
+                                                      "a Ray task asks for (default: every core; 1 with --ray)"),
 ) -> None:
     """Export once per size, then optimize, write atc.sh, validate and check every shape in parallel.
 
@@ -278,14 +283,39 @@ def sweep(
 
     config = SweepConfig(sizes=tuple(_names("--sizes", sizes)), seqs=tuple(_ints("--seq", seq)),
                          batches=tuple(_ints("--batch", batch)), output=output, jobs=jobs,
-                         memory_budget_gib=memory_budget, passes=passes, samples=samples, soc=soc, cann=cann)
-    # Not rich: a Ctrl-C inside its print leaves the line in its buffer, printed again with "interrupted".
-    result = run_sweep(config, lambda message: sys.stderr.write(f"{message}\n"))
+                         memory_budget_gib=memory_budget, passes=passes, samples=samples, soc=soc, cann=cann,
+                         threads=cpus_per_shape)
+    result = run_sweep(config, _progress_line) if ray is None else _sweep_on_ray(config, ray)
     out.print(render_table(result.rows), markup=False)
     out.print(f"summary: {output / 'summary.md'}, {output / 'summary.json'}")
     failed = [f"{r['size']} seq{r['seq']} bs{r['batch']}" for r in result.rows if r["status"] != "passed"]
     if failed:
         raise CheckFailed(f"{len(failed)} of {len(result.rows)} shape(s) failed: {', '.join(failed)}")
+
+
+def _progress_line(message: str) -> None:
+    # Not rich: a Ctrl-C inside its print leaves the line in its buffer, printed again with "interrupted".
+    sys.stderr.write(f"{message}\n")
+
+
+def _sweep_on_ray(config, address: str):
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise BertoptError("--ray needs Ray: pip install 'bertopt[ray]' (on every node of the cluster)")
+    from bertopt.sweep_ray import parse_address, sweep_on_ray
+
+    return sweep_on_ray(config, parse_address(address), _progress_line)
+
+
+def with_bare_ray_flag(args: list[str]) -> list[str]:
+    """`--ray` with no address (last, or before another option) as `--ray=local`.
+
+    typer has no option whose value may be left out (its flag_value is deprecated), so main() fills
+    it in before parsing.
+    """
+    return [("--ray=local" if arg == "--ray" and (index + 1 == len(args) or args[index + 1].startswith("-"))
+             else arg) for index, arg in enumerate(args)]
 
 
 def _names(option: str, text: str) -> list[str]:
@@ -489,7 +519,7 @@ def _squad_table(result, batch: int, seq: int) -> Table:
 
 def main() -> None:
     try:
-        if app(standalone_mode=False) == 130:  # typer 0.29 turns Ctrl-C into Exit(130), returned when not standalone
+        if app(args=with_bare_ray_flag(sys.argv[1:]), standalone_mode=False) == 130:  # typer 0.29 turns Ctrl-C into Exit(130), returned when not standalone
             raise KeyboardInterrupt
     except BertoptError as exc:
         err.print(f"bertopt: error: {exc}", soft_wrap=True, markup=False)

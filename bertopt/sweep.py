@@ -11,7 +11,13 @@ Shapes run in spawned worker processes (a fresh one per job, so a finished job's
 to the system), never more at once than `jobs` nor than fit the memory budget. A shape with a
 result.json is done and skipped on a re-run; a shape folder without one is redone from scratch.
 A worker that dies (the OOM killer) costs only its own shape, an error row; Ctrl-C stops every
-worker and removes the folders of the shapes they had not finished.
+worker and removes the folders of the shapes they had not finished. bertopt.sweep_ray runs the same
+shapes as Ray tasks across machines, with the helpers below.
+
+Parity is checked on at most `samples` batches, and on no more of them than it takes to hold
+MIN_PARITY_ROWS rows: a static batch of 16 or more is checked on one batch (decision for issue 15:
+every row of a batch goes through both graphs anyway, and the sweep's slowest shapes are the largest
+batches, whose second batch doubled validation, the largest part of their cost).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import shutil
 import signal
 import threading
@@ -31,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from bertopt.errors import BertoptError, first_line
-from bertopt.files import write_json
+from bertopt.files import write_json, write_text
 
 SIZE_ALIASES = {"base": "bert-base", "large": "bert-large"}
 MARKER_NAME = "sweep.json"
@@ -39,11 +46,17 @@ RESULT_NAME = "result.json"
 ORIGINAL_NAME = "original.onnx"
 SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"
 GIB = 1 << 30
-# Peak RSS of one shape job (load, passes, save, conformance, then the original and the optimized
-# model in two ORT sessions) over the model's weight bytes (its ONNX file). Measured once with
-# /usr/bin/time -v: bert-base (435.8 MB file), seq 384, batch 8, 2 samples: 2.52 GB peak = 5.9x.
-# Rounded up; bert-large's activations are a smaller share of its peak, so 6x covers it too.
-PEAK_FACTOR = 6.0
+# Peak RSS of one shape job: the larger of optimizing (about 2.1x the weight bytes, its ONNX file) and
+# validating (one ORT session at a time: about 2x the weights, plus activations led by the attention
+# scores, batch x heads x seq^2 fp32, 6-8x their bytes at seq 256-512), over a Python + ORT floor.
+# Fitted on the shapes tools/bench_sweep.py measured (BENCHMARKS.md) and rounded up, so that every
+# measured peak is below its estimate: bert-base seq 512 batch 64 6028 MiB (estimate 7483),
+# bert-large seq 384 batch 32 3919 MiB (estimate 5791). The former 6x-the-weights rule gave 2494 MiB
+# to the first and 7650 MiB to every bert-large shape.
+PEAK_FLOOR_BYTES = 300 << 20
+PEAK_WEIGHTS_FACTOR = 2.5
+PEAK_SCORES_FACTOR = 8.0
+MIN_PARITY_ROWS = 16
 # How long a stopped worker may take to clean up (its SIGTERM waits for a running ORT call to return)
 # before it is killed.
 STOP_GRACE_SECONDS = 5.0
@@ -63,6 +76,7 @@ class SweepConfig:
     samples: int = 2
     soc: str | None = None
     cann: str | None = None  # None: the installed toolkit's version, else the seed's
+    threads: int | None = None  # ONNX Runtime threads of validation; None: its default (every core)
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,7 @@ class Shape:
     soc_source: str
     cann: str
     cann_source: str
+    threads: int | None = None
 
 
 @dataclass
@@ -120,8 +135,15 @@ def available_memory() -> int:
     raise BertoptError("/proc/meminfo has no MemAvailable; pass --memory-budget")
 
 
-def peak_estimate(weights_bytes: int) -> int:
-    return int(weights_bytes * PEAK_FACTOR)
+def peak_estimate(weights_bytes: int, heads: int, batch: int, seq: int) -> int:
+    """Bytes one shape's job is expected to peak at (see PEAK_FLOOR_BYTES)."""
+    scores = batch * heads * seq * seq * 4
+    return int(PEAK_FLOOR_BYTES + PEAK_WEIGHTS_FACTOR * weights_bytes + PEAK_SCORES_FACTOR * scores)
+
+
+def parity_batches(batch: int, samples: int) -> int:
+    """How many batches the parity check runs: at most `samples`, and no more than reach MIN_PARITY_ROWS rows."""
+    return max(1, min(samples, -(-MIN_PARITY_ROWS // batch)))
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -129,21 +151,18 @@ def peak_estimate(weights_bytes: int) -> int:
 def sweep(config: SweepConfig, progress: Progress = lambda message: None) -> SweepResult:
     """Export each size once, run every shape not done before, then write the summary."""
     jobs, budget = _check_config(config)
-    sizes = _resolve_sizes(config.sizes)
-    _claim_output(config.output, config)
+    sizes = resolve_sizes(config.sizes)
+    claim_output(config.output, config)
     prepared = {size: _prepare_size(size, name, config, progress) for size, name in sizes.items()}
-    shapes = _shapes(config, prepared)
-    done = [_done_row(shape) for shape in shapes if (shape.folder / RESULT_NAME).is_file()]
-    todo = [shape for shape in shapes if not (shape.folder / RESULT_NAME).is_file()]
+    shapes = make_shapes(config, prepared)
+    done, todo = split_done(shapes)
     progress(f"{len(shapes)} shape(s): {len(done)} done before, {len(todo)} to run "
              f"(at most {jobs} job(s) within {budget / GIB:.1f} GiB)")
-    rows = _sorted_rows(done + _run_all(todo, jobs, budget, progress), config)
-    _write_summary(config.output, rows)
-    return SweepResult(rows, all(row["status"] == "passed" for row in rows), config.output)
+    return finish(config, prepared, done + _run_all(todo, jobs, budget, progress))
 
 
-def _check_config(config: SweepConfig) -> tuple[int, int]:
-    """(jobs, budget bytes); bad numbers are one clear line before any work."""
+def check_matrix(config: SweepConfig) -> None:
+    """The numbers every sweep takes, local or on Ray; a bad one is one clear line before any work."""
     if not config.sizes or not config.seqs or not config.batches:
         raise BertoptError("sweep needs at least one size, one seq and one batch")
     for value in config.batches:
@@ -152,6 +171,15 @@ def _check_config(config: SweepConfig) -> tuple[int, int]:
     for value in config.seqs:
         if value <= 0:
             raise BertoptError(f"--seq {value}: sequence lengths must be positive")
+    if config.samples <= 0:
+        raise BertoptError(f"--samples {config.samples}: must be at least 1")
+    if config.threads is not None and config.threads <= 0:
+        raise BertoptError(f"--cpus-per-shape {config.threads}: must be at least 1")
+
+
+def _check_config(config: SweepConfig) -> tuple[int, int]:
+    """(jobs, budget bytes) of the local sweep."""
+    check_matrix(config)
     jobs = config.jobs if config.jobs is not None else (os.cpu_count() or 1)
     if jobs <= 0:
         raise BertoptError(f"--jobs {jobs}: must be at least 1")
@@ -162,7 +190,7 @@ def _check_config(config: SweepConfig) -> tuple[int, int]:
     return jobs, budget
 
 
-def _resolve_sizes(sizes: tuple[str, ...]) -> dict[str, str]:
+def resolve_sizes(sizes: tuple[str, ...]) -> dict[str, str]:
     """Folder name -> what the exporter takes (a preset or an HF folder); unknown names fail here."""
     from bertopt.export import resolve_source  # imports torch: only when sweeping
 
@@ -174,7 +202,7 @@ def _resolve_sizes(sizes: tuple[str, ...]) -> dict[str, str]:
     return resolved
 
 
-def _claim_output(output: Path, config: SweepConfig) -> None:
+def claim_output(output: Path, config: SweepConfig) -> None:
     """Use an empty or new folder, or one that holds a sweep; never write into anything else."""
     marker = output / MARKER_NAME
     if output.exists() and not output.is_dir():
@@ -192,6 +220,10 @@ class PreparedSize:
     original: Path
     weights_bytes: int
     max_positions: int | None
+    heads: int
+    seconds: float = 0.0  # the export's wall time (a cached one is a file link)
+    cached: bool = False
+    peak_rss_mib: int = 0  # the exporting process's high-water mark
 
 
 def _prepare_size(size: str, name: str, config: SweepConfig, progress: Progress) -> PreparedSize:
@@ -202,10 +234,14 @@ def _prepare_size(size: str, name: str, config: SweepConfig, progress: Progress)
         prepared = worker.outcome()
     finally:  # on Ctrl-C: the worker ignores it
         stop_workers([worker])
-    too_long = [seq for seq in config.seqs if prepared.max_positions and seq > prepared.max_positions]
+    check_positions(size, prepared, config.seqs)
+    return prepared
+
+
+def check_positions(size: str, prepared: PreparedSize, seqs: tuple[int, ...]) -> None:
+    too_long = [seq for seq in seqs if prepared.max_positions and seq > prepared.max_positions]
     if too_long:
         raise BertoptError(f"--seq {too_long[0]}: {size} has {prepared.max_positions} position embeddings")
-    return prepared
 
 
 def export_and_measure(name: str, path: Path) -> PreparedSize:
@@ -217,24 +253,40 @@ def export_and_measure(name: str, path: Path) -> PreparedSize:
     result = export_onnx(resolve_source(name), path)
     facts = detect_facts(load_graph(result.path))
     weights = sum(p.stat().st_size for p in result.path.parent.glob(result.path.name + "*"))
-    return PreparedSize(result.path, weights, facts.max_positions)
+    return PreparedSize(result.path, weights, facts.max_positions, facts.heads, round(result.seconds, 2),
+                        result.cached, peak_rss_mib())
 
 
-def _shapes(config: SweepConfig, prepared: dict[str, PreparedSize]) -> list[Shape]:
+def make_shapes(config: SweepConfig, prepared: dict[str, PreparedSize]) -> list[Shape]:
     from bertopt.ascend.cann import resolve_cann
     from bertopt.ascend.soc import detect_soc
 
     soc, soc_source = detect_soc(config.soc)
     cann, cann_source = resolve_cann(config.cann)
     return [Shape(size, seq, batch, info.original, config.output / size / f"seq{seq}_bs{batch}",
-                  peak_estimate(info.weights_bytes), config.passes, config.samples, soc, soc_source, cann.version,
-                  cann_source)
+                  peak_estimate(info.weights_bytes, info.heads, batch, seq), config.passes, config.samples, soc,
+                  soc_source, cann.version, cann_source, config.threads)
             for size, info in prepared.items() for seq in config.seqs for batch in config.batches]
+
+
+def split_done(shapes: list[Shape]) -> tuple[list[dict], list[Shape]]:
+    """(rows of the shapes whose result.json exists, the shapes still to run)."""
+    done = [_done_row(shape) for shape in shapes if (shape.folder / RESULT_NAME).is_file()]
+    return done, [shape for shape in shapes if not (shape.folder / RESULT_NAME).is_file()]
 
 
 def _done_row(shape: Shape) -> dict:
     row = json.loads((shape.folder / RESULT_NAME).read_text())
     return dict(row, done_before=True)
+
+
+def finish(config: SweepConfig, prepared: dict[str, PreparedSize], rows: list[dict]) -> SweepResult:
+    """Sort the rows as asked and write summary.json and summary.md."""
+    rows = _sorted_rows(rows, config)
+    exports = {size: {"seconds": info.seconds, "cached": info.cached, "weights_bytes": info.weights_bytes,
+                      "heads": info.heads, "peak_rss_mib": info.peak_rss_mib} for size, info in prepared.items()}
+    _write_summary(config.output, rows, exports)
+    return SweepResult(rows, all(row["status"] == "passed" for row in rows), config.output)
 
 
 # --------------------------------------------------------------------------- worker processes
@@ -372,7 +424,7 @@ def _run_all(shapes: list[Shape], jobs: int, budget: int, progress: Progress) ->
     finally:
         stop_workers(running)
         for shape in running.values():
-            _discard_unfinished(shape)
+            discard_unfinished(shape)
     return rows
 
 
@@ -381,32 +433,57 @@ def _collect(worker: Worker, shape: Shape) -> dict:
     try:
         return worker.outcome()
     except WorkerDied as died:
-        _discard_unfinished(shape)
-        return _row(shape, status="error", seconds=0.0, error=str(died))
+        discard_unfinished(shape)
+        return error_row(shape, str(died))
 
 
-def _discard_unfinished(shape: Shape) -> None:
+def error_row(shape: Shape, error: str, node: str | None = None) -> dict:
+    """The row of a shape whose job ended without one of its own (killed, or lost with its node)."""
+    return _row(shape, status="error", seconds=0.0, error=error, node=node)
+
+
+def discard_unfinished(shape: Shape) -> None:
     """Remove what a stopped or dead worker was writing (e.g. a model half saved in a temporary folder)."""
     if not (shape.folder / RESULT_NAME).is_file():
         shutil.rmtree(shape.folder, ignore_errors=True)
 
 
-def run_shape(shape: Shape) -> dict:
+def run_shape(shape: Shape, node: str | None = None) -> dict:
     """Worker: optimize, write atc.sh, validate, check conformance, then write result.json last.
 
     The folder is emptied first: whatever an interrupted run left there is not trusted.
     A parity failure is a verdict (kept); an exception is an error row without result.json (rerun).
+    `node` names the machine (a Ray node) that ran it, for the summary.
     """
     start = time.perf_counter()
     shutil.rmtree(shape.folder, ignore_errors=True)
     shape.folder.mkdir(parents=True)
     try:
-        row = _row(shape, seconds=0.0, **_evaluate(shape))
+        row = _row(shape, seconds=0.0, node=node, **_evaluate(shape))
     except Exception as exc:  # recorded in the row; the sweep goes on
-        return _row(shape, status="error", seconds=time.perf_counter() - start, error=first_line(exc))
+        return _row(shape, status="error", seconds=time.perf_counter() - start, error=first_line(exc), node=node)
     row["seconds"] = round(time.perf_counter() - start, 2)
+    row["peak_rss_mib"] = peak_rss_mib()
     write_json(shape.folder / RESULT_NAME, row)
     return row
+
+
+def peak_rss_mib() -> int:
+    """This process's high-water RSS; a spawned worker's starts at its parent's RSS when it forked."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+class _Clock:
+    """Wall seconds of consecutive phases, each named when it ends."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = round(now - self._last, 2)
+        self._last = now
 
 
 def _evaluate(shape: Shape) -> dict:
@@ -421,15 +498,26 @@ def _evaluate(shape: Shape) -> dict:
     optimized, target = shape.folder / OPTIMIZED_NAME, cann_target(shape.cann)
     manager = PassManager(shape.passes, PassOptions(batch=shape.batch, seq=shape.seq, target="ascend", cann=target),
                           Instruments(reproducer_dir=shape.folder / "reproducer"))
-    graph, facts, records = optimize_file(shape.original, optimized, manager)
+    clock = _Clock()
+
+    def lap_before_saving(message: str) -> None:  # optimize_file says "saving" between the passes and the save
+        if message.startswith("saving"):
+            clock.lap("load_and_passes")
+
+    graph, facts, records = optimize_file(shape.original, optimized, manager, lap_before_saving)
+    clock.lap("save")
     options = AtcOptions(model=in_work_dir(OPTIMIZED_NAME), output=in_work_dir(OM_PREFIX), soc_version=shape.soc,
                          cann=target)
     atc = compile_om(shape.folder, options, shape.soc_source, shape.cann_source)
     conformance = check_ascend(graph, cann=target, soc=shape.soc)
     del graph  # before the two ORT sessions load the weights again
     gc.collect()  # a gs graph is a reference cycle: it goes only when the collector runs
-    report = validate_candidates(shape.original, [OrtBackend(optimized, name="optimized ONNX fp32 (ORT CPU)")], facts,
-                                 batch=shape.batch, seq=shape.seq, samples=shape.samples)[0]
+    clock.lap("atc_and_conformance")
+    batches = parity_batches(shape.batch, shape.samples)
+    report = validate_candidates(shape.original, [OrtBackend(optimized, name="optimized ONNX fp32 (ORT CPU)",
+                                                             threads=shape.threads)],
+                                 facts, batch=shape.batch, seq=shape.seq, samples=batches, threads=shape.threads)[0]
+    clock.lap("validation")
     comparison = report.comparison
     parity_max = max(o.max_abs for o in comparison.outputs) if comparison else None
     passed = report.passed is True and conformance.conforming
@@ -439,14 +527,16 @@ def _evaluate(shape: Shape) -> dict:
             "fusion_gates": conformance.fusion.failures(),
             "parity_max_abs": parity_max, "parity_passed": report.passed,
             "parity": comparison.summary_line() if comparison else report.error,
-            "atc": atc.status}
+            "parity_batches": batches, "atc": atc.status, "phase_seconds": clock.phases}
 
 
-def _row(shape: Shape, *, status: str, seconds: float, error: str | None = None, **fields) -> dict:
+def _row(shape: Shape, *, status: str, seconds: float, error: str | None = None, node: str | None = None,
+         **fields) -> dict:
     base = {"size": shape.size, "seq": shape.seq, "batch": shape.batch, "status": status,
             "passes_changed": [], "conforming": None, "fuses": None, "fusion_gates": [], "parity_max_abs": None, "parity_passed": None,
             "parity": None, "atc": None, "error": error, "seconds": round(seconds, 2),
-            "folder": str(shape.folder), "done_before": False}
+            "folder": str(shape.folder), "node": node, "estimate_mib": round(shape.estimate / (1 << 20)),
+            "done_before": False}
     return dict(base, **fields)
 
 
@@ -458,17 +548,23 @@ def _sorted_rows(rows: list[dict], config: SweepConfig) -> list[dict]:
 
 
 def render_table(rows: list[dict]) -> str:
-    """A Markdown table, one row per model: what the terminal shows and summary.md holds."""
+    """A Markdown table, one row per model: what the terminal shows and summary.md holds.
+
+    A `node` column (the Ray node that ran the shape) appears when any row has one.
+    """
+    with_node = any(row.get("node") for row in rows)
     lines = ["| size | seq | batch | passes changed | conforming | ATC fuses | parity max abs | parity | status "
-             "| seconds |", "|---|---:|---:|---|---|---|---:|---|---|---:|"]
+             "| seconds |" + (" node |" if with_node else ""),
+             "|---|---:|---:|---|---|---|---:|---|---|---:|" + ("---|" if with_node else "")]
     for row in rows:
         parity = {True: "PASSED", False: "FAILED", None: "-"}[row["parity_passed"]]
         worst = "-" if row["parity_max_abs"] is None else f"{row['parity_max_abs']:.2e}"
         status = row["status"] + (" (done before)" if row["done_before"] else "")
         status += f": {row['error']}" if row.get("error") else ""
-        lines.append(f"| {row['size']} | {row['seq']} | {row['batch']} | {len(row['passes_changed'])} "
-                     f"| {_yes_no(row['conforming'])} | {_yes_no(row.get('fuses'))} | {worst} | {parity} | {status} "
-                     f"| {row['seconds']:.1f} |")
+        line = (f"| {row['size']} | {row['seq']} | {row['batch']} | {len(row['passes_changed'])} "
+                f"| {_yes_no(row['conforming'])} | {_yes_no(row.get('fuses'))} | {worst} | {parity} | {status} "
+                f"| {row['seconds']:.1f} |")
+        lines.append(line + (f" {row.get('node') or '-'} |" if with_node else ""))
     return "\n".join(lines)
 
 
@@ -476,12 +572,10 @@ def _yes_no(value: bool | None) -> str:
     return {True: "yes", False: "NO", None: "-"}[value]
 
 
-def _write_summary(output: Path, rows: list[dict]) -> None:
+def _write_summary(output: Path, rows: list[dict], exports: dict[str, dict]) -> None:
     passed = sum(row["status"] == "passed" for row in rows)
     write_json(output / SUMMARY_JSON, {"passed": passed == len(rows), "counts": {
         "shapes": len(rows), "passed": passed, "done_before": sum(row["done_before"] for row in rows)},
-        "rows": rows})
-    text = f"# bertopt sweep\n\n{passed} of {len(rows)} shape(s) passed.\n\n{render_table(rows)}\n"
-    tmp = output / f".{SUMMARY_MD}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, output / SUMMARY_MD)
+        "exports": exports, "rows": rows})
+    write_text(output / SUMMARY_MD, f"# bertopt sweep\n\n{passed} of {len(rows)} shape(s) passed.\n\n"
+                                    f"{render_table(rows)}\n")

@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 from bertopt.errors import BertoptError
-from bertopt.sweep import GIB, SweepConfig, admits, concurrency, sweep
+from bertopt.sweep import GIB, SweepConfig, admits, concurrency, peak_estimate, sweep
 
 SHAPES = [(16, 1), (16, 2), (32, 1), (32, 2)]
 
@@ -84,6 +84,15 @@ def test_concurrency_from_budget_and_estimates():
     assert concurrency([large] * 6, 11 * GIB, 1) == 1
     assert concurrency([large, base, base], 6 * GIB, 8) == 2  # 5.3 GiB fits, 6.6 does not
     assert concurrency([16 * GIB], 8 * GIB, 4) == 1
+
+
+@pytest.mark.parametrize("weights, heads, seq, batch, measured_mib", [
+    (435836945, 12, 64, 1, 1024), (435836945, 12, 512, 64, 6028),  # bert-base (BENCHMARKS.md, bench_sweep)
+    (1336891321, 16, 64, 1, 2687), (1336891321, 16, 256, 16, 3591), (1336891321, 16, 384, 32, 3919),  # large
+])
+def test_the_estimate_covers_measured_peaks_without_doubling_them(weights, heads, seq, batch, measured_mib):
+    estimate = peak_estimate(weights, heads, batch, seq) / (1 << 20)
+    assert measured_mib < estimate < 2 * measured_mib
 
 
 @pytest.mark.parametrize("changes, message", [
