@@ -49,6 +49,8 @@ SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 CUBE_COEFF = 0.044715
 # Exporters and fp16 models round these constants differently; 1e-3 still tells them apart.
 CONSTANT_RTOL = 1e-3
+# The largest relative error of rounding to float16 (half its machine epsilon).
+FLOAT16_ROUNDING = 2.0 ** -11
 
 ONNX_GELU_OPSET = 20
 MS_DOMAIN = "com.microsoft"
@@ -85,6 +87,23 @@ def tanh_gelu_pattern() -> Pattern:
     return Pattern(_gate(x, Op("Add", Op("Tanh", argument), Const(1.0))))
 
 
+def canonical_erf_pattern() -> Pattern:
+    x = Var("x")
+    erf = Op("Erf", Op("Div", x, Const(SQRT2, rtol=1e-6)))
+    inner = Op("Mul", x, Op("Add", erf, Const(1.0), commute=False), commute=False)
+    return Pattern(Op("Mul", inner, Const(0.5), commute=False))
+
+
+def canonical_tanh_pattern() -> Pattern:
+    """The tanh form as legalize-ascend writes it, its constants as rounded to float16 or float32."""
+    x = Var("x")
+    cube = Op("Mul", Op("Pow", x, Const(3.0)), Const(CUBE_COEFF, rtol=FLOAT16_ROUNDING), commute=False)
+    argument = Op("Mul", Op("Add", x, cube, commute=False), Const(SQRT_2_OVER_PI, rtol=FLOAT16_ROUNDING),
+                  commute=False)
+    gate = Op("Add", Op("Tanh", argument), Const(1.0), commute=False)
+    return Pattern(Op("Mul", Op("Mul", x, Const(0.5), commute=False), gate, commute=False))
+
+
 def gelu_kind(node: gs.Node) -> str | None:
     """ERF or TANH for a node that is a whole Gelu (ONNX op or ORT contrib op), else None."""
     if node.domain == MS_DOMAIN:
@@ -94,14 +113,20 @@ def gelu_kind(node: gs.Node) -> str | None:
     return None
 
 
-def fuse_gelu_subgraphs(graph: gs.Graph) -> Counter:
-    """Replace every decomposed Gelu by one fused node; returns how many of each kind (ERF, TANH)."""
+def fuse_gelu_subgraphs(graph: gs.Graph, keep_atc_form: bool = False) -> tuple[Counter, int]:
+    """Replace every decomposed Gelu by one fused node; returns how many of each kind (ERF, TANH) and,
+    with `keep_atc_form`, how many were left alone because they are already what legalize-ascend writes."""
     fused: Counter = Counter()
+    kept = 0
+    canonical = {ERF: canonical_erf_pattern(), TANH: canonical_tanh_pattern()}
     for kind, pattern in ((ERF, erf_gelu_pattern()), (TANH, tanh_gelu_pattern())):
         for match in pattern.find_all(graph):
+            if keep_atc_form and canonical[kind].match(match.root, graph) is not None:
+                kept += 1
+                continue
             _replace_with_fused(graph, match, kind)
             fused[kind] += 1
-    return fused
+    return fused, kept
 
 
 def _replace_with_fused(graph: gs.Graph, match: Match, kind: str) -> None:
@@ -118,17 +143,23 @@ def _replace_with_fused(graph: gs.Graph, match: Match, kind: str) -> None:
 
 @register_pass("fuse-gelu", "fuse every Gelu form (erf, tanh approximation, ONNX Gelu) into one node")
 def fuse_gelu(graph: gs.Graph, facts: ModelFacts, options: PassOptions) -> PassResult:
+    """For the ascend target, a Gelu already in the subgraph legalize-ascend writes for ATC is left as it is
+    (`gelu_atc_form`): fusing it would only have legalize write it back, and `default` would never settle."""
     existing = Counter(kind for kind in map(gelu_kind, graph.nodes) if kind)
-    fused = fuse_gelu_subgraphs(graph)
-    counts = {"gelu_erf": fused[ERF], "gelu_tanh": fused[TANH], "gelu_op": sum(existing.values())}
+    fused, kept = fuse_gelu_subgraphs(graph, keep_atc_form=options.target == "ascend")
+    counts = {"gelu_erf": fused[ERF], "gelu_tanh": fused[TANH], "gelu_op": sum(existing.values()),
+              "gelu_atc_form": kept}
     counts["gelu_sites"] = sum(counts.values())
     if not counts["gelu_sites"]:
         return PassResult.no_change(_nothing_found(graph))
     by_function = fused + existing
-    notes = [f"{by_function[ERF]} erf Gelu site(s) (ATC fuses these into its Gelu op, which "
+    notes = [f"{by_function[ERF]} erf Gelu site(s) fused (ATC fuses the erf form into its Gelu op, which "
              f"--optypelist_for_implmode=Gelu selects), {by_function[TANH]} tanh-approximation site(s)"]
+    if kept:
+        notes.append(f"{kept} Gelu site(s) already in the subgraph ATC takes, left as they are")
     if not fused:
-        notes.insert(0, f"no decomposed Gelu left to fuse; {counts['gelu_op']} Gelu op(s) already one node")
+        notes.insert(0, f"no Gelu to fuse: {counts['gelu_op']} Gelu op(s) already one node, {kept} already in "
+                        "ATC's form")
         return PassResult(changed=False, counts=counts, notes=notes)
     return PassResult(changed=True, counts=counts, notes=notes)
 

@@ -62,14 +62,9 @@ from bertopt.ascend.legality import (LAYER_NORMALIZATION, ONNX_DOMAINS, fp16_uns
 from bertopt.errors import BertoptError, CheckFailed
 from bertopt.facts import ModelFacts
 from bertopt.graph import add_node, constant_value, make_constant, unique_name
-from bertopt.passes.fuse_gelu import (CUBE_COEFF, ERF, SQRT2, SQRT_2_OVER_PI, TANH, erf_gelu_pattern,
-                                      gelu_kind, tanh_gelu_pattern)
-from bertopt.pattern import Const, Op, Pattern, Var
+from bertopt.passes.fuse_gelu import (CUBE_COEFF, ERF, SQRT2, SQRT_2_OVER_PI, TANH, canonical_erf_pattern,
+                                      canonical_tanh_pattern, erf_gelu_pattern, gelu_kind, tanh_gelu_pattern)
 from bertopt.pipeline import PassOptions, PassResult, register_pass
-
-
-# The largest relative error of rounding to float16 (half its machine epsilon).
-FLOAT16_ROUNDING = 2.0 ** -11
 
 
 @register_pass("legalize-ascend", "lower to the run's CANN version (--cann): Gelu as ATC's erf subgraph (tanh "
@@ -102,23 +97,6 @@ def legalize_ascend(graph: gs.Graph, facts: ModelFacts, options: PassOptions) ->
 
 
 # ----------------------------------------------------------------------------- 1. Gelu for ATC
-
-def canonical_erf_pattern() -> Pattern:
-    x = Var("x")
-    erf = Op("Erf", Op("Div", x, Const(SQRT2, rtol=1e-6)))
-    inner = Op("Mul", x, Op("Add", erf, Const(1.0), commute=False), commute=False)
-    return Pattern(Op("Mul", inner, Const(0.5), commute=False))
-
-
-def canonical_tanh_pattern() -> Pattern:
-    """The tanh form as `_write_gelu` writes it, its constants as rounded to float16 or float32."""
-    x = Var("x")
-    cube = Op("Mul", Op("Pow", x, Const(3.0)), Const(CUBE_COEFF, rtol=FLOAT16_ROUNDING), commute=False)
-    argument = Op("Mul", Op("Add", x, cube, commute=False), Const(SQRT_2_OVER_PI, rtol=FLOAT16_ROUNDING),
-                  commute=False)
-    gate = Op("Add", Op("Tanh", argument), Const(1.0), commute=False)
-    return Pattern(Op("Mul", Op("Mul", x, Const(0.5), commute=False), gate, commute=False))
-
 
 def write_gelus_for_atc(graph: gs.Graph) -> Counter:
     """Every Gelu, fused or decomposed, as ATC's canonical subgraph of its own function."""

@@ -21,7 +21,7 @@ from bertopt.pipeline import PassOptions, PassResult, register_pass
 @register_pass("legalize-ort", "every Gelu as ONNX Runtime's fused op (ONNX Gelu at opset >= 20, "
                "else com.microsoft Gelu/FastGelu)")
 def legalize_ort(graph: gs.Graph, facts: ModelFacts, options: PassOptions) -> PassResult:
-    fused = fuse_gelu_subgraphs(graph)
+    fused, _ = fuse_gelu_subgraphs(graph)
     if not fused:
         already = sum(1 for node in graph.nodes if gelu_kind(node))
         return PassResult.no_change(f"nothing to legalise for ONNX Runtime: no decomposed Gelu "

@@ -84,7 +84,9 @@ def test_other_families_conform_with_parity(tiny_export, preset, variant):
     path = tiny_export(variant, preset=preset)
     result = run_spec(path, "default", batch=TINY_BATCH, seq=TINY_SEQ)
     assert_ready_for_atc(result.graph)
-    assert all(record.changed for record in result.records if record.name != "layernorm-for-atc")
+    # layernorm-for-atc and fuse-gelu have nothing to do where the export already spells LayerNorm and Gelu as
+    # ATC fuses them
+    assert all(record.changed for record in result.records if record.name not in ("layernorm-for-atc", "fuse-gelu"))
     assert_parity(path, result)
 
 
