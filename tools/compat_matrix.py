@@ -122,7 +122,7 @@ def _exclusion(name: str, has_head: bool, class_name: str, decoder: bool) -> str
     try:
         config = AutoConfig.for_model(name)
     except Exception as exc:  # a family whose config cannot even be built with its defaults
-        return f"its config cannot be built: {_one_line(exc)}"
+        return f"its config cannot be built: {one_line(exc)}"
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder (config.is_encoder_decoder)"
     sub_configs = [key for key in getattr(config, "sub_configs", {}) if getattr(config, key, None) is not None]
@@ -234,7 +234,8 @@ def worker_row(family: Family, spec: str, work: Path, cann: str | None) -> dict:
     if isinstance(model, str):
         return {**row, "status": "not-exported", "detail": model}
     if model.causal:
-        return {**row, "status": "excluded", "detail": f"decoder-only (causal self-attention: {model.causal}.is_causal)"}
+        return {**row, "status": "excluded",
+                "detail": f"decoder-only (causal self-attention: {model.causal}.is_causal)"}
     row.update(head=model.head, config=model.overrides, size="tiny" if model.narrow else "default widths, 2 layers")
     onnx_path = work / "exports" / f"{family.name}-{spec.replace(':', '-')}.onnx"
     try:
@@ -243,9 +244,9 @@ def worker_row(family: Family, spec: str, work: Path, cann: str | None) -> dict:
     except BertoptError as exc:
         return {**row, "exit": exc.exit_code, "status": "refused", "detail": f"export: {first_line(exc)}"}
     except Exception as exc:
-        if _raised_in_bertopt(exc):
+        if raised_in_bertopt(exc):
             raise  # bertopt's exporter itself broke: worker_main records the traceback
-        return {**row, "status": "not-exported", "detail": _one_line(exc)}
+        return {**row, "status": "not-exported", "detail": one_line(exc)}
     row["export_cached"] = exported.cached
     try:
         return {**row, **_run_default(onnx_path, work / "runs" / onnx_path.stem, cann)}
@@ -282,15 +283,15 @@ def runnable_model(family: Family, attention: str) -> Runnable | str:
                 with torch.no_grad():
                     wrapper(*wrapper.trace_inputs())
             except Exception as exc:
-                if _raised_in_bertopt(exc):
+                if raised_in_bertopt(exc):
                     raise
-                failures.append(_one_line(exc))
+                failures.append(one_line(exc))
                 continue
             return Runnable(source, head, overrides, narrow, causal_attention(model))
     return f"no model of it runs on bertopt's export inputs ({len(failures)} tried), the first: {failures[0]}"
 
 
-def _raised_in_bertopt(exc: BaseException) -> bool:
+def raised_in_bertopt(exc: BaseException) -> bool:
     """bertopt's code raised it, an attribute lookup it made included (`config.vocab_size` on CANINE): a
     bertopt bug, not the family's. Raised deeper, in torch or transformers, it is the family's."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.name not in ("__getattribute__", "__getattr__")]
@@ -369,10 +370,13 @@ def parse_spec(spec: str, class_name: str) -> tuple[str, int, str]:
     return exporter, opset, attention or default_attention(class_name)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     from bertopt.errors import first_line
 
-    return f"{type(exc).__name__}: {first_line(exc)}"[:300]
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", first_line(exc))  # torch's messages carry terminal colours
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def worker_main(family_json: str, spec: str, work: Path, cann: str | None, row_path: Path) -> int:
@@ -382,8 +386,9 @@ def worker_main(family_json: str, spec: str, work: Path, cann: str | None, row_p
     except Exception as exc:  # anything bertopt let through: the traceback is the bug report
         trace = row_path.with_suffix(".traceback.txt")
         trace.write_text(traceback.format_exc())
-        row = {"family": family.name, "exporter": spec, "head": family.head, "status": "crashed",
-               "detail": f"traceback ({trace.name}): {_one_line(exc)} (raised in {bertopt_frame(exc)})"}
+        row = {"family": family.name, "exporter": spec, "head": family.head,
+               "attention": parse_spec(spec, family.model_class)[2], "status": "crashed",
+               "detail": f"traceback ({trace.name}): {one_line(exc)} (raised in {bertopt_frame(exc)})"}
     row["code"] = code_fingerprint()  # the sources this row ran with (they may change under a long run)
     row_path.write_text(json.dumps(row, indent=1, default=str))
     return 0
@@ -404,11 +409,14 @@ def code_fingerprint() -> str:
 
 def spawn_row(family: Family, spec: str, work: Path, cann: str | None, timeout: float, memory_gib: float,
               code: str) -> dict:
-    """One row in its own process (timeout, address-space cap); reuses a finished row made by the same
+    """One row in its own process (timeout, address-space cap); reuses a finished row that ran on the same
     `code` (code_fingerprint) for the same CANN version."""
-    row_path = work / "rows" / f"{family.name}-{spec.replace(':', '-')}-cann{cann or 'default'}-{code}.json"
-    if row_path.is_file():
-        return json.loads(row_path.read_text())
+    stem = f"{family.name}-{spec.replace(':', '-')}-cann{cann or 'default'}"
+    for done in sorted((work / "rows").glob(f"{stem}-*.json")):
+        row = json.loads(done.read_text())
+        if row.get("code") == code:
+            return row
+    row_path = work / "rows" / f"{stem}-{code}.json"
     row_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, __file__, "--worker", json.dumps(asdict(family)), "--exporters", spec,
                "--work", str(work), "--row", str(row_path)] + (["--cann", cann] if cann else [])
@@ -510,12 +518,13 @@ def _families_where(rows: list[dict], families: list[str], some: set[str], every
 
 
 def _reason_group(row: dict) -> str:
-    """The row's reason without the numbers and names that differ between rows of one cause."""
+    """The row's reason without the numbers, names and files that differ between rows of one cause."""
     import re
 
     text = row["detail"] if row["status"] != "ok-not-atc-form" else "ATC form fails: " + row["atc_form"].split(
         "(fails: ", 1)[-1].rstrip(")")
-    return re.sub(r"'[^']*'|\b\d[\d.e+-]*\b", "N", text)[:200] or "(no detail)"
+    text = re.sub(r"^traceback \([^)]*\): ", "traceback: ", text)
+    return re.sub(r"(?<!\w)'[^']*'|\b\d+(\.\d+)?(e[+-]?\d+)?\b", "N", text)[:200] or "(no detail)"
 
 
 def _exclusion_group(detail: str) -> str:

@@ -26,9 +26,11 @@ Two kinds of case, each fully determined by (seed, case index):
   activation (where the config names one: hidden_act, activation or hidden_activation), attention
   implementation, exporter, opset, mask input, batch and seq, exported through bertopt's exporter (and
   its cache), then `bertopt run` on it.
-Workers run under an address-space cap; a worker that dies is restarted and its case recorded as
-`crashed`. Results (one JSON line per case) go to --work; the summary to BENCHMARKS.md between this
-tool's markers, unless --no-write.
+A configuration that torch or transformers cannot export (SDPA below opset 14, a family without SDPA)
+is `not-made`, no case for bertopt; bertopt's exporter refusing it in one line is a refusal, and a
+traceback from bertopt's own code a bug. Workers run under an address-space cap; a worker that dies is
+restarted and its case recorded as `crashed`. Results (one JSON line per case) go to --work; the summary
+to BENCHMARKS.md between this tool's markers, unless --no-write.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ from pathlib import Path
 
 import numpy as np
 from bench_pipeline import environment, write_section
-from compat_matrix import bertopt_frame, tiny_config
+from compat_matrix import bertopt_frame, one_line, raised_in_bertopt, tiny_config
+
+from bertopt.errors import BertoptError
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORK = REPO / ".cache" / "fuzz"
@@ -59,6 +63,7 @@ BEGIN, END = "<!-- fuzz:begin -->", "<!-- fuzz:end -->"
 BASES = ("legacy14", "dynamo18", "optimized")
 TINY_BATCH, TINY_SEQ = 2, 16
 GOOD = ("result", "refusal", "flagged")
+NOT_MADE = "not-made"  # torch or transformers could not make the case's input: no case for bertopt
 BUGS = ("traceback", "silent-failure", "accepted-invalid", "unclean-exit", "timeout", "crashed", "input-modified",
         "unreadable-output")
 
@@ -80,7 +85,7 @@ class Outcome:
     mutation: str
     command: list[str]
     exit: int | None
-    outcome: str  # one of GOOD or BUGS
+    outcome: str  # one of GOOD, NOT_MADE or BUGS
     detail: str
     seconds: float
 
@@ -427,8 +432,13 @@ def run_case(case: Case, bases: dict[str, Path], folder: Path, timeout: int) -> 
         signal.alarm(timeout)
         try:
             path = _make_input(case, bases, folder)
-        except Exception as exc:  # the fuzzer's own failure to make the input: not bertopt's
-            return _outcome(case, None, "refusal", f"input not made ({type(exc).__name__}: {exc})"[:300], start)
+        except BertoptError as exc:  # bertopt's exporter refused the configuration in one line
+            return _outcome(case, exc.exit_code, "refusal", f"export: {exc}"[:300], start)
+        except Exception as exc:
+            if raised_in_bertopt(exc):
+                return _outcome(case, None, "traceback", f"export: {type(exc).__name__}: {str(exc)[:200]} "
+                                                         f"(raised in {bertopt_frame(exc)})", start)
+            return _outcome(case, None, NOT_MADE, one_line(exc), start)
         before = _digest(path)
         argv = [part.format(input=path, out=folder, base=bases.get(case.base or "legacy14")) for part in case.command]
         code, stderr = call_cli(argv)
@@ -614,8 +624,9 @@ def worker_main(args: argparse.Namespace) -> int:
             results.write(json.dumps({"start": index}) + "\n")
             results.flush()
             folder = args.work / "cases" / str(index)
-            outcome = run_case(case, bases, folder, args.case_timeout if case.kind == "malformed" else 10 * args.case_timeout)
-            if outcome.outcome in GOOD:
+            timeout = args.case_timeout if case.kind == "malformed" else 10 * args.case_timeout
+            outcome = run_case(case, bases, folder, timeout)
+            if outcome.outcome in (*GOOD, NOT_MADE):  # a bug's folder is kept: its files reproduce it
                 shutil.rmtree(folder, ignore_errors=True)
             results.write(json.dumps(asdict(outcome)) + "\n")
             results.flush()
@@ -684,18 +695,20 @@ def _last_line(log: Path) -> str:
 
 # --------------------------------------------------------------------------- the record
 
-def section(args: argparse.Namespace, outcomes: list[dict], seconds: float, argv: list[str]) -> str:
+def section(args: argparse.Namespace, record: dict) -> str:
+    outcomes, seconds = record["outcomes"], record["seconds"]
     counts = Counter(o["outcome"] for o in outcomes)
     by_kind = {kind: Counter(o["outcome"] for o in outcomes if o["kind"] == kind) for kind in ("malformed", "config")}
     bugs = [o for o in outcomes if o["outcome"] in BUGS]
-    columns = [*GOOD, *BUGS]
+    columns = [*GOOD, NOT_MADE, *BUGS]
     lines = ["## Fuzzing the command line (tools/fuzz.py)", "",
-             f"Run {time.strftime('%Y-%m-%d')}: seed {args.seed}, {len(outcomes)} cases "
+             f"Run {record.get('date', time.strftime('%Y-%m-%d'))}: seed {args.seed}, {len(outcomes)} cases "
              f"({sum(by_kind['malformed'].values())} malformed inputs, {sum(by_kind['config'].values())} random "
              f"configurations of {', '.join(args.families.split(','))}) in {seconds / 60:.1f} min with "
              f"{args.jobs} worker(s). Outcomes: result = exit 0 and the output passes parity and legality when "
-             "re-checked; refusal = exit 2 with one line; flagged = exit 1 with its reason; every other column "
-             "is a bug.", "",
+             "re-checked; refusal = exit 2 with one line; flagged = exit 1 with its reason; not-made = torch or "
+             "transformers could not export the configuration (no case for bertopt); every other column is a bug.",
+             "",
              "| cases | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for label, counter in (("malformed", by_kind["malformed"]), ("config", by_kind["config"]), ("all", counts)):
         lines.append(f"| {label} | " + " | ".join(str(counter.get(c, 0)) for c in columns) + " |")
@@ -703,7 +716,9 @@ def section(args: argparse.Namespace, outcomes: list[dict], seconds: float, argv
     lines += ["", "Malformed cases by mutation: " + ", ".join(f"{m} {n}" for m, n in sorted(mutations.items())) + "."]
     lines += ["", f"**{counts.get('traceback', 0)} tracebacks, {counts.get('silent-failure', 0)} silent failures**"
               + (f"; {len(bugs)} bug case(s) in all, grouped by cause (reproduce one with "
-                 f"`--seed {args.seed} --case N --keep DIR`; every case is in the run's outcomes.json):" if bugs else ".")]
+                 f"`--seed {args.seed} --case N --keep DIR`, which prints the command with the files filled in; "
+                 "`{input}` is the damaged model, `{base}` the undamaged export, `{out}` the case's folder; every "
+                 "case is in the run's outcomes.json):" if bugs else ".")]
     groups: dict[tuple[str, str], list[dict]] = {}
     for bug in bugs:
         groups.setdefault((bug["outcome"], signature(bug)), []).append(bug)
@@ -714,7 +729,7 @@ def section(args: argparse.Namespace, outcomes: list[dict], seconds: float, argv
         example = f"case {first['index']} ({first['mutation'].split(':')[0]}): `bertopt {' '.join(first['command'])}`"
         lines.append(f"| {outcome} | {cause.replace('|', '/')} | {len(members)} | {example} |")
     lines += ["", f"Machine: {environment()}.", "", "Command:", "",
-              "    " + " ".join([".venv/bin/python tools/fuzz.py", *argv])]
+              "    " + " ".join([".venv/bin/python tools/fuzz.py", *record["argv"]])]
     return "\n".join(lines)
 
 
@@ -757,6 +772,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--memory-gib", type=float, default=4, help="address-space cap per worker")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md alone")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the section again from --work's outcomes.json, running nothing")
     parser.add_argument("--case", type=int, help="reproduce this case only (with --keep)")
     parser.add_argument("--keep", type=Path, help="folder for the reproduced case's files")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -774,21 +791,29 @@ def main(argv: list[str]) -> int:
         return worker_main(args)
     if args.case is not None:
         return reproduce(args)
+    if args.report_only:
+        record = json.loads((args.work / "outcomes.json").read_text())
+        run_args = parse_args([*record["argv"], "--families", record.get("families", args.families)])
+        return write_record(run_args, record, args.no_write)
     start = time.time()
     if args.config_minutes is not None:
         args.deadline = start + 60 * args.config_minutes
     make_bases(args.work / "bases")
     cases = all_cases(args.seed, args.malformed, args.configs, args.families.split(","))
     outcomes = run_workers(args, cases)
-    seconds = time.time() - start
-    record = {"seed": args.seed, "argv": argv, "seconds": seconds, "outcomes": outcomes}
+    record = {"seed": args.seed, "argv": argv, "families": args.families, "date": time.strftime("%Y-%m-%d"),
+              "seconds": time.time() - start, "outcomes": outcomes}
     (args.work / "outcomes.json").write_text(json.dumps(record, indent=1))
-    text = section(args, outcomes, seconds, argv)
+    return write_record(args, record, args.no_write)
+
+
+def write_record(args: argparse.Namespace, record: dict, no_write: bool) -> int:
+    """Print the run's section (and put it into BENCHMARKS.md); exit 1 when any case is a bug."""
+    text = section(args, record)
     print(text)
-    if not args.no_write:
+    if not no_write:
         write_section(text, BEGIN, END)
-    bugs = sum(o["outcome"] in BUGS for o in outcomes)
-    return 1 if bugs else 0
+    return 1 if any(o["outcome"] in BUGS for o in record["outcomes"]) else 0
 
 
 if __name__ == "__main__":
