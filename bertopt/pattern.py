@@ -16,6 +16,10 @@ a `Var`, a named `Const` or a named `Op` met again must be the same tensor or no
 same `Op` object used twice (shared subexpressions, as in a decomposed LayerNorm).
 `Pattern.explain(node)` reports why the attempt that got furthest failed (onnxscript's
 MatchingTracer is the model), with the path from the root to the failing input.
+
+A plain number stands for a constant of that value (``Op("Mul", x, 0.5)`` is ``Op("Mul", x,
+Const(0.5))``). ``OneOf(..., tag="form")`` records which alternative matched: ``m.tag("form")`` is its
+index, or its label with ``labels=(...)``. Rewriting what a pattern matches is `bertopt.rules`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ State = dict
 # ((node, input index), ...): the steps from the root to the tensor being matched.
 Path = tuple
 Predicate = Callable[..., bool] | tuple[Callable[..., bool], str]
+# A plain number where a pattern is expected means a constant of that value.
+Number = (int, float, np.number)
 
 
 class Pat:
@@ -128,15 +134,15 @@ class Op(Pat):
     `partial_inputs=True`. Used as an input, an Op means its first output; `op[k]` means output k.
     """
 
-    def __init__(self, op_type: str | Sequence[str], *inputs: Pat, name: str | None = None,
+    def __init__(self, op_type: str | Sequence[str], *inputs: Pat | float, name: str | None = None,
                  attrs: dict | None = None, where: Predicate | None = None,
                  outputs: int | None = 1, commute: bool = True,
                  partial_inputs: bool = False) -> None:
-        bad = [i for i in inputs if not isinstance(i, Pat)]
+        bad = [i for i in inputs if not isinstance(i, (Pat, *Number))]
         if bad:
-            raise TypeError(f"Op({op_type!r}) inputs must be patterns, got {bad[0]!r}")
+            raise TypeError(f"Op({op_type!r}) inputs must be patterns or numbers, got {bad[0]!r}")
         self.op_types = (op_type,) if isinstance(op_type, str) else tuple(op_type)
-        self.inputs = inputs
+        self.inputs = tuple(i if isinstance(i, Pat) else Const(i) for i in inputs)
         self.name, self.attrs, self.where = name, attrs or {}, _described(where)
         self.outputs, self.commute, self.partial_inputs = outputs, commute, partial_inputs
 
@@ -208,27 +214,50 @@ class Output(Pat):
 
 
 class OneOf(Pat):
-    """The first of `alternatives` that leads to a complete match (tried in order, backtracking)."""
+    """The first of `alternatives` that leads to a complete match (tried in order, backtracking).
 
-    def __init__(self, *alternatives: Pat) -> None:
+    With `tag`, the match records which one: `m.tag(tag)` is its index, or its entry in `labels`. A tag
+    met twice in one match (the same OneOf used twice) must name the same alternative both times.
+    """
+
+    def __init__(self, *alternatives: Pat, tag: str | None = None, labels: Sequence | None = None) -> None:
         if not alternatives or not all(isinstance(a, Pat) for a in alternatives):
             raise TypeError("OneOf needs one or more patterns")
+        if labels is not None and (tag is None or len(labels) != len(alternatives)):
+            raise TypeError("OneOf labels need a tag and one label per alternative")
         self.alternatives = alternatives
+        self.tag = tag
+        self.labels = tuple(labels) if labels is not None else tuple(range(len(alternatives)))
 
     def match_tensor(self, tensor, state, attempt, path):
-        for alternative in self.alternatives:
-            yield from alternative.match_tensor(tensor, state, attempt, path)
+        for label, alternative in zip(self.labels, self.alternatives):
+            for tagged in self._tagged(label, state, attempt, path):
+                yield from alternative.match_tensor(tensor, tagged, attempt, path)
 
     def match_node(self, node, state, attempt, path):
-        for alternative in self.alternatives:
-            yield from alternative.match_node(node, state, attempt, path)
+        for label, alternative in zip(self.labels, self.alternatives):
+            for tagged in self._tagged(label, state, attempt, path):
+                yield from alternative.match_node(node, tagged, attempt, path)
+
+    def _tagged(self, label, state: State, attempt: _Attempt, path: Path) -> Iterator[State]:
+        if self.tag is None:
+            yield state
+            return
+        key = ("tag", self.tag)
+        if key not in state:
+            yield {**state, key: label}
+        elif state[key] == label:
+            yield state
+        else:
+            attempt.fail(state, path, f"tag '{self.tag}' is already {state[key]!r}, this alternative is {label!r}")
 
 
 class Match:
     """One occurrence of a pattern: bound tensors by name (`m["x"]`), captured nodes, all nodes."""
 
-    def __init__(self, root: gs.Node, state: State, graph_outputs: set[int]) -> None:
+    def __init__(self, root: gs.Node, state: State, graph_outputs: set[int], graph: gs.Graph | None = None) -> None:
         self.root = root
+        self.graph = graph  # the graph matched in, when the caller gave it
         self._state = state
         self._graph_outputs = graph_outputs
         unique = {id(n): n for key, n in state.items() if isinstance(key, Op)}
@@ -237,8 +266,19 @@ class Match:
     def __getitem__(self, name: str) -> gs.Tensor:
         return self._lookup("tensor", name)
 
+    def get(self, name: str, default=None) -> gs.Tensor | None:
+        """The tensor bound to `name`, or `default` when this match bound none (an alternative without it)."""
+        return self._state.get(("tensor", name), default)
+
+    def __contains__(self, name: str) -> bool:
+        return ("tensor", name) in self._state
+
     def node(self, name: str) -> gs.Node:
         return self._lookup("node", name)
+
+    def tag(self, name: str):
+        """Which alternative of the OneOf tagged `name` matched: its index, or its label."""
+        return self._lookup("tag", name)
 
     @property
     def output(self) -> gs.Tensor:
@@ -287,25 +327,42 @@ class Pattern:
 
     def match(self, node: gs.Node, graph: gs.Graph | None = None, *,
               allow_escape: bool = False) -> Match | None:
-        return self._first(node, _Attempt(_output_ids(graph)), allow_escape)
+        found = self.attempt(node, graph, allow_escape=allow_escape)
+        return found if isinstance(found, Match) else None
 
     def explain(self, node: gs.Node, graph: gs.Graph | None = None, *,
                 allow_escape: bool = False) -> str:
-        attempt = _Attempt(_output_ids(graph))
+        found = self.attempt(node, graph, allow_escape=allow_escape)
+        return f"matches {len(found.nodes)} nodes from {_describe(node)}" if isinstance(found, Match) else found.reason
+
+    def attempt(self, node: gs.Node, graph: gs.Graph | None = None, *, claimed: set[int] | frozenset = frozenset(),
+                allow_escape: bool = False) -> Match | Miss:
+        """The match rooted at `node`, or how far the furthest attempt got and why it failed. `claimed`
+        holds the ids of nodes that already belong to other matches."""
+        attempt = _Attempt(_output_ids(graph), claimed)
         found = self._first(node, attempt, allow_escape)
-        return f"matches {len(found.nodes)} nodes from {_describe(node)}" if found else attempt.reason()
+        if found is not None:
+            found.graph = graph
+            return found
+        progress, _, _ = attempt.best
+        return Miss(node, progress, attempt.reason())
 
     def find_all(self, graph: gs.Graph, *, allow_escape: bool = False) -> list[Match]:
         """Non-overlapping matches in graph node order; earlier roots claim their nodes first."""
-        outputs, claimed, found = _output_ids(graph), set(), []
+        claimed, found = set(), []
         for node in graph.nodes:
             if node.op not in self.root_op_types:
                 continue
-            match = self._first(node, _Attempt(outputs, claimed), allow_escape)
-            if match is not None:
+            match = self.attempt(node, graph, claimed=claimed, allow_escape=allow_escape)
+            if isinstance(match, Match):
                 found.append(match)
                 claimed.update(id(n) for n in match.nodes)
         return found
+
+    def required_op_types(self) -> frozenset[str]:
+        """Op types every match holds (an Op of a single type outside any OneOf): a graph without one of
+        them cannot match, whatever its roots."""
+        return _required(self.root, set())
 
     def _first(self, node: gs.Node, attempt: _Attempt, allow_escape: bool) -> Match | None:
         for state in self.root.match_node(node, {}, attempt, ()):
@@ -315,6 +372,19 @@ class Pattern:
                 return match
             attempt.fail(state, (), escapes[0][1])
         return None
+
+
+class Miss:
+    """A root where the pattern failed: `progress` (bindings made before failing) says how close it came."""
+
+    def __init__(self, root: gs.Node, progress: int, reason: str) -> None:
+        self.root, self.progress, self.reason = root, progress, reason
+
+    def __str__(self) -> str:
+        return f"nearest candidate {_describe(self.root)}: {self.reason}"
+
+    def __repr__(self) -> str:
+        return f"<Miss {self}>"
 
 
 class _Attempt:
@@ -376,6 +446,20 @@ def _root_op_types(root: Pat) -> Iterable[str]:
     if isinstance(root, OneOf):
         return [t for alternative in root.alternatives for t in _root_op_types(alternative)]
     raise TypeError(f"a pattern's root must be an Op or a OneOf of Ops, not {type(root).__name__}")
+
+
+def _required(pattern: Pat, seen: set[int]) -> frozenset[str]:
+    if id(pattern) in seen:
+        return frozenset()
+    seen.add(id(pattern))
+    if isinstance(pattern, Output):
+        pattern = pattern.op
+    if isinstance(pattern, OneOf):
+        return frozenset.intersection(*(_required(a, set(seen)) for a in pattern.alternatives))
+    if not isinstance(pattern, Op):
+        return frozenset()
+    own = frozenset(pattern.op_types) if len(pattern.op_types) == 1 else frozenset()
+    return own.union(*(_required(i, seen) for i in pattern.inputs))
 
 
 def _described(where: Predicate | None) -> tuple[Callable[..., bool], str] | None:

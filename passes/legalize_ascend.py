@@ -15,8 +15,8 @@ of each op it holds. In order:
    Mul(Pow(x, 3), 0.044715)), 0.7978846)), 1))``. Never erf for tanh or the reverse: the two differ
    by up to ~1e-3. Subgraphs already in the canonical form are left alone. The erf Gelu of a float16
    tensor is written in float32 between two Casts: ATC's pass reads its constants as float32 whatever
-   their type, so a float16 one never matches (`_write_erf_gelu_in_float32` has the source); a tanh
-   Gelu, which ATC does not fuse, keeps the tensor's type.
+   their type, so a float16 one never matches (`bertopt.forms`, which spells both forms, has the
+   source); a tanh Gelu, which ATC does not fuse, keeps the tensor's type.
 2. **LayerNormalization decomposed** where the version has none (5.0-7.0), or where keeping it would
    leave no opset every other op accepts (8.0+: LayerNormalization needs 17, ReduceMean stops at 16):
    written as the ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add chain ATC's
@@ -46,7 +46,6 @@ the fp16 range (ATC compiles to fp16 on 310P, where they become inf).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import Counter
 from typing import Callable
@@ -61,10 +60,12 @@ from bertopt.ascend.legality import (LAYER_NORMALIZATION, ONNX_DOMAINS, fp16_uns
                                      opset_window, ops_outside_opset, unsupported_ops)
 from bertopt.errors import BertoptError, CheckFailed
 from bertopt.facts import ModelFacts
-from bertopt.graph import add_node, constant_value, make_constant, unique_name
-from bertopt.passes.fuse_gelu import (CUBE_COEFF, ERF, SQRT2, SQRT_2_OVER_PI, TANH, canonical_erf_pattern,
-                                      canonical_tanh_pattern, erf_gelu_pattern, gelu_kind, tanh_gelu_pattern)
+from bertopt.builder import Builder
+from bertopt.forms import DECOMPOSED, ERF, TANH, atc_gelu, in_atc_form, whole_gelu_pattern
+from bertopt.graph import constant_value, make_constant, unique_name
+from bertopt.pattern import Match
 from bertopt.pipeline import PassOptions, PassResult, register_pass
+from bertopt.rules import Rule, apply_rules
 
 
 @register_pass("legalize-ascend", "lower to the run's CANN version (--cann): Gelu as ATC's erf subgraph (tanh "
@@ -99,91 +100,18 @@ def legalize_ascend(graph: gs.Graph, facts: ModelFacts, options: PassOptions) ->
 # ----------------------------------------------------------------------------- 1. Gelu for ATC
 
 def write_gelus_for_atc(graph: gs.Graph) -> Counter:
-    """Every Gelu, fused or decomposed, as ATC's canonical subgraph of its own function."""
-    written: Counter = Counter()
-    for node in [n for n in graph.nodes if gelu_kind(n)]:
-        kind, x = gelu_kind(node), _fused_input(graph, node)
-        _write_gelu(graph, x, _take_output(node), kind)
-        written[kind] += 1
-    canonical = {ERF: canonical_erf_pattern(), TANH: canonical_tanh_pattern()}
-    for kind, pattern in ((ERF, erf_gelu_pattern()), (TANH, tanh_gelu_pattern())):
-        for match in pattern.find_all(graph):
-            if canonical[kind].match(match.root, graph) is None:
-                _write_gelu(graph, match["x"], _take_output(match.root), kind)
-                written[kind] += 1
-    # the replaced nodes must go before the operator check looks at what is left
-    graph.cleanup(remove_unused_graph_inputs=False)
-    return written
+    """Every Gelu, fused or decomposed, as ATC's canonical subgraph of its own function; counts by function."""
+    return apply_rules(graph, [rule for kind in (ERF, TANH) for rule in (
+        Rule(whole_gelu_pattern(kind), _write_gelu(kind), name=kind),
+        Rule(DECOMPOSED[kind](), _write_gelu(kind), check=in_atc_form(kind), name=kind))]).applied
 
 
-def _fused_input(graph: gs.Graph, node: gs.Node) -> gs.Tensor:
-    """The Gelu's argument: FastGelu and BiasGelu may take a bias to add first."""
-    x = node.inputs[0]
-    if len(node.inputs) > 1 and node.inputs[1].name:
-        return add_node(graph, "Add", [x, node.inputs[1]], dtype=x.dtype, shape=x.shape)[0]
-    return x
+def _write_gelu(kind: str):
+    def rewrite(match: Match, b: Builder) -> gs.Tensor:
+        x, bias = match["x"], match.get("bias")  # FastGelu and BiasGelu may add a bias first
+        return atc_gelu(b, b.Add(x, bias) if bias is not None and bias.name else x, kind)
 
-
-def _take_output(node: gs.Node) -> gs.Tensor:
-    """Detach `node` from its output, which the rewritten subgraph then produces."""
-    out = node.outputs[0]
-    node.outputs.clear()
-    node.inputs.clear()
-    return out
-
-
-def _write_gelu(graph: gs.Graph, x: gs.Tensor, out: gs.Tensor, kind: str) -> None:
-    if kind == ERF and _narrow_float(x):
-        _write_erf_gelu_in_float32(graph, x, out)
-        return
-    step = functools.partial(_elementwise, graph, like=x)
-    if kind == ERF:
-        gate = step("Add", step("Erf", step("Div", x, SQRT2)), 1.0)
-        last = ("Mul", step("Mul", x, gate), 0.5)
-    else:
-        cube = step("Mul", step("Pow", x, 3.0), CUBE_COEFF)
-        gate = step("Add", step("Tanh", step("Mul", step("Add", x, cube), SQRT_2_OVER_PI)), 1.0)
-        last = ("Mul", step("Mul", x, 0.5), gate)
-    _elementwise(graph, *last, like=x, out=out)
-
-
-def _narrow_float(tensor: gs.Tensor) -> bool:
-    return tensor.dtype is not None and np.dtype(tensor.dtype).kind == "f" and np.dtype(tensor.dtype).itemsize < 4
-
-
-def _write_erf_gelu_in_float32(graph: gs.Graph, x: gs.Tensor, out: gs.Tensor) -> None:
-    """The erf Gelu of a float16 x in the one spelling ATC fuses for it: computed in float32 between Casts.
-
-    GeluONNXFusionPass reads each scalar through a float pointer, whatever its type
-    (`gelu_onnx_fusion_pass.cc` at canndev 17c9f69b, GetScalarFromOp line 138: `reinterpret_cast<const
-    float*>`, after line 134 accepts DT_FLOAT16), so a float16 constant's two bytes are read as the low
-    half of a float32 whose high half lies past the constant: not 1.41421 (line 205); nor does float16
-    have a value within the pass's 1e-5 of it (the nearest, 1.4140625, is 1.5e-4 off). Float32
-    constants are read right, and the pattern's input (Input0, lines 90-101) may be any node, here
-    the Cast, so the pass fuses the float32 subgraph into its Gelu. Not checked: which type ATC then
-    computes that Gelu in (the precision mode decides) and whether it merges the two Casts away.
-    On ONNX Runtime the Gelu is computed more exactly than a float16 chain would, then rounded back.
-    """
-    float32 = np.dtype(np.float32)
-    wide = add_node(graph, "Cast", [x], attrs={"to": onnx.TensorProto.FLOAT}, dtype=float32, shape=x.shape)[0]
-    result = gs.Variable(unique_name(graph, "bertopt_gelu_float32"), dtype=float32, shape=x.shape)
-    _write_gelu(graph, wide, result, ERF)
-    to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(x.dtype))
-    graph.nodes.append(gs.Node("Cast", name=unique_name(graph, "bertopt_Cast"), attrs={"to": to},
-                               inputs=[result], outputs=[out]))
-
-
-def _elementwise(graph: gs.Graph, op: str, *operands, like: gs.Tensor,
-                 out: gs.Tensor | None = None) -> gs.Tensor:
-    """`op` on tensors and float scalars (made constants of `like`'s type), shaped like `like`."""
-    dtype = like.dtype if like.dtype is not None and np.dtype(like.dtype).kind == "f" else np.float32
-    inputs = [o if isinstance(o, gs.Tensor) else make_constant(graph, f"bertopt_gelu_{op}_c",
-                                                                np.array(o, dtype=dtype))
-              for o in operands]
-    if out is None:
-        return add_node(graph, op, inputs, dtype=like.dtype, shape=like.shape)[0]
-    graph.nodes.append(gs.Node(op, name=unique_name(graph, f"bertopt_{op}"), inputs=inputs, outputs=[out]))
-    return out
+    return rewrite
 
 
 # ----------------------------------------------------------------------------- 2. LayerNormalization

@@ -14,14 +14,15 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from bertopt.facts import ModelFacts
-from bertopt.passes.fuse_gelu import ERF, TANH, fuse_gelu_subgraphs, gelu_kind
+from bertopt.forms import ERF, TANH, fusion_rules, gelu_kind
 from bertopt.pipeline import PassOptions, PassResult, register_pass
+from bertopt.rules import apply_rules
 
 
 @register_pass("legalize-ort", "every Gelu as ONNX Runtime's fused op (ONNX Gelu at opset >= 20, "
                "else com.microsoft Gelu/FastGelu)")
 def legalize_ort(graph: gs.Graph, facts: ModelFacts, options: PassOptions) -> PassResult:
-    fused, _ = fuse_gelu_subgraphs(graph)
+    fused = apply_rules(graph, fusion_rules()).applied
     if not fused:
         already = sum(1 for node in graph.nodes if gelu_kind(node))
         return PassResult.no_change(f"nothing to legalise for ONNX Runtime: no decomposed Gelu "

@@ -170,7 +170,7 @@ def test_root_must_be_an_op_and_inputs_patterns():
     with pytest.raises(TypeError, match="root must be an Op"):
         Pattern(Var("x"))
     with pytest.raises(TypeError, match="inputs must be patterns"):
-        Op("Mul", Var("x"), 0.5)
+        Op("Mul", Var("x"), "0.5")  # a number is a constant (issue 13); a string is nothing
 
 
 # --- Var consistency and shared subexpressions ----------------------------------------------------
