@@ -13,7 +13,7 @@ from the TBE operator source (canndev mirror, repository ``dengguojie/vue-elemen
   in fp32, an fp16 input cast up first and the result cast back.
 
 Each form is a list of the kernel's own steps (`Step`), interpreted twice: by numpy (`gelu_reference`,
-for tests and measurements) and as ONNX nodes (`build_gelu`, for the emulation), each step rounded to
+for tests and measurements) and as ONNX nodes (`kernel_gelu`, for the emulation), each step rounded to
 fp16 where the kernel computes in fp16. TBE casts a scalar operand to the tensor's dtype
 (``util_astype(scalar, dtype)`` in ``auto_schedule/python/tbe/dsl/compute/math.py`` of the same mirror),
 so in fp16 the constants are fp16 too. An fp16 step is emulated as the fp32 operation rounded to fp16,
@@ -40,8 +40,8 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from bertopt.ascend.cann import version_key
+from bertopt.builder import Builder
 from bertopt.errors import BertoptError
-from bertopt.graph import add_node, make_constant, unique_name
 
 QUADRATIC, TANH = "quadratic", "tanh"
 COMPUTE_IN_INPUT_DTYPE, COMPUTE_IN_FP32 = "input", "float32"
@@ -122,37 +122,34 @@ def gelu_reference(x: np.ndarray, form: str, dtype: np.dtype | type) -> np.ndarr
 
 
 def build_gelu(graph: gs.Graph, x: gs.Tensor, y: gs.Variable, form: str, dtype: np.dtype | type) -> None:
-    """Nodes computing `y` from the fp32 tensor `x` as the kernel does.
+    """Nodes computing `y` from the fp32 tensor `x` as the kernel does (`kernel_gelu` writing into `y`)."""
+    kernel_gelu(Builder(graph, like=x), x, form, dtype, out=y)
 
-    With fp16 steps, `x` must already hold fp16 values and every step's result is rounded through a
-    Cast to fp16 and back, the last one into `y`; with fp32 steps the last operation writes `y`.
+
+def kernel_gelu(b: Builder, x: gs.Tensor, form: str, dtype: np.dtype | type,
+                out: gs.Variable | None = None) -> gs.Tensor:
+    """The kernel's steps as ONNX nodes on the fp32 tensor `x`; returns the result (written into `out` if given).
+
+    With fp16 steps, `x` must already hold fp16 values, each constant is the fp16 value of the kernel's
+    (stored as fp32), and every step's result is rounded through a Cast to fp16 and back.
     """
     in_fp16 = np.dtype(dtype) == np.float16
-    results: list[gs.Tensor] = []
     steps = kernel_steps(form)
+    results: list[gs.Tensor] = []
 
-    def operand(value: Operand) -> gs.Tensor:
+    def operand(value: Operand) -> gs.Tensor | float:
         if value == "x":
             return x
         if isinstance(value, int) and not isinstance(value, bool):
             return results[value]
-        scalar = np.float16(value) if in_fp16 else value
-        return make_constant(graph, "emulation_gelu_c", np.array(scalar, np.float32))
+        return float(np.float16(value)) if in_fp16 else value  # a number: a constant typed like x
 
     for index, (op, operands) in enumerate(steps):
-        last = index == len(steps) - 1
-        name = unique_name(graph, f"emulation_gelu_{op}")
-        exact = y if last and not in_fp16 else gs.Variable(f"{name}_out", dtype=np.float32, shape=y.shape)
-        graph.nodes.append(gs.Node(op, name, inputs=[operand(v) for v in operands], outputs=[exact]))
-        results.append(_round_to_fp16(graph, exact, y if last else None) if in_fp16 else exact)
-
-
-def _round_to_fp16(graph: gs.Graph, exact: gs.Tensor, into: gs.Variable | None) -> gs.Tensor:
-    half = add_node(graph, "Cast", [exact], attrs={"to": TensorProto.FLOAT16}, dtype=np.float16, shape=exact.shape)[0]
-    name = unique_name(graph, "emulation_gelu_round")
-    out = into if into is not None else gs.Variable(f"{name}_out", dtype=np.float32, shape=exact.shape)
-    graph.nodes.append(gs.Node("Cast", name, attrs={"to": TensorProto.FLOAT}, inputs=[half], outputs=[out]))
-    return out
+        into = out if index == len(steps) - 1 else None
+        exact = b.op(op, *map(operand, operands), out=None if in_fp16 else into)
+        results.append(b.Cast(b.Cast(exact, to=TensorProto.FLOAT16), to=TensorProto.FLOAT, out=into) if in_fp16
+                       else exact)
+    return results[-1]
 
 
 @functools.lru_cache(maxsize=None)

@@ -69,10 +69,13 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from bertopt.ascend.cann import DEFAULT_VERSION
-from bertopt.ascend.kernels import GeluKernel, build_gelu, gelu_kernel
+from bertopt.ascend.kernels import GeluKernel, gelu_kernel, kernel_gelu
 from bertopt.backends.ort import OrtBackend
-from bertopt.graph import FP16_MAX, add_node, constant_value, exceeds_fp16, producer
+from bertopt.builder import Builder
+from bertopt.graph import FP16_MAX, add_node, exceeds_fp16, producer
 from bertopt.graph import ModelSource, infer_shapes, load_graph, peek_values, save_model, to_model
+from bertopt.pattern import Const, Match, OneOf, Op, Var
+from bertopt.rules import Rule, apply_rules
 
 DEFAULT_GELU = "high_performance"  # the seed's --op_select_implmode
 DEFAULT_PRECISION = "force_fp16"  # ATC's default --precision_mode on 310P
@@ -140,95 +143,59 @@ def emulate_ascend(model: ModelSource, *, gelu: str = DEFAULT_GELU, precision: s
     policy = precision_policy(precision)
     graph = load_graph(model)
     infer_shapes(graph)  # every op output needs its dtype to be rounded
-    placeholders, unfused = _collapse_gelus(graph)
+    gelus, unfused = _collapse_gelus(graph)
     precisions = _precisions(graph, policy)
     hazards = _apply_precisions(graph, precisions)
-    for node in placeholders:
-        _expand_gelu(graph, node, kernel, precisions[id(node)])
+    _expand_gelus(graph, kernel, precisions)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     notes = [f"precision mode {precision}: {policy.note}"] if policy.note else []
     if unfused:
         notes.append(f"{unfused} Erf node(s) not in the form ATC fuses into Gelu (GeluONNXFusionPass: "
                      "Div(x, 1.41421 +- 1e-5) -> Erf -> Add(1) -> Mul(x) -> Mul(0.5)): computed op by op as Erf")
-    return Emulated(to_model(graph), hazards, len(placeholders), notes)
+    return Emulated(to_model(graph), hazards, gelus, notes)
 
 
 # --------------------------------------------------------------------------- Gelu sites
 
 
-def _collapse_gelus(graph: gs.Graph) -> tuple[list[gs.Node], int]:
-    """Each Gelu ATC computes as one op becomes one placeholder node; returns them and the unfused Erfs."""
-    placeholders, unfused = [], 0
-    for node in list(graph.nodes):
-        if node.op == "Gelu" and node.domain in ("", "ai.onnx", None):
-            site = (node.inputs[0], node.outputs[0], [node])
-        elif node.op == "Erf":
-            site = _atc_erf_gelu(node, graph)
-            unfused += site is None
-        else:
-            continue
-        if site is not None:
-            x, y, nodes = site
-            for part in nodes:
-                part.inputs.clear()
-                part.outputs.clear()
-            placeholders.append(gs.Node("Gelu", f"{y.name}__ascend_gelu", domain=PLACEHOLDER_DOMAIN,
-                                        inputs=[x], outputs=[y]))
-    graph.nodes += placeholders
+def _collapse_gelus(graph: gs.Graph) -> tuple[int, int]:
+    """Each Gelu ATC computes as one op becomes one placeholder node; returns how many, and the Erfs left."""
+    placeholder = Rule(OneOf(Op("Gelu", Var("x"), where=_onnx_domain), _atc_erf_gelu()),
+                       lambda match, b: b.Gelu(match["x"], domain=PLACEHOLDER_DOMAIN), name="gelu")
+    collapsed = apply_rules(graph, [placeholder])["gelu"]
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return placeholders, unfused
+    return collapsed, sum(node.op == "Erf" for node in graph.nodes)
 
 
-def _atc_erf_gelu(erf: gs.Node, graph: gs.Graph) -> tuple[gs.Tensor, gs.Tensor, list[gs.Node]] | None:
-    """(x, y, nodes) of the erf Gelu around `erf` when GeluONNXFusionPass fuses it, else None."""
-    div = producer(erf.inputs[0])
-    if div is None or div.op != "Div" or len(div.inputs) != 2 or not _is_divisor(div.inputs[1]):
-        return None
-    x = div.inputs[0]
-    add = _only_consumer(erf, graph) if _only_consumer(div, graph) is erf else None
-    if add is None or add.op != "Add" or not _has_scalar(add, 1.0):
-        return None
-    first = _only_consumer(add, graph)
-    if first is None or first.op != "Mul":
-        return None
-    other = next((t for t in first.inputs if t is not add.outputs[0]), None)
-    if other is x:  # Mul(x, Add) -> Mul(., 0.5)
-        last = _only_consumer(first, graph)
-        if last is None or last.op != "Mul" or not _has_scalar(last, 0.5):
-            return None
-        return x, last.outputs[0], [div, erf, add, first, last]
-    half_x = producer(other) if other is not None else None  # Mul(Mul(x, 0.5), Add)
-    if (half_x is None or half_x.op != "Mul" or x not in half_x.inputs or not _has_scalar(half_x, 0.5)
-            or _only_consumer(half_x, graph) is not first):
-        return None
-    return x, first.outputs[0], [div, erf, add, half_x, first]
+def _onnx_domain(node: gs.Node) -> bool:
+    return node.domain in ("", "ai.onnx", None)
 
 
-def _only_consumer(node: gs.Node, graph: gs.Graph) -> gs.Node | None:
-    out = node.outputs[0]
-    return out.outputs[0] if len(out.outputs) == 1 and out not in graph.outputs else None
+def _atc_erf_gelu() -> OneOf:
+    """The erf Gelu GeluONNXFusionPass fuses, each constant one scalar compared in fp32: Mul(Mul(x, Add), 0.5)
+    or Mul(Mul(x, 0.5), Add); every intermediate read by the next node only (the matcher's rule)."""
+    x = Var("x")
+    divisor = _scalar_near(ATC_GELU_DIVISOR, ATC_GELU_DIVISOR_TOLERANCE)
+    gate = Op("Add", Op("Erf", Op("Div", x, Const(where=divisor))), Const(where=_scalar_near(1.0, FP32_EPSILON)))
+    half = Const(where=_scalar_near(0.5, FP32_EPSILON))
+    return OneOf(Op("Mul", Op("Mul", x, gate), half), Op("Mul", Op("Mul", x, half), gate))
 
 
-def _scalar(tensor: gs.Tensor) -> np.float32 | None:
-    value = constant_value(tensor)
-    return np.float32(value.item()) if value is not None and value.size == 1 else None
+def _scalar_near(wanted: float, tolerance: np.float32) -> tuple:
+    def near(values: np.ndarray) -> bool:
+        return values.size == 1 and abs(np.float32(values.item()) - np.float32(wanted)) <= tolerance
+
+    return near, f"a scalar within {tolerance:.3g} of {wanted:.6g} in fp32"
 
 
-def _is_divisor(tensor: gs.Tensor) -> bool:
-    value = _scalar(tensor)
-    return value is not None and abs(value - ATC_GELU_DIVISOR) <= ATC_GELU_DIVISOR_TOLERANCE
+def _expand_gelus(graph: gs.Graph, kernel: GeluKernel, precisions: dict[int, str]) -> None:
+    """Each placeholder computed as `kernel` does, in fp16 steps where its precision is fp16."""
+    def expand(match: Match, b: Builder) -> gs.Tensor:
+        dtype = kernel.step_dtype(np.float16 if precisions[id(match.root)] == FP16 else np.float32)
+        return kernel_gelu(b, match["x"], kernel.form, dtype)
 
-
-def _has_scalar(node: gs.Node, wanted: float) -> bool:
-    values = [_scalar(t) for t in node.inputs]
-    return any(v is not None and abs(v - np.float32(wanted)) <= FP32_EPSILON for v in values)
-
-
-def _expand_gelu(graph: gs.Graph, placeholder: gs.Node, kernel: GeluKernel, precision: str) -> None:
-    x, y = placeholder.inputs[0], placeholder.outputs[0]
-    placeholder.inputs.clear()
-    placeholder.outputs.clear()
-    build_gelu(graph, x, y, kernel.form, kernel.step_dtype(np.float16 if precision == FP16 else np.float32))
+    placeholder = Op("Gelu", Var("x"), where=lambda node: node.domain == PLACEHOLDER_DOMAIN)
+    apply_rules(graph, [Rule(placeholder, expand, name="kernel")])
 
 
 # --------------------------------------------------------------------------- precisions
