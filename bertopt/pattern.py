@@ -217,7 +217,7 @@ class OneOf(Pat):
     """The first of `alternatives` that leads to a complete match (tried in order, backtracking).
 
     With `tag`, the match records which one: `m.tag(tag)` is its index, or its entry in `labels`. A tag
-    met twice in one match (the same OneOf used twice) must name the same alternative both times.
+    met twice in one match (in two OneOfs) must name the same alternative both times.
     """
 
     def __init__(self, *alternatives: Pat, tag: str | None = None, labels: Sequence | None = None) -> None:
@@ -339,13 +339,9 @@ class Pattern:
                 allow_escape: bool = False) -> Match | Miss:
         """The match rooted at `node`, or how far the furthest attempt got and why it failed. `claimed`
         holds the ids of nodes that already belong to other matches."""
-        attempt = _Attempt(_output_ids(graph), claimed)
+        attempt = _Attempt(graph, claimed)
         found = self._first(node, attempt, allow_escape)
-        if found is not None:
-            found.graph = graph
-            return found
-        progress, _, _ = attempt.best
-        return Miss(node, progress, attempt.reason())
+        return found if found is not None else Miss(node, *attempt.best)
 
     def find_all(self, graph: gs.Graph, *, allow_escape: bool = False) -> list[Match]:
         """Non-overlapping matches in graph node order; earlier roots claim their nodes first."""
@@ -366,7 +362,7 @@ class Pattern:
 
     def _first(self, node: gs.Node, attempt: _Attempt, allow_escape: bool) -> Match | None:
         for state in self.root.match_node(node, {}, attempt, ()):
-            match = Match(node, state, attempt.graph_outputs)
+            match = Match(node, state, attempt.graph_outputs, attempt.graph)
             escapes = [] if allow_escape else match._escapes()
             if not escapes:
                 return match
@@ -375,10 +371,16 @@ class Pattern:
 
 
 class Miss:
-    """A root where the pattern failed: `progress` (bindings made before failing) says how close it came."""
+    """A root where the pattern failed: `progress` (bindings made before failing) says how close it came,
+    `reason` why it failed, after the path from the root (formatted when read: most misses never are)."""
 
-    def __init__(self, root: gs.Node, progress: int, reason: str) -> None:
-        self.root, self.progress, self.reason = root, progress, reason
+    def __init__(self, root: gs.Node, progress: int, path: Path, problem: str) -> None:
+        self.root, self.progress, self.path, self.problem = root, progress, path, problem
+
+    @property
+    def reason(self) -> str:
+        where = " > ".join(f"{_describe(node)} input {i}" for node, i in self.path)
+        return f"{where}: {self.problem}" if where else self.problem
 
     def __str__(self) -> str:
         return f"nearest candidate {_describe(self.root)}: {self.reason}"
@@ -390,18 +392,13 @@ class Miss:
 class _Attempt:
     """One root candidate: the nodes earlier matches own, and the furthest failure seen."""
 
-    def __init__(self, graph_outputs: set[int], claimed: set[int] | frozenset = frozenset()) -> None:
-        self.graph_outputs, self.claimed = graph_outputs, claimed
+    def __init__(self, graph: gs.Graph | None, claimed: set[int] | frozenset = frozenset()) -> None:
+        self.graph, self.graph_outputs, self.claimed = graph, _output_ids(graph), claimed
         self.best: tuple[int, Path, str] = (-1, (), "no match")
 
     def fail(self, state: State, path: Path, reason: str) -> None:
         if len(state) > self.best[0]:
             self.best = (len(state), path, reason)
-
-    def reason(self) -> str:
-        _, path, reason = self.best
-        where = " > ".join(f"{_describe(node)} input {i}" for node, i in path)
-        return f"{where}: {reason}" if where else reason
 
 
 def _bind(key: tuple, value, state: State, attempt: _Attempt, path: Path) -> Iterator[State]:

@@ -27,6 +27,7 @@ Decisions where the issue was silent:
 - Matches do not overlap: a node rewritten or left alone by a declining rule belongs to that match.
   A match declined by one rule may still be rewritten by a later rule at the same root; both counts say so.
 - A rule whose pattern needs an op type the graph lacks (`Pattern.required_op_types`) is not tried.
+- Counts are kept by rule name, so rules sharing a name (one form written from several spellings) add up.
 - `why_not` is the failed attempt that got furthest, over every candidate root of every rule: a match a
   check or rewrite declined counts as furthest of all, else the most bindings made before failing (the
   first such root in graph order wins a tie); without any candidate it names the op types missing.
@@ -122,7 +123,7 @@ class _Sweep:
         if values is None:
             reason = reason or "its rewrite declined"
             self.declined[rule.name] += 1
-            self._note((1, 0), Miss(match.root, len(match.nodes), f"rule {rule.name}: {reason}"))
+            self._note((1, 0), Miss(match.root, len(match.nodes), (), f"rule {rule.name}: {reason}"))
             return False
         self._rewire(rule, match, values, builder)
         self.applied[rule.name] += 1

@@ -1,12 +1,22 @@
-"""Tests of the declarative matcher on tiny onnx-graphsurgeon graphs built by hand."""
+"""Tests of the declarative matcher, the rules that rewrite what it matches, and the node builder, on tiny
+onnx-graphsurgeon graphs built by hand; rewrites are checked on ONNX Runtime against the graph before."""
 
 from __future__ import annotations
 
-import numpy as np
-import onnx_graphsurgeon as gs
-import pytest
+import math
 
-from bertopt.pattern import Any, Const, Match, OneOf, Op, Pattern, Var, _
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+import torch
+
+from bertopt.builder import Builder as OpBuilder
+from bertopt.forms import SQRT2, canonical_erf_pattern
+from bertopt.graph import to_model
+from bertopt.pattern import Any, Const, Match, Miss, OneOf, Op, Pattern, Var, _
+from bertopt.rules import Rule, apply_rules
 
 
 class Builder:
@@ -483,3 +493,270 @@ def test_find_all_stays_linear_on_thousands_of_nodes():
     assert len(pattern.find_all(b.graph)) == layers
     # each Mul is tried once as a root (two per layer); only the real roots get as far as the Erf
     assert calls == {"root": 2 * layers, "erf": layers}
+
+
+# --- plain numbers, get / in, tagged alternatives -------------------------------------------------
+
+def test_a_plain_number_is_a_constant():
+    b = graph_mul_by(0.5)
+    assert mul_by(Const(0.5)).match(b.node("mul")) is not None
+    assert Pattern(Op("Mul", Var("x"), 0.5)).match(b.node("mul")) is not None
+    assert Pattern(Op("Mul", Var("x"), 0.6)).explain(b.node("mul")) == (
+        "Mul 'mul' input 1: expected constant ~0.6, got 0.5")
+    assert Pattern(Op("Mul", Var("x"), -1)).match(graph_mul_by(-1, np.int64).node("mul")) is not None
+
+
+def biased_relu() -> Pattern:
+    x = Var("x")
+    return Pattern(Op("Relu", OneOf(Op("Add", x, Var("bias")), x), name="relu"))
+
+
+def test_get_and_in_for_names_an_alternative_may_not_bind():
+    b = Builder()
+    x = b.input("x")
+    b.op("Relu", b.op("Add", x, b.const([1.0, 2.0, 3.0, 4.0])), name="with_bias")
+    b.op("Relu", x, name="plain")
+    with_bias, plain = (biased_relu().match(b.node(n)) for n in ("with_bias", "plain"))
+    assert "bias" in with_bias and with_bias.get("bias") is with_bias["bias"]
+    assert "bias" not in plain and plain.get("bias") is None and plain.get("bias", x) is x
+    assert "relu" not in with_bias  # `in` and `get` look at tensors, like m[...]; nodes are m.node(...)
+
+
+def scale_by_tag(labels=None) -> Pattern:
+    s = Var("scores")
+    scale = OneOf(Op("Div", s, 8.0), Op("Mul", s, 0.125), tag="scale", labels=labels)
+    return Pattern(Op("Softmax", scale))
+
+
+@pytest.mark.parametrize("op, value, index, label", [("Div", 8.0, 0, "divide"), ("Mul", 0.125, 1, "multiply")])
+def test_a_tag_says_which_alternative_matched(op, value, index, label):
+    b = Builder()
+    b.op("Softmax", b.op(op, b.input("scores"), b.const(value)), name="softmax")
+    assert scale_by_tag().match(b.node("softmax")).tag("scale") == index
+    assert scale_by_tag(("divide", "multiply")).match(b.node("softmax")).tag("scale") == label
+    with pytest.raises(KeyError, match="no tag named 'other'.*known: \\['scale'\\]"):
+        scale_by_tag().match(b.node("softmax")).tag("other")
+
+
+def test_a_tag_met_twice_must_name_the_same_alternative():
+    x = Var("x")
+
+    def positive() -> OneOf:
+        return OneOf(Op("Relu", x), Op("Abs", x), tag="positive")
+
+    pattern = Pattern(Op("Add", positive(), positive(), commute=False))
+    b = Builder()
+    x_in = b.input("x")
+    b.op("Add", b.op("Relu", x_in), b.op("Relu", x_in), name="same")
+    b.op("Add", b.op("Abs", x_in), b.op("Relu", x_in), name="mixed")
+    assert pattern.match(b.node("same")).tag("positive") == 0
+    assert pattern.explain(b.node("mixed")) == (
+        "Add 'mixed' input 1: tag 'positive' is already 1, this alternative is 0")
+    with pytest.raises(TypeError, match="labels need a tag"):
+        OneOf(Op("Relu", x), labels=("relu",))
+
+
+def test_required_op_types_are_those_in_every_alternative():
+    x = Var("x")
+    argument = OneOf(Op("Div", x, 1.4), Op("Mul", x, 0.7))
+    assert Pattern(Op("Mul", Op("Erf", argument), 0.5)).required_op_types() == {"Mul", "Erf"}
+    assert Pattern(OneOf(Op("Relu", x), Op("Relu", Op("Abs", x)))).required_op_types() == {"Relu"}
+    assert Pattern(Op(("Relu", "Tanh"), x)).required_op_types() == frozenset()
+
+
+def test_attempt_returns_the_match_or_how_close_it_came(gelu_graph):
+    b, _x = gelu_graph
+    assert isinstance(gelu_pattern().attempt(b.node("out"), b.graph), Match)
+    miss = gelu_pattern().attempt(b.node("mul"), b.graph)
+    assert isinstance(miss, Miss) and miss.root is b.node("mul")
+    assert str(miss) == f"nearest candidate Mul 'mul': {gelu_pattern().explain(b.node('mul'))}"
+
+
+# --- the builder --------------------------------------------------------------------------------------
+
+def run(graph: gs.Graph, **feeds: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(to_model(graph).SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def exact_gelu(x: np.ndarray) -> np.ndarray:
+    return torch.nn.functional.gelu(torch.tensor(x, dtype=torch.float64)).numpy()
+
+
+def test_the_builder_writes_the_erf_gelu_as_an_expression():
+    graph = gs.Graph(opset=17)
+    x = gs.Variable("x", dtype=np.float32, shape=["batch", 64])
+    graph.inputs = [x]
+    b = OpBuilder(graph, like=x)
+    y = b.Mul(b.Mul(x, b.Add(b.Erf(b.Div(x, SQRT2)), 1.0)), 0.5)
+    graph.outputs = [y]
+    assert (y.dtype, y.shape) == (np.float32, ["batch", 64])
+    assert [n.op for n in b.nodes] == ["Div", "Erf", "Add", "Mul", "Mul"]
+    assert len({n.name for n in graph.nodes} | {t for t in graph.tensors()}) == 5 + len(graph.tensors())
+    assert len(canonical_erf_pattern().find_all(graph)) == 1
+    values = np.random.default_rng(0).normal(0, 3, (8, 64)).astype(np.float32)
+    np.testing.assert_allclose(run(graph, x=values)[0], exact_gelu(values), rtol=1e-5, atol=1e-6)
+
+
+def test_builder_constants_are_typed_like_their_operand():
+    graph = gs.Graph(opset=17)
+    half = gs.Variable("half", dtype=np.float16, shape=[2, 3])
+    ids = gs.Variable("ids", dtype=np.int64, shape=[2, 3])
+    b = OpBuilder(graph)
+    assert b.Div(half, 2.0).inputs[0].inputs[1].values.dtype == np.float16
+    assert b.Add(ids, 1).inputs[0].inputs[1].values.dtype == np.int64
+    assert b.Mul(half, np.float32(3.0)).inputs[0].inputs[1].values.dtype == np.float32  # numpy: as given
+    assert OpBuilder(graph).Sqrt(4.0).inputs[0].inputs[0].values.dtype == np.float32
+    assert OpBuilder(graph, like=half).Sqrt(4.0).inputs[0].inputs[0].values.dtype == np.float16
+    with pytest.raises(TypeError, match="would be truncated"):
+        b.Add(ids, 0.5)
+    with pytest.raises(TypeError, match="neither a tensor nor a number"):
+        b.Add(ids, "one")
+
+
+def test_builder_output_types_shapes_attributes_and_names():
+    graph = gs.Graph(opset=17)
+    x = gs.Variable("x", dtype=np.float32, shape=["batch", 1, 8])
+    mask = gs.Variable("mask", dtype=np.float32, shape=[1, 4, 1])
+    b = OpBuilder(graph)
+    assert b.Add(x, mask).shape == ["batch", 4, 8]  # broadcast, symbolic dimensions kept
+    cast = b.Cast(x, to=onnx.TensorProto.FLOAT16)
+    assert (cast.dtype, cast.shape) == (np.float16, ["batch", 1, 8])
+    assert b.Less(x, 0.0).dtype == np.bool_
+    reshaped = b.Reshape(x, np.array([-1, 8], np.int64))
+    assert (reshaped.dtype, reshaped.shape) == (None, None)  # not elementwise: left to shape inference
+    given = b.Reshape(x, np.array([-1, 8], np.int64), dtype=np.float32, shape=["n", 8])
+    assert (given.dtype, given.shape) == (np.float32, ["n", 8])
+    gelu = b.FastGelu(x, domain="com.microsoft", name="my_gelu")
+    node = gelu.inputs[0]
+    assert (node.name, node.domain, gelu.name, gelu.shape) == ("my_gelu", "com.microsoft", "my_gelu_out", x.shape)
+    first, second = b.Split(x, axis=2, outputs=2)
+    assert first.inputs[0] is second.inputs[0] and first.inputs[0].attrs == {"axis": 2}
+    assert b.RandomNormalLike(x, attrs={"dtype": 1}).inputs[0].attrs == {"dtype": 1}
+    y = gs.Variable("y", dtype=np.float32)
+    assert b.Relu(x, out=y) is y and y.inputs[0].op == "Relu"
+    assert b.Relu(None).inputs[0].inputs[0].name == ""  # an omitted optional input
+    names = [n.name for n in graph.nodes]
+    assert len(names) == len(set(names))
+    with pytest.raises(AttributeError):
+        b.relu(x)
+
+
+# --- rules ------------------------------------------------------------------------------------------
+
+def fuse_to_contrib_gelu() -> Rule:
+    return Rule(gelu_pattern(), lambda m, b: b.Gelu(m["x"], domain="com.microsoft"), name="gelu")
+
+
+def typed_gelu_graph(layers: int = 2, swapped=(False, True)) -> Builder:
+    """Gelus one after another (`x -> gelu -> Relu -> gelu ...`), the last one a graph output."""
+    b = Builder()
+    t = b.input("x")
+    for i in range(layers):
+        t = add_gelu(b, t, prefix=f"l{i}/", swapped=swapped[i % len(swapped)])
+        if i < layers - 1:
+            t = b.op("Relu", t, name=f"l{i}/relu")
+    t.dtype = np.float32
+    b.graph.outputs.append(t)
+    return b
+
+
+def test_apply_rules_rewires_consumers_keeps_output_names_and_removes_what_died():
+    b = typed_gelu_graph()
+    before = b.graph.copy()
+    relu = b.node("l0/relu")
+    old_inner_name = relu.inputs[0].name
+    result = apply_rules(b.graph, [fuse_to_contrib_gelu()])
+    assert result["gelu"] == 2 and result.changed and result.declined == {}
+    graph = b.graph
+    assert sorted(n.op for n in graph.nodes) == ["Gelu", "Gelu", "Relu"]
+    assert relu.inputs[0].inputs[0].op == "Gelu" and relu.inputs[0].name == old_inner_name
+    assert [t.name for t in graph.outputs] == ["l1/out_out0"] and graph.outputs[0].inputs[0].op == "Gelu"
+    assert len({n.name for n in graph.nodes}) == 3
+    values = np.random.default_rng(1).normal(0, 2, (2, 4)).astype(np.float32)
+    np.testing.assert_allclose(run(graph.toposort(), x=values)[0], run(before, x=values)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_a_check_declines_with_a_reason_and_why_not_says_it():
+    b = typed_gelu_graph()
+    rule = Rule(gelu_pattern(), lambda m, b: b.Gelu(m["x"], domain="com.microsoft"),
+                check=lambda m: "kept: a layer-0 Gelu" if m.root.name.startswith("l0/") else None, name="gelu")
+    result = apply_rules(b.graph, [rule])
+    assert (result["gelu"], result.declined["gelu"]) == (1, 1)
+    assert b.node("l0/out").outputs[0].outputs[0] is b.node("l0/relu")  # left as it was
+    assert result.why_not == "nearest candidate Mul 'l0/out': rule gelu: kept: a layer-0 Gelu"
+
+
+def test_a_rewrite_returning_none_declines():
+    b = typed_gelu_graph()
+    result = apply_rules(b.graph, [Rule(gelu_pattern(), lambda m, b: None, name="never")])
+    assert not result.changed and result.declined["never"] == 2 and len(b.graph.nodes) == 11
+    assert result.why_not == "nearest candidate Mul 'l0/out': rule never: its rewrite declined"
+
+
+def test_why_not_is_the_nearest_miss_over_every_root():
+    """The first Gelu fails inside, at its Erf; the second, later in the graph, only at its root's constant
+    once everything else matched: the second is nearer."""
+    b = Builder()
+    x = b.input("x")
+    first = add_gelu(b, x, prefix="a/", erf_op="Tanh")
+    second = add_gelu(b, b.op("Relu", first), prefix="b/", half=0.7)
+    b.graph.outputs.append(second)
+    result = apply_rules(b.graph, [fuse_to_contrib_gelu()])
+    assert not result.changed
+    assert result.why_not == "nearest candidate Mul 'b/out': Mul 'b/out' input 1: expected constant ~0.5, got 0.7"
+
+
+def test_why_not_names_what_the_graph_lacks():
+    b = Builder()
+    b.graph.outputs.append(b.op("Mul", b.input("x"), b.const(0.5)))
+    assert apply_rules(b.graph, [fuse_to_contrib_gelu()]).why_not == "the graph has no Add, Div or Erf node"
+    b = Builder()
+    b.graph.outputs.append(b.op("Sigmoid", b.input("x")))
+    rules = [Rule(Op("Relu", Var("x")), lambda m, b: m["x"], name="r"),
+             Rule(Op("Tanh", Var("x")), lambda m, b: m["x"], name="t")]
+    assert apply_rules(b.graph, rules).why_not == "the graph has no Relu or Tanh node"
+
+
+def test_a_graph_output_replaced_by_an_existing_tensor_goes_through_an_identity():
+    b = Builder()
+    x = b.input("x")
+    y = b.op("Relu", x, name="relu")
+    y.dtype = np.float32
+    b.graph.outputs.append(y)
+    result = apply_rules(b.graph, [Rule(Op("Relu", Var("x")), lambda m, b: m["x"], name="drop")])
+    assert result["drop"] == 1 and [n.op for n in b.graph.nodes] == ["Identity"]
+    assert b.graph.inputs[0].name == "x" and b.graph.outputs[0].name == "relu_out0"
+    values = np.array([[-1.0, 2.0, -3.0, 4.0]] * 2, np.float32)
+    np.testing.assert_array_equal(run(b.graph, x=values)[0], values)
+
+
+def test_new_nodes_are_not_roots_and_a_rewrite_may_read_the_root():
+    """Inserting after the root (Relu -> Relu(Neg(Relu))): the new Relu is not rewritten again in the sweep,
+    and the old one, which the rewrite reads, stays."""
+    b = Builder()
+    y = b.op("Relu", b.input("x"), name="relu")
+    y.dtype = np.float32
+    b.graph.outputs.append(y)
+    result = apply_rules(b.graph, [Rule(Op("Relu", Var("x")), lambda m, b: b.Relu(b.Neg(m.output)), name="wrap")])
+    assert result["wrap"] == 1
+    assert [n.op for n in b.graph.toposort().nodes] == ["Relu", "Neg", "Relu"]
+    values = np.array([[-1.0, 2.0, -3.0, 4.0]] * 2, np.float32)
+    np.testing.assert_array_equal(run(b.graph, x=values)[0], np.zeros_like(values))
+
+
+def test_the_first_rule_that_rewrites_wins_and_names_share_counts():
+    b = typed_gelu_graph()
+    declining = Rule(gelu_pattern(), lambda m, b: None, name="first")
+    fusing = Rule(gelu_pattern(), lambda m, b: b.Gelu(m["x"], domain="com.microsoft"), name="first")
+    second = fuse_to_contrib_gelu()
+    result = apply_rules(b.graph, [declining, fusing, second])
+    assert (result["first"], result.declined["first"], result["gelu"]) == (2, 2, 0)
+
+
+def test_a_rewrite_must_return_a_value_per_root_output():
+    b = Builder()
+    b.op("Split", b.input("x"), name="split", outputs=2)
+    rule = Rule(Op("Split", Var("x"), outputs=2), lambda m, b: b.Relu(m["x"]), name="bad")
+    with pytest.raises(ValueError, match=r"rule bad: its rewrite returned 1 value\(s\) for the 2 output\(s\)"):
+        apply_rules(b.graph, [rule])
