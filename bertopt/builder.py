@@ -71,7 +71,7 @@ class Builder:
         else:
             dtype = dtype if dtype is not None else _output_dtype(op_type, tensors, attributes)
             shape = shape if shape is not None else _output_shape(op_type, tensors)
-            count = outputs if outputs > 1 else 1
+            count = max(outputs, 1)
             results = [gs.Variable(f"{node_name}_out{i}" if count > 1 else f"{node_name}_out", dtype=dtype,
                                    shape=shape) for i in range(count)]
         node = gs.Node(op_type, node_name, attrs=attributes, inputs=tensors, outputs=results, domain=domain)

@@ -122,6 +122,7 @@ class _Sweep:
         values = None if reason else rule.rewrite(match, builder)
         if values is None:
             reason = reason or "its rewrite declined"
+            self._discard(builder.nodes)  # whatever it wrote before declining
             self.declined[rule.name] += 1
             self._note((1, 0), Miss(match.root, len(match.nodes), (), f"rule {rule.name}: {reason}"))
             return False
@@ -152,6 +153,12 @@ class _Sweep:
                 old.name, new.name = f"{old.name}__replaced", old.name
             _replace_outside(old, new, builder.nodes, self.graph)
 
+    def _discard(self, nodes: list[gs.Node]) -> None:
+        for node in nodes:
+            node.inputs.clear()
+            node.outputs.clear()
+            self.removed.add(id(node))
+
     def _remove_dead(self, nodes: list[gs.Node]) -> None:
         """Detach the matched nodes nothing reads any more; each removal may free its producers."""
         outputs = {id(t) for t in self.graph.outputs}
@@ -159,10 +166,7 @@ class _Sweep:
         while dead:
             dead = [n for n in nodes if id(n) not in self.removed
                     and not any(t.outputs or id(t) in outputs for t in n.outputs)]
-            for node in dead:
-                node.inputs.clear()
-                node.outputs.clear()
-                self.removed.add(id(node))
+            self._discard(dead)
 
     def _note(self, rank: tuple[int, int], miss: Miss) -> None:
         if self.nearest is None or rank > self.nearest[0]:

@@ -3,8 +3,6 @@ onnx-graphsurgeon graphs built by hand; rewrites are checked on ONNX Runtime aga
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -687,10 +685,11 @@ def test_a_check_declines_with_a_reason_and_why_not_says_it():
     assert result.why_not == "nearest candidate Mul 'l0/out': rule gelu: kept: a layer-0 Gelu"
 
 
-def test_a_rewrite_returning_none_declines():
+def test_a_rewrite_returning_none_declines_and_what_it_wrote_goes():
     b = typed_gelu_graph()
-    result = apply_rules(b.graph, [Rule(gelu_pattern(), lambda m, b: None, name="never")])
-    assert not result.changed and result.declined["never"] == 2 and len(b.graph.nodes) == 11
+    result = apply_rules(b.graph, [Rule(gelu_pattern(), lambda m, b: b.Relu(m["x"]) and None, name="never")])
+    assert not result.changed and result.declined["never"] == 2
+    assert len(b.graph.nodes) == 11 and not any(n.name.startswith("bertopt_") for n in b.graph.nodes)
     assert result.why_not == "nearest candidate Mul 'l0/out': rule never: its rewrite declined"
 
 

@@ -72,6 +72,7 @@ from bertopt.ascend.cann import DEFAULT_VERSION
 from bertopt.ascend.kernels import GeluKernel, gelu_kernel, kernel_gelu
 from bertopt.backends.ort import OrtBackend
 from bertopt.builder import Builder
+from bertopt.forms import ONNX_DOMAINS
 from bertopt.graph import FP16_MAX, add_node, exceeds_fp16, producer
 from bertopt.graph import ModelSource, infer_shapes, load_graph, peek_values, save_model, to_model
 from bertopt.pattern import Const, Match, OneOf, Op, Var
@@ -160,15 +161,12 @@ def emulate_ascend(model: ModelSource, *, gelu: str = DEFAULT_GELU, precision: s
 
 def _collapse_gelus(graph: gs.Graph) -> tuple[int, int]:
     """Each Gelu ATC computes as one op becomes one placeholder node; returns how many, and the Erfs left."""
-    placeholder = Rule(OneOf(Op("Gelu", Var("x"), where=_onnx_domain), _atc_erf_gelu()),
+    onnx_gelu = Op("Gelu", Var("x"), where=(lambda node: node.domain in ONNX_DOMAINS, "the ONNX op"))
+    placeholder = Rule(OneOf(onnx_gelu, _atc_erf_gelu()),
                        lambda match, b: b.Gelu(match["x"], domain=PLACEHOLDER_DOMAIN), name="gelu")
     collapsed = apply_rules(graph, [placeholder])["gelu"]
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return collapsed, sum(node.op == "Erf" for node in graph.nodes)
-
-
-def _onnx_domain(node: gs.Node) -> bool:
-    return node.domain in ("", "ai.onnx", None)
 
 
 def _atc_erf_gelu() -> OneOf:
