@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 
 from bertopt.errors import BertoptError
 from bertopt.facts import ModelFacts, detect_facts
-from bertopt.graph import ModelSource, constant_value, infer_shapes, load_graph, load_model, peek_values
+from bertopt.graph import ModelSource, constant_value, infer_shapes, load_graph, peek_values
 from bertopt.pattern import Const, Op, Pat, Pattern, Var, _
 
 # name -> what the standard form asks (the facts note, section 4, points 1-6).
@@ -150,9 +150,8 @@ def check_ascend(source: ModelSource | gs.Graph) -> ConformanceReport:
     if isinstance(source, gs.Graph):
         graph, name = source.copy(), source.name or "graph"
     else:
-        model = load_model(source)
-        graph = load_graph(model)
-        name = os.fspath(source) if not isinstance(source, onnx.ModelProto) else (model.graph.name or "model")
+        graph = load_graph(source)
+        name = os.fspath(source) if not isinstance(source, onnx.ModelProto) else (source.graph.name or "model")
     facts = detect_facts(graph)
     try:
         infer_shapes(graph)

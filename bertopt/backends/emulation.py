@@ -41,7 +41,7 @@ from onnx import TensorProto
 from bertopt.backends.ort import OrtBackend
 from bertopt.conformance import FP16_MAX, exceeds_fp16
 from bertopt.graph import (ModelSource, add_node, constant_value, infer_shapes, load_graph, make_constant,
-                           peek_values, replace_uses, save_model, to_model)
+                           peek_values, replace_uses, save_graph, to_model)
 
 # Gelu's erf form feeds Erf with x / sqrt(2) (a Div by 1.4142 or a Mul by 0.7071).
 SQRT2 = math.sqrt(2.0)
@@ -54,9 +54,14 @@ EMULATION_NAME = "Ascend fp16 emulation (ORT CPU)"
 
 @dataclass
 class Emulated:
-    model: onnx.ModelProto
+    graph: gs.Graph  # its weights still where the model was read from: save_graph streams them
     hazards: list[str]  # fp16 problems visible in the graph itself, e.g. constants that overflow
     gelus: int  # Gelu computations switched to the tanh approximation
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The emulated model in memory, weights included."""
+        return to_model(self.graph)
 
 
 def emulate_ascend_fp16(model: ModelSource) -> Emulated:
@@ -67,7 +72,7 @@ def emulate_ascend_fp16(model: ModelSource) -> Emulated:
     _round_every_output(graph)
     hazards = _round_constants(graph)  # after the outputs: its own Casts need no second rounding
     graph.toposort()
-    return Emulated(to_model(graph), hazards, gelus)
+    return Emulated(graph, hazards, gelus)
 
 
 def _tanh_gelu(graph: gs.Graph) -> int:
@@ -160,7 +165,7 @@ def _round_every_output(graph: gs.Graph) -> None:
 def _save_emulation(model: ModelSource, path: Path) -> list[str]:
     """Write the emulated model to `path`; returns its fp16 hazards."""
     emulated = emulate_ascend_fp16(model)
-    save_model(emulated.model, path)
+    save_graph(emulated.graph, path)
     return emulated.hazards
 
 
@@ -177,8 +182,9 @@ class EmulationBackend(OrtBackend):
 
     @contextmanager
     def _session_model(self) -> Iterator[Path]:
-        # A file, with the emulated graph and model gone before ONNX Runtime loads it: handed the
-        # ModelProto, ORT would hold it, its serialised bytes and its own copy of the weights at once.
+        # A file, with the emulated graph gone before ONNX Runtime loads it: handed a ModelProto, ORT
+        # would hold it, its serialised bytes and its own copy of the weights at once. The weights the
+        # emulation did not touch (all: it reads them through Casts) are copied from the model's file.
         with tempfile.TemporaryDirectory(prefix="bertopt-emulation-") as folder:
             path = Path(folder) / "emulated.onnx"
             self.notes = _save_emulation(self._model, path)
