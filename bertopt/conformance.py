@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 
 from bertopt.errors import BertoptError
 from bertopt.facts import ModelFacts, detect_facts
-from bertopt.graph import ModelSource, constant_value, infer_shapes, load_graph, peek_values
+from bertopt.graph import ModelSource, constant_value, infer_shapes, load_graph, value_chunks
 from bertopt.pattern import Const, Op, Pat, Pattern, Var, _
 
 # name -> what the standard form asks (the facts note, section 4, points 1-6).
@@ -463,7 +463,7 @@ def fp16_unsafe_constants(graph: gs.Graph) -> list[gs.Constant]:
     """Float constants with an element beyond the fp16 range (inf or |x| > 65504)."""
     return [tensor for tensor in graph.tensors().values()
             if isinstance(tensor, gs.Constant) and np.dtype(tensor.dtype).kind == "f"
-            and exceeds_fp16(peek_values(tensor))]
+            and any(exceeds_fp16(chunk) for chunk in value_chunks(tensor))]
 
 
 def exceeds_fp16(values: np.ndarray) -> bool:

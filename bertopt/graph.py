@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -296,6 +296,24 @@ def peek_values(tensor: gs.Constant) -> np.ndarray:
         raw = lazy.tensor
         return np.frombuffer(raw.raw_data, _numpy_dtype(raw)).reshape(raw.dims)
     return lazy.load() if isinstance(lazy, LazyValues) else tensor.values
+
+
+# Scans that need no whole array (a range check) read a weight in pieces of this many bytes.
+CHUNK_BYTES = 1 << 20
+
+
+def value_chunks(tensor: gs.Constant) -> Iterator[np.ndarray]:
+    """A constant's values as consecutive flat, read-only pieces, for scans that need no whole array.
+
+    A weight still in its file is read a piece at a time into one reused buffer (a piece is valid
+    until the next is asked for): nothing is mapped or kept, so a scan of every weight stays ~1 MB
+    resident where peek_values maps the largest weight whole (bert-large's 125 MB embedding table).
+    """
+    lazy = tensor._values
+    if isinstance(lazy, FileValues) and lazy.plain:
+        yield from onnxfile.array_chunks(lazy.extent, _numpy_dtype(lazy.stand_in), CHUNK_BYTES)
+    else:
+        yield peek_values(tensor).reshape(-1)
 
 
 # Types whose raw_data is the little-endian numpy array itself (not bfloat16, float8 or packed int4).

@@ -503,6 +503,19 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
+def array_chunks(extent: Extent, dtype: np.dtype, nbytes: int) -> Iterator[np.ndarray]:
+    """The extent's values as consecutive flat read-only pieces of about `nbytes`, read with pread into
+    one reused buffer: each piece is valid until the next is asked for."""
+    count = extent.length // dtype.itemsize
+    buffer = np.empty(max(1, min(nbytes // dtype.itemsize, count)), dtype)
+    for start in range(0, count, len(buffer)):
+        piece = buffer[:min(len(buffer), count - start)]
+        extent.file.read_into(memoryview(piece.view(np.uint8)), extent.offset + start * dtype.itemsize)
+        readable = piece.view()
+        readable.flags.writeable = False
+        yield readable
+
+
 def array_of(extent: Extent, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """A writable array read from the file (the only copy)."""
     array = np.empty(shape, dtype)

@@ -75,6 +75,16 @@ def test_weights_stay_in_the_file_until_a_pass_reads_them(tiny_export):
     np.testing.assert_array_equal(peeked, expected[table.name])
 
 
+def test_a_weight_is_scanned_in_pieces_without_loading_it(tiny_export, monkeypatch):
+    monkeypatch.setattr(G, "CHUNK_BYTES", 1000)
+    path = tiny_export("legacy14")
+    table = max(file_weights(G.load_graph(path)), key=lambda t: t._values.nbytes)
+    pieces = [piece.copy() for piece in G.value_chunks(table)]  # each piece lives until the next is read
+    assert len(pieces) > 2 and all(len(piece) == 250 for piece in pieces[:-1])
+    np.testing.assert_array_equal(np.concatenate(pieces), arrays(onnx.load(str(path)))[table.name].reshape(-1))
+    assert not next(G.value_chunks(table)).flags.writeable and isinstance(table._values, G.FileValues)
+
+
 def test_constant_nodes_keep_their_values_and_only_initializers_are_referenced(tmp_path):
     value = numpy_helper.from_array(np.array([1.5, -2.0, 3.25, 4.0], np.float32), "v")  # raw_data in a node
     nodes = [helper.make_node("Constant", [], ["c"], value=value), helper.make_node("Add", ["x", "c"], ["s"]),
