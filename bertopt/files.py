@@ -1,4 +1,8 @@
-"""Files and folders written whole or not at all (a temporary name beside them, renamed into place)."""
+"""Files and folders written whole or not at all (a temporary name beside them, renamed into place).
+
+They get the permissions open() and mkdir() would give (0644 and 0755 under the usual umask 022), not
+the private 0600/0700 of the temporary names they are staged under: results are shared.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ def new_folder(output: Path) -> Iterator[Path]:
     refuse_used_folder(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    staging.chmod(permitted(0o777))
     try:
         yield staging
         os.replace(staging, output)  # rename(2) also replaces an empty folder
@@ -61,12 +66,20 @@ def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, permitted(0o666))
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def permitted(mode: int) -> int:
+    """`mode` less the process's umask: what open() (0o666) or mkdir() (0o777) would create."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 def read_json(path: Path, what: str) -> object:

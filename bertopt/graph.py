@@ -3,6 +3,10 @@
 Every pass works on a ``gs.Graph``. gs keeps producer/consumer links on each tensor
 (``tensor.inputs`` are its producers, ``tensor.outputs`` its consumers), so walking the graph is
 O(1) per step and no pass needs an index of its own or touches protobuf by hand.
+
+A graph loaded from a file keeps its initializers' bytes in that file (FileValues, found by
+bertopt.onnxfile without parsing them): a pass that reads a value loads that weight alone, and
+save_graph copies every weight no pass loaded from the file to the output, never through Python.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -21,9 +25,10 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
-from google.protobuf.message import DecodeError
 
+from bertopt import onnxfile
 from bertopt.errors import BertoptError
+from bertopt.onnxfile import Extent, ScannedModel, Weight, copy_fields
 
 # gs warns about every constant it declines to fold; passes report what matters themselves.
 G_LOGGER.severity = G_LOGGER.ERROR
@@ -38,33 +43,98 @@ ModelSource = str | os.PathLike | onnx.ModelProto
 def load_model(source: ModelSource) -> onnx.ModelProto:
     """Read an ONNX model (with its external data) or pass a ModelProto through.
 
-    Raises BertoptError with one readable line for a missing path or a file that is not ONNX.
+    Raises BertoptError with one readable line for a missing path, a file that is not ONNX, or
+    external data that is missing.
     """
     if isinstance(source, onnx.ModelProto):
         return source
+    return scan_file(source).full_model()
+
+
+def scan_file(source: str | os.PathLike) -> ScannedModel:
+    """The model at `source` without its weights' bytes, and where they lie (bertopt.onnxfile).
+
+    Raises BertoptError with one readable line for a missing path, a file that is not ONNX, or
+    external data that is missing or too short.
+    """
     path = Path(source)
     if not path.exists():
         raise BertoptError(f"{path}: no such file")
     if not path.is_file():
         raise BertoptError(f"{path}: not a file")
     try:
-        model = onnx.load(str(path), load_external_data=True)
-    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
-        raise BertoptError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+        scanned = onnxfile.scan(path)
+    except OSError as exc:
+        raise BertoptError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    model = scanned.skeleton
     if model.ir_version <= 0 or not model.graph.node or not model.opset_import:
         raise BertoptError(f"{path}: not an ONNX model (no graph, nodes or opset)")
-    return model
+    return scanned
 
 
 def load_graph(source: ModelSource) -> gs.Graph:
-    """Load a model as a gs graph with Constant nodes lifted into constant tensors."""
-    model = load_model(source)
+    """Load a model as a gs graph with Constant nodes lifted into constant tensors.
+
+    From a file, the initializers' bytes stay in the file (FileValues) until a pass reads them;
+    save_graph copies the untouched ones from there.
+    """
+    scanned = None if isinstance(source, onnx.ModelProto) else scan_file(source)
+    model = source if scanned is None else scanned.skeleton
     try:
         graph = gs.import_onnx(model)
     except Exception as exc:  # gs raises bare Exceptions on malformed graphs
         raise BertoptError(f"cannot import the ONNX graph: {exc}") from None
+    if scanned is not None:
+        _refer_to_file(graph, scanned.extents)
     lift_constant_nodes(graph)
     return graph
+
+
+class FileValues(LazyValues):
+    """A weight whose bytes stay in the file the model was read from until something reads them.
+
+    Shape, dtype and size come from the TensorProto without its data (`stand_in`); `load` reads the
+    bytes into a new array (what gs keeps once a pass asks for `.values`); `tensor` builds the whole
+    TensorProto, which is what gs's exporter embeds (to_model), so every gs path still works.
+    """
+
+    def __init__(self, stand_in: onnx.TensorProto, extent: Extent) -> None:
+        described = LazyValues(stand_in)  # shape, dtype and nbytes as gs computes them, from dims and type
+        self.shape, self.dtype, self.nbytes = described.shape, described.dtype, described.nbytes
+        self.stand_in = stand_in
+        self.extent = extent
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        whole = onnx.TensorProto()
+        whole.CopyFrom(self.stand_in)
+        whole.raw_data = self.extent.read()
+        return whole
+
+    @property
+    def plain(self) -> bool:
+        """Whether the bytes are the numpy array itself (see _PLAIN_TYPES)."""
+        return self.stand_in.data_type in _PLAIN_TYPES
+
+    def load(self) -> np.ndarray:
+        if not self.plain:
+            return LazyValues(self.tensor).load()
+        return onnxfile.array_of(self.extent, _numpy_dtype(self.stand_in), self.shape)
+
+    def view(self) -> np.ndarray:
+        """A read-only array over the file's bytes (no copy; only for plain types)."""
+        return np.frombuffer(self.extent.view(), _numpy_dtype(self.stand_in)).reshape(self.shape)
+
+
+def _numpy_dtype(tensor: onnx.TensorProto) -> np.dtype:
+    return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+
+
+def _refer_to_file(graph: gs.Graph, extents: dict[str, Extent]) -> None:
+    """Make each imported initializer whose bytes were found in the file a FileValues."""
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and type(tensor._values) is LazyValues and tensor.name in extents:
+            tensor._values = FileValues(tensor._values.tensor, extents[tensor.name])
 
 
 def lift_constant_nodes(graph: gs.Graph) -> None:
@@ -105,58 +175,81 @@ def to_model(graph: gs.Graph) -> onnx.ModelProto:
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write a model atomically: everything goes to a temporary folder beside `path` first.
 
-    Models whose tensors exceed ~1.8 GB are written with their weights in `<name>.data`.
-    An interrupted save leaves no half-written file under the final name.
+    Models whose tensors exceed EXTERNAL_DATA_THRESHOLD are written with their weights in
+    `<name>.data`. An interrupted save leaves no half-written file under the final name.
     """
-    if fits_protobuf(model):
-        head = _without_initializers(model)
-        return _write_staged(Path(path), lambda staged: _write_pieces(staged, head, model.graph.initializer))
-    return _write_staged(Path(path), lambda staged: _write_external(model, staged))
+    external = not fits_protobuf(model)
+    weights = [_memory_weight(tensor, external) for tensor in model.graph.initializer]
+    return _write_staged(Path(path), _without_initializers(model), weights, external)
 
 
 def save_graph(graph: gs.Graph, path: str | os.PathLike) -> Path:
-    """Export and write `graph` like save_model, without the exporter's two copies of every weight.
+    """Export and write `graph` like save_model; weights no pass loaded are never copied into Python.
 
-    gs.export_onnx copies each TensorProto into the GraphProto and the GraphProto into the model
-    (2 s of bert-large's 5 s save). Weights still lazily imported (all a pass did not touch) are
-    swapped for data-less stand-ins while the rest of the model is exported, then written straight
-    from their own TensorProto.
+    gs.export_onnx would embed every weight's TensorProto in the model (and copy it twice). Instead
+    the weights still lazily imported (all a pass did not load) are swapped for data-less stand-ins
+    while the rest of the model is exported, then written by bertopt.onnxfile: from the file they
+    were read from (FileValues, copied by the kernel) or from their in-memory TensorProto.
     """
     constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
-    if sum(t._values.nbytes for t in constants) > EXTERNAL_DATA_THRESHOLD:  # nbytes: from the shape, never loads
-        return save_model(to_model(graph), path)
-    lazy = {t.name: t for t in constants
-            if type(t._values) is LazyValues and t._values.tensor.HasField("raw_data")}  # not SparseValues
-    weights = {name: t._values for name, t in lazy.items()}
+    external = sum(t._values.nbytes for t in constants) > EXTERNAL_DATA_THRESHOLD  # nbytes: from the shape
+    kept = {t.name: t for t in constants if _unloaded(t._values)}
+    values = {name: tensor._values for name, tensor in kept.items()}
+    stand_ins = {name: _data_less(value.stand_in if isinstance(value, FileValues) else value.tensor)
+                 for name, value in values.items()}
     try:
-        for name, tensor in lazy.items():
-            tensor._values = LazyValues(_data_less(weights[name].tensor))
+        for name, tensor in kept.items():
+            tensor._values = LazyValues(stand_ins[name])  # gs's exporter names the stand-in after the tensor
         head = to_model(graph)
     finally:
-        for name, tensor in lazy.items():
-            tensor._values = weights[name]
-    tensors = [weights[name].tensor for name in lazy]
-    for name, tensor in zip(lazy, tensors):
-        tensor.name = name  # what gs's exporter does to the TensorProto it exports
-    small = [t for t in head.graph.initializer if t.name not in lazy]
-    head = _without_initializers(head)
-    return _write_staged(Path(path), lambda staged: _write_pieces(staged, head, [*small, *tensors]))
+        for name, tensor in kept.items():
+            tensor._values = values[name]
+    weights = [_memory_weight(t, external) for t in head.graph.initializer if t.name not in kept]
+    weights += [Weight(stand_ins[name], _payload(values[name])) for name in kept]
+    return _write_staged(Path(path), _without_initializers(head), weights, external)
+
+
+def _unloaded(values) -> bool:
+    """A weight still as it was read: in its file, or raw bytes in an in-memory TensorProto."""
+    return isinstance(values, FileValues) or (type(values) is LazyValues and values.tensor.HasField("raw_data"))
+
+
+def _payload(values: LazyValues) -> Extent | bytes:
+    return values.extent if isinstance(values, FileValues) else values.tensor.raw_data
+
+
+def _memory_weight(tensor: onnx.TensorProto, external: bool) -> Weight:
+    """A tensor held in memory: written whole, or with its raw bytes apart when they go to a data file."""
+    if external and tensor.HasField("raw_data"):
+        return Weight(_data_less(tensor), tensor.raw_data)
+    return Weight(tensor)
 
 
 def _data_less(tensor: onnx.TensorProto) -> onnx.TensorProto:
     stand_in = onnx.TensorProto()
-    _copy_fields(tensor, stand_in, skip="raw_data")
+    copy_fields(tensor, stand_in, lambda field: field.name != "raw_data")
     return stand_in
 
 
-def _write_staged(path: Path, write) -> Path:
-    """`write(staged path)` into a temporary folder beside `path`, then rename what it wrote into place."""
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    head = onnx.ModelProto()
+    copy_fields(model, head, lambda field: field.name != "graph")
+    copy_fields(model.graph, head.graph, lambda field: field.name != "initializer")
+    return head
+
+
+def _write_staged(path: Path, head: onnx.ModelProto, weights: list[Weight], external: bool) -> Path:
+    """Write the model into a temporary folder beside `path`, then rename what was written into place.
+
+    With `external`, the weights' bytes go to `<name>.data` beside it; an inline model removes a
+    `<name>.data` left there by an earlier save.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data"
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        write(staging / path.name)
-        if (staging / data_name).exists():
+        onnxfile.write_model(staging / path.name, head, weights, external=data_name if external else None)
+        if external:
             os.replace(staging / data_name, path.parent / data_name)
         else:
             (path.parent / data_name).unlink(missing_ok=True)
@@ -164,65 +257,6 @@ def _write_staged(path: Path, write) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
-
-
-def _write_external(model: onnx.ModelProto, staged: Path) -> None:
-    onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=staged.name + ".data", size_threshold=1024)
-
-
-def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    head = onnx.ModelProto()
-    _copy_fields(model, head, skip="graph")
-    _copy_fields(model.graph, head.graph, skip="initializer")
-    return head
-
-
-_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-_INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-
-
-def _write_pieces(path: Path, head: onnx.ModelProto, initializers: Sequence[onnx.TensorProto]) -> None:
-    """Serialise a model one weight at a time, so no second copy of the whole model is ever in memory.
-
-    Protobuf merges concatenated messages: `head` (the model without its initializers) followed by,
-    per initializer, the bytes of a ModelProto whose graph holds just that tensor parses as the whole
-    model. Those bytes are two length-delimited field headers and the tensor's own serialisation,
-    written here by hand so the tensor is not copied into a message first.
-    """
-    with open(path, "wb") as handle:
-        handle.write(head.SerializeToString())
-        for tensor in initializers:
-            data = tensor.SerializeToString()
-            inner = _field_header(_INITIALIZER_FIELD, len(data))
-            handle.write(_field_header(_GRAPH_FIELD, len(inner) + len(data)) + inner)
-            handle.write(data)
-
-
-def _field_header(number: int, length: int) -> bytes:
-    """Tag (wire type 2, length-delimited) and varint length of one protobuf field."""
-    return _varint(number << 3 | 2) + _varint(length)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _copy_fields(source, target, *, skip: str) -> None:
-    for field, value in source.ListFields():
-        if field.name == skip:
-            continue
-        if field.is_repeated:
-            getattr(target, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(target, field.name).CopyFrom(value)
-        else:
-            setattr(target, field.name, value)
 
 
 def fits_protobuf(model: onnx.ModelProto) -> bool:
@@ -250,15 +284,37 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
 def peek_values(tensor: gs.Constant) -> np.ndarray:
     """A constant's values (read-only) without keeping them loaded on the tensor.
 
-    gs imports weights lazily and exports untouched ones straight from their TensorProto; reading
-    `.values` would keep a numpy copy of every weight scanned (1.3 GB on bert-large) until the end.
+    gs imports weights lazily and save_graph writes untouched ones from where they were read;
+    reading `.values` would keep a numpy copy of every weight scanned (1.3 GB on bert-large) until
+    the end. A weight still in its file is a view of the file's bytes, whose pages are let go when
+    the next weight is peeked.
     """
     lazy = tensor._values
+    if isinstance(lazy, FileValues) and lazy.plain:
+        return lazy.view()
     if type(lazy) is LazyValues and lazy.tensor.data_type in _PLAIN_TYPES and lazy.tensor.HasField("raw_data"):
         # a read-only view of the one copy reading raw_data makes; lazy.load() would make two more
         raw = lazy.tensor
-        return np.frombuffer(raw.raw_data, onnx.helper.tensor_dtype_to_np_dtype(raw.data_type)).reshape(raw.dims)
+        return np.frombuffer(raw.raw_data, _numpy_dtype(raw)).reshape(raw.dims)
     return lazy.load() if isinstance(lazy, LazyValues) else tensor.values
+
+
+# Scans that need no whole array (a range check) read a weight in pieces of this many bytes.
+CHUNK_BYTES = 1 << 20
+
+
+def value_chunks(tensor: gs.Constant) -> Iterator[np.ndarray]:
+    """A constant's values as consecutive flat, read-only pieces, for scans that need no whole array.
+
+    A weight still in its file is read a piece at a time into one reused buffer (a piece is valid
+    until the next is asked for): nothing is mapped or kept, so a scan of every weight stays ~1 MB
+    resident where peek_values maps the largest weight whole (bert-large's 125 MB embedding table).
+    """
+    lazy = tensor._values
+    if isinstance(lazy, FileValues) and lazy.plain:
+        yield from onnxfile.array_chunks(lazy.extent, _numpy_dtype(lazy.stand_in), CHUNK_BYTES)
+    else:
+        yield peek_values(tensor).reshape(-1)
 
 
 # Types whose raw_data is the little-endian numpy array itself (not bfloat16, float8 or packed int4).
@@ -283,9 +339,11 @@ def exceeds_fp16(values: np.ndarray) -> bool:
 
 
 def constant_bytes(tensor: gs.Constant) -> bytes | memoryview:
-    """A constant's bytes (little-endian, C order) without converting them: the TensorProto's raw
-    data while the weight is still lazily imported, else the loaded array's buffer."""
+    """A constant's bytes (little-endian, C order) without converting them: a view of the file or the
+    TensorProto's raw data while the weight is still lazily imported, else the loaded array's buffer."""
     lazy = tensor._values
+    if isinstance(lazy, FileValues):
+        return lazy.extent.view()
     if isinstance(lazy, LazyValues) and lazy.tensor.HasField("raw_data"):
         return lazy.tensor.raw_data
     return memoryview(np.ascontiguousarray(peek_values(tensor))).cast("B")

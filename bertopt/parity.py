@@ -30,7 +30,7 @@ import onnxruntime as ort
 
 from bertopt.errors import BertoptError, first_line
 from bertopt.facts import ModelFacts
-from bertopt.graph import fits_protobuf, save_model
+from bertopt.graph import fits_protobuf, save_model, scan_file
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
@@ -544,16 +544,10 @@ def weights_dtype(model: onnx.ModelProto) -> np.dtype | None:
 
 
 def graph_only(model: Path | str | onnx.ModelProto) -> onnx.ModelProto:
-    """The model without loading its weights: only the graph's inputs are needed."""
+    """The model without its weights' bytes (never read from a file): only the graph's inputs are needed."""
     if isinstance(model, onnx.ModelProto):
         return model
-    path = Path(model)
-    if not path.is_file():
-        raise BertoptError(f"{path}: no such file")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and onnx's own errors alike
-        raise BertoptError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    return scan_file(model).skeleton
 
 
 def adapt_feed(feed: dict[str, np.ndarray], specs: InputSpecs) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ layer (cli.py) only parses arguments, shows progress and prints what this module
 from __future__ import annotations
 
 import gc
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -26,7 +27,7 @@ from bertopt.backends.ort import ort_backends
 from bertopt.errors import BertoptError
 from bertopt.facts import ModelFacts, check_shape, detect_facts
 from bertopt.files import check_writable_folder, write_json
-from bertopt.graph import is_static, load_graph, save_graph, to_model
+from bertopt.graph import is_static, load_graph, save_graph
 from bertopt.parity import Comparison, parity_check, tolerances_for
 from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord
 from bertopt.validate import CandidateReport, validate_candidates
@@ -408,9 +409,13 @@ def _obtain_onnx(config: RunConfig, out_dir: Path, progress: Progress) -> tuple[
 
 
 def _parity_probe(original: Path, config: RunConfig):
+    """Parity of the graph after a pass, handed to ONNX Runtime as a file: save_graph copies the
+    weights no pass touched from the original instead of building the model in memory."""
     def probe(graph: gs.Graph, facts: ModelFacts) -> tuple[bool, float, str]:
-        comparison = parity_check(original, to_model(graph), facts, batch=config.batch, seq=config.seq,
-                                  samples=1, atol=config.atol, rtol=config.rtol)
+        with tempfile.TemporaryDirectory(prefix="bertopt-probe-") as folder:
+            candidate = save_graph(graph, Path(folder) / "candidate.onnx")
+            comparison = parity_check(original, candidate, facts, batch=config.batch, seq=config.seq,
+                                      samples=1, atol=config.atol, rtol=config.rtol)
         worst = max(o.max_abs for o in comparison.outputs)
         return comparison.passed, worst, comparison.summary_line()
 

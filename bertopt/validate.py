@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +39,7 @@ from bertopt.backends.emulation import EmulationBackend
 from bertopt.backends.ort import OrtBackend
 from bertopt.errors import BertoptError
 from bertopt.facts import ModelFacts, detect_facts
+from bertopt.files import new_folder
 from bertopt.graph import load_graph
 from bertopt.parity import (Comparison, InputSpecs, OrtRunner, compare_outputs, graph_only, input_specs_of,
                             kept_tokens, realistic_feeds)
@@ -159,17 +157,12 @@ def write_inputs(facts: ModelFacts, specs: InputSpecs, output: Path, *, batch: i
     if batch < 1 or count < 1:
         raise BertoptError(f"--batch and --count must be >= 1 (got {batch}, {count})")
     batches = realistic_feeds(facts, specs, batch=batch, seq=seq, seed=seed, count=math.ceil(count / batch))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with new_folder(output) as staging:
         for name in specs:
             rows = np.concatenate([feed[name] for feed in batches])[:count]
             (staging / name).mkdir()
             for index, row in enumerate(rows):
                 np.save(staging / name / f"{index}.npy", row[None, :])
-        os.replace(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return [output / name for name in specs]
 
 

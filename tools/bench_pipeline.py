@@ -4,10 +4,15 @@
     .venv/bin/python tools/bench_pipeline.py --sizes base --repeat 1 --no-write
 
 Each measurement is a separate process (its peak RSS comes from the kernel via wait4), repeated and
-reported as the median. Measured per size, on the legacy opset-14 export at the given batch/seq:
+reported as the median; the tools take turns (one run of each per round), so a burst of load from
+the other users of the machine falls on all of them. Dirty pages are flushed (untimed) before each
+run, so no run pays for writing back its predecessor's output. Measured per size, on the legacy
+opset-14 export at the given batch/seq:
 
+- copy floor: `cat IN > OUT && sync`, copying the file and waiting for it to reach the disk;
 - floor:      onnx.load + onnx.save of the dynamic export (what any whole-model tool pays);
-- bertopt:    `bertopt optimize` with the `default` pipeline and with `freeze-shapes` alone;
+- bertopt:    `bertopt optimize` with the `default` pipeline (alone, and followed by `sync` like the
+              copy) and with `freeze-shapes` alone;
 - onnxsim:    onnxsim.simplify with fixed input shapes (the seed's way of freezing shapes);
 - ORT:        onnxruntime.transformers optimize_model(model_type="bert") on the dynamic export.
 
@@ -33,6 +38,8 @@ BENCHMARKS = REPO / "BENCHMARKS.md"
 BEGIN, END = "<!-- bench_pipeline:begin -->", "<!-- bench_pipeline:end -->"
 PRESETS = {"tiny": "bert-tiny", "base": "bert-base", "large": "bert-large"}
 
+COPY_FLOOR = "cat IN > OUT && sync (copy floor)"
+LOAD_SAVE_FLOOR = "onnx.load + onnx.save (floor)"
 FLOOR = "import onnx, sys; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])"
 ONNXSIM = """import onnx, onnxsim, sys
 batch, seq = int(sys.argv[3]), int(sys.argv[4])
@@ -85,25 +92,40 @@ class Measurement:
         return statistics.median(self.peak_mib)
 
 
-def measure(argv: list[str], repeat: int) -> tuple[list[float], list[float]]:
-    """Run `argv` `repeat` times; wall seconds and peak RSS (MiB) of each run.
+def measure_in_turns(cases: dict[str, list[str]], repeat: int, label: str) -> list[Measurement]:
+    """Run every case once per round, `repeat` rounds; wall seconds and peak RSS of each run."""
+    results = {tool: Measurement(tool, [], []) for tool in cases}
+    for round_number in range(repeat):
+        for tool, argv in cases.items():
+            print(f"[{label}] round {round_number + 1}/{repeat}: {tool}", flush=True)
+            seconds, peak = measure_once(argv)
+            results[tool].seconds.append(seconds)
+            results[tool].peak_mib.append(peak)
+    return list(results.values())
 
-    Each run is started by a small launcher process (LAUNCHER), not by this one: Linux carries the
+
+def measure(argv: list[str], repeat: int) -> tuple[list[float], list[float]]:
+    """Run `argv` `repeat` times; wall seconds and peak RSS (MiB) of each run."""
+    runs = [measure_once(argv) for _ in range(repeat)]
+    return [seconds for seconds, _ in runs], [peak for _, peak in runs]
+
+
+def measure_once(argv: list[str]) -> tuple[float, float]:
+    """Run `argv` once after flushing dirty pages; its wall seconds and peak RSS (MiB).
+
+    The run is started by a small launcher process (LAUNCHER), not by this one: Linux carries the
     high-water RSS of the process that forks across the child's exec, so a child of this process,
     which may hold an exported bert-large, would report this process's peak instead of its own.
     """
-    seconds, peaks = [], []
-    for _ in range(repeat):
-        with tempfile.TemporaryFile() as errors, tempfile.NamedTemporaryFile("r") as report:
-            done = subprocess.run([sys.executable, "-c", LAUNCHER, report.name, *argv], stdout=subprocess.DEVNULL,
-                                  stderr=errors)
-            if done.returncode != 0:
-                errors.seek(0)
-                raise SystemExit(f"failed: {' '.join(argv)}\n{errors.read().decode()[-2000:]}")
-            wall, peak_kib = report.read().split()
-        seconds.append(float(wall))
-        peaks.append(int(peak_kib) / 1024)
-    return seconds, peaks
+    os.sync()
+    with tempfile.TemporaryFile() as errors, tempfile.NamedTemporaryFile("r") as report:
+        done = subprocess.run([sys.executable, "-c", LAUNCHER, report.name, *argv], stdout=subprocess.DEVNULL,
+                              stderr=errors)
+        if done.returncode != 0:
+            errors.seek(0)
+            raise SystemExit(f"failed: {' '.join(argv)}\n{errors.read().decode()[-2000:]}")
+        wall, peak_kib = report.read().split()
+    return float(wall), int(peak_kib) / 1024
 
 
 def export(size: str, folder: Path) -> Path:
@@ -120,23 +142,19 @@ def bench_size(size: str, batch: int, seq: int, repeat: int, folder: Path) -> li
     facts = detect_facts(load_graph(model))
     out = str(folder / "out.onnx")
     python = sys.executable
+    optimize = [python, "-m", "bertopt", "optimize", str(model), "--batch", str(batch), "--seq", str(seq),
+                "--output", out, "--force", "--passes"]
     cases = {
-        "onnx.load + onnx.save (floor)": [python, "-c", FLOOR, str(model), out],
-        "bertopt optimize --passes default": [python, "-m", "bertopt", "optimize", str(model), "--passes",
-                                              "default", "--batch", str(batch), "--seq", str(seq),
-                                              "--output", out, "--force"],
-        "bertopt optimize --passes freeze-shapes": [python, "-m", "bertopt", "optimize", str(model), "--passes",
-                                                    "freeze-shapes", "--batch", str(batch), "--seq", str(seq),
-                                                    "--output", out, "--force"],
+        COPY_FLOOR: ["sh", "-c", 'cat "$1" > "$2" && sync', "sh", str(model), out],
+        LOAD_SAVE_FLOOR: [python, "-c", FLOOR, str(model), out],
+        "bertopt optimize --passes default": [*optimize, "default"],
+        "bertopt optimize --passes default, then sync": ["sh", "-c", '"$@" && sync', "sh", *optimize, "default"],
+        "bertopt optimize --passes freeze-shapes": [*optimize, "freeze-shapes"],
         "onnxsim 0.8.1 (fixed shapes)": [python, "-c", ONNXSIM, str(model), out, str(batch), str(seq)],
         "ORT optimize_model(bert), dynamic": [python, "-c", ORT_OPTIMIZER, str(model), out,
                                               str(facts.heads), str(facts.hidden)],
     }
-    results = []
-    for tool, argv in cases.items():
-        print(f"[{size}] {tool} x{repeat}", flush=True)
-        results.append(Measurement(tool, *measure(argv, repeat)))
-    return results
+    return measure_in_turns(cases, repeat, size)
 
 
 def phases(size: str, batch: int, seq: int, folder: Path) -> str:
@@ -158,12 +176,13 @@ def phases(size: str, batch: int, seq: int, folder: Path) -> str:
 
 
 def table(size: str, results: list[Measurement]) -> str:
-    floor = results[0]
-    rows = [f"| bert-{size} | tool | wall s (median) | x floor | peak RSS MiB (median) | x floor |",
-            "|---|---|---:|---:|---:|---:|"]
+    copy, floor = (next(m for m in results if m.tool == tool) for tool in (COPY_FLOOR, LOAD_SAVE_FLOOR))
+    rows = [f"| bert-{size} | tool | wall s (median) | x copy | x load+save | peak RSS MiB (median) | x load+save |",
+            "|---|---|---:|---:|---:|---:|---:|"]
     for m in results:
-        rows.append(f"| | {m.tool} | {m.median_seconds:.1f} | {m.median_seconds / floor.median_seconds:.2f} | "
-                    f"{m.median_mib:.0f} | {m.median_mib / floor.median_mib:.2f} |")
+        rows.append(f"| | {m.tool} | {m.median_seconds:.2f} | {m.median_seconds / copy.median_seconds:.2f} | "
+                    f"{m.median_seconds / floor.median_seconds:.2f} | {m.median_mib:.0f} | "
+                    f"{m.median_mib / floor.median_mib:.2f} |")
     return "\n".join(rows)
 
 
@@ -180,6 +199,11 @@ def environment() -> str:
     return (f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, Python {platform.python_version()}; "
             f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, onnxsim {onnxsim.__version__}, "
             f"torch {torch.__version__}, transformers {transformers.__version__}")
+
+
+def _load_average() -> str:
+    """The 1, 5 and 15 minute load averages (`uptime`): the machine is shared."""
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def write_section(text: str, begin: str = BEGIN, end: str = END, path: Path = BENCHMARKS) -> None:
@@ -203,15 +227,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = parser.parse_args()
+    load = _load_average()
     sections = []
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         for size in args.sizes.split(","):
             sections.append(table(size, bench_size(size, args.batch, args.seq, args.repeat, Path(tmp))))
             sections.append(phases(size, args.batch, args.seq, Path(tmp)))
     command = "python tools/bench_pipeline.py " + " ".join(sys.argv[1:])
-    text = (f"## Pipeline cost (tools/bench_pipeline.py)\n\nMeasured {time.strftime('%Y-%m-%d')} with "
+    text = (f"## Pipeline cost (tools/bench_pipeline.py)\n\nMeasured {time.strftime('%Y-%m-%d %H:%M')} with "
             f"`{command.strip()}`: legacy opset-14 export, batch {args.batch}, seq {args.seq}, median of "
-            f"{args.repeat} separate processes each.\nMachine: {environment()}.\n\n" + "\n\n".join(sections))
+            f"{args.repeat} separate processes each, the tools taking turns; load average before: {load}, "
+            f"after: {_load_average()}.\nMachine: {environment()}.\n\n" + "\n\n".join(sections))
     print(text)
     if not args.no_write:
         write_section(text)

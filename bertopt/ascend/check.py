@@ -31,7 +31,7 @@ from bertopt.ascend.legality import check_model_level
 from bertopt.ascend.soc import DEFAULT_SOC
 from bertopt.errors import BertoptError
 from bertopt.facts import detect_facts
-from bertopt.graph import ModelSource, infer_shapes, load_graph, load_model
+from bertopt.graph import ModelSource, infer_shapes, load_graph
 
 
 @dataclass
@@ -140,9 +140,8 @@ def check_ascend(source: ModelSource | gs.Graph, *, cann: CannTarget | None = No
     if isinstance(source, gs.Graph):
         graph, name = source.copy(), source.name or "graph"
     else:
-        model = load_model(source)
-        graph = load_graph(model)
-        name = os.fspath(source) if not isinstance(source, onnx.ModelProto) else (model.graph.name or "model")
+        graph = load_graph(source)
+        name = os.fspath(source) if not isinstance(source, onnx.ModelProto) else (source.graph.name or "model")
     facts = detect_facts(graph)
     try:
         infer_shapes(graph)

@@ -74,7 +74,7 @@ from bertopt.backends.ort import OrtBackend
 from bertopt.builder import Builder
 from bertopt.forms import ONNX_DOMAINS
 from bertopt.graph import FP16_MAX, add_node, exceeds_fp16, producer
-from bertopt.graph import ModelSource, infer_shapes, load_graph, peek_values, save_model, to_model
+from bertopt.graph import ModelSource, infer_shapes, load_graph, peek_values, save_graph, to_model
 from bertopt.pattern import Const, Match, OneOf, Op, Var
 from bertopt.rules import Rule, apply_rules
 
@@ -131,10 +131,15 @@ EMULATION_NAME = emulation_name()
 
 @dataclass
 class Emulated:
-    model: onnx.ModelProto
+    graph: gs.Graph  # its weights still where the model was read from: save_graph streams them
     hazards: list[str]  # fp16 problems visible in the graph itself, e.g. constants that overflow
     gelus: int  # Gelu computations switched to the chosen kernel
     notes: list[str] = field(default_factory=list)  # what the emulation could not model, or only approximately
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The emulated model in memory, weights included."""
+        return to_model(self.graph)
 
 
 def emulate_ascend(model: ModelSource, *, gelu: str = DEFAULT_GELU, precision: str = DEFAULT_PRECISION,
@@ -153,7 +158,7 @@ def emulate_ascend(model: ModelSource, *, gelu: str = DEFAULT_GELU, precision: s
     if unfused:
         notes.append(f"{unfused} Erf node(s) not in the form ATC fuses into Gelu (GeluONNXFusionPass: "
                      "Div(x, 1.41421 +- 1e-5) -> Erf -> Add(1) -> Mul(x) -> Mul(0.5)): computed op by op as Erf")
-    return Emulated(to_model(graph), hazards, gelus, notes)
+    return Emulated(graph, hazards, gelus, notes)
 
 
 # --------------------------------------------------------------------------- Gelu sites
@@ -282,7 +287,7 @@ def _fp16_overflow(constant: gs.Constant) -> list[str]:
 def _save_emulation(model: ModelSource, path: Path, **choices: str) -> list[str]:
     """Write the emulated model to `path`; returns its notes: fp16 hazards, then what is not modelled."""
     emulated = emulate_ascend(model, **choices)
-    save_model(emulated.model, path)
+    save_graph(emulated.graph, path)
     return emulated.hazards + emulated.notes
 
 
@@ -309,8 +314,9 @@ class EmulationBackend(OrtBackend):
 
     @contextmanager
     def _session_model(self) -> Iterator[Path]:
-        # A file, with the emulated graph and model gone before ONNX Runtime loads it: handed the
-        # ModelProto, ORT would hold it, its serialised bytes and its own copy of the weights at once.
+        # A file, with the emulated graph gone before ONNX Runtime loads it: handed a ModelProto, ORT
+        # would hold it, its serialised bytes and its own copy of the weights at once. The weights the
+        # emulation did not touch (all: it reads them through Casts) are copied from the model's file.
         with tempfile.TemporaryDirectory(prefix="bertopt-emulation-") as folder:
             path = Path(folder) / "emulated.onnx"
             self.notes = _save_emulation(self._model, path, gelu=self.gelu_kernel.impl_mode,
