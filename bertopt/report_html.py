@@ -6,8 +6,8 @@ bertopt.render, beside the text diff), the atc command, and how far each candida
 from the original's (tables and histograms of |candidate - reference|). Everything is inline (CSS,
 SVG): the page fetches nothing and needs no JavaScript, so it opens the same offline and in years.
 
-The pictures are drawn while the pipeline runs (`PassPictures` is the PassManager's
-`on_pass_changed` instrument): only the drawing and the diff text are kept, never a graph copy.
+The pictures are drawn while the pipeline runs (`PassPictures` is one of the PassManager's
+instruments): only the drawing and the diff text are kept, never a graph copy.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ import onnx_graphsurgeon as gs
 
 from bertopt.diff import diff_graphs
 from bertopt.parity import AbsHistogram, OutputStats
+from bertopt.pipeline import Instrument
 from bertopt.render import render_diff, representative_regions
 from bertopt.files import write_text
 
 if TYPE_CHECKING:
     from bertopt.ascend.atc import AtcResult
-    from bertopt.pipeline import PassRecord
+    from bertopt.pipeline import PassRecord, PassResult, PassStep
     from bertopt.run import RunReport
     from bertopt.validate import CandidateReport
 
@@ -90,12 +91,16 @@ class PassPicture:
 
 
 @dataclass
-class PassPictures:
-    """The PassManager's `on_pass_changed` instrument: diffs and draws each changing pass at once."""
+class PassPictures(Instrument):
+    """The PassManager's instrument that diffs and draws each pass that changed something, at once."""
 
     pictures: list[PassPicture] = field(default_factory=list)
 
-    def __call__(self, index: int, name: str, before: gs.Graph, after: gs.Graph) -> None:
+    def after(self, step: PassStep, graph: gs.Graph, facts, result: PassResult, record: PassRecord) -> None:
+        if result.changed:
+            self.draw(step.index, step.name, step.before, graph)
+
+    def draw(self, index: int, name: str, before: gs.Graph, after: gs.Graph) -> None:
         diff = diff_graphs(before, after, f"input of {name}", f"output of {name}")
         with tempfile.TemporaryDirectory(prefix="bertopt-report-") as folder:
             result = render_diff(diff, Path(folder) / "diff.svg")

@@ -29,7 +29,7 @@ from bertopt.facts import ModelFacts, check_shape, detect_facts
 from bertopt.files import check_writable_folder, write_json
 from bertopt.graph import is_static, load_graph, save_graph
 from bertopt.parity import Comparison, parity_check, tolerances_for
-from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord
+from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord, parse_spec
 from bertopt.validate import CandidateReport, validate_candidates
 
 if TYPE_CHECKING:
@@ -193,12 +193,10 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
     pictures = _pass_pictures(config.report)
     squad_data = _squad_data(config.evaluate) if config.evaluate else None
     ascend = _ascend_setup(config) if config.target == "ascend" else None
-    manager = PassManager(config.passes, _pass_options(config, ascend), _instruments(config, out_dir))
-    if pictures is not None:
-        manager.instruments.on_pass_changed = pictures
+    parse_spec(config.passes, config.target)  # a bad --passes costs no export
     original, description = _obtain_onnx(config, out_dir, progress)
-    if config.check_each_pass:
-        manager.instruments.parity_probe = _parity_probe(original, config)
+    manager = PassManager(config.passes, _pass_options(config, ascend),
+                          _instruments(config, out_dir, original, pictures, progress))
     optimized = out_dir / OPTIMIZED_NAME
     graph, facts, records = optimize_file(original, optimized, manager, progress)
     outcome, output_names = None, [tensor.name for tensor in graph.outputs]
@@ -301,7 +299,7 @@ def optimize(source: Path, output: Path, spec: str, *, batch: int, seq: int, tar
     _check_target(target)
     target_cann = resolve_cann(cann)[0] if target == "ascend" else None
     options = PassOptions(batch=batch, seq=seq, target=target, **({"cann": target_cann} if target_cann else {}))
-    instruments = Instruments(reproducer_dir=output.parent / f"{output.stem}.reproducer")
+    instruments = Instruments(reproducer_dir=output.parent / f"{output.stem}.reproducer", progress=progress)
     graph, facts, records = optimize_file(source, output, PassManager(spec, options, instruments), progress)
     illegal = [] if target_cann is None else [
         f"{check.name}: {check.reason}" for check in check_model_level(graph, target_cann) if check.ok is False]
@@ -382,8 +380,12 @@ def _pass_options(config: RunConfig, ascend: AscendSetup | None) -> PassOptions:
     return PassOptions(batch=config.batch, seq=config.seq, target=config.target, cann=ascend.cann)
 
 
-def _instruments(config: RunConfig, out_dir: Path) -> Instruments:
-    return Instruments(dump_dir=config.dump_dir, reproducer_dir=out_dir / "reproducer")
+def _instruments(config: RunConfig, out_dir: Path, original: Path, pictures: PassPictures | None,
+                 progress: Progress) -> Instruments:
+    """The reproducer, --dump-dir, parity after every pass (--check-each-pass) and the HTML report's pictures."""
+    probe = _parity_probe(original, config) if config.check_each_pass else None
+    return Instruments(dump_dir=config.dump_dir, reproducer_dir=out_dir / "reproducer", parity_probe=probe,
+                       progress=progress, extra=[pictures] if pictures is not None else ())
 
 
 def _refuse_existing_results(out_dir: Path, force: bool) -> None:

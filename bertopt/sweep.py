@@ -77,6 +77,7 @@ class SweepConfig:
     soc: str | None = None
     cann: str | None = None  # None: the installed toolkit's version, else the seed's
     threads: int | None = None  # ONNX Runtime threads of validation; None: its default (every core)
+    passes_from: tuple[str, ...] = ()  # --passes-from: files and modules the driver and every worker load
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class Shape:
     cann: str
     cann_source: str
     threads: int | None = None
+    passes_from: tuple[str, ...] = ()  # absolute file paths and module names: a Ray node must see the same
 
 
 @dataclass
@@ -162,7 +164,10 @@ def sweep(config: SweepConfig, progress: Progress = lambda message: None) -> Swe
 
 
 def check_matrix(config: SweepConfig) -> None:
-    """The numbers every sweep takes, local or on Ray; a bad one is one clear line before any work."""
+    """The numbers and the pipeline every sweep takes, local or on Ray; a bad one is one clear line
+    before any work."""
+    from bertopt.pipeline import load_passes, parse_spec
+
     if not config.sizes or not config.seqs or not config.batches:
         raise BertoptError("sweep needs at least one size, one seq and one batch")
     for value in config.batches:
@@ -175,6 +180,8 @@ def check_matrix(config: SweepConfig) -> None:
         raise BertoptError(f"--samples {config.samples}: must be at least 1")
     if config.threads is not None and config.threads <= 0:
         raise BertoptError(f"--cpus-per-shape {config.threads}: must be at least 1")
+    load_passes(*config.passes_from)
+    parse_spec(config.passes, "ascend")
 
 
 def _check_config(config: SweepConfig) -> tuple[int, int]:
@@ -212,7 +219,7 @@ def claim_output(output: Path, config: SweepConfig) -> None:
                            "choose another folder")
     write_json(marker, {"bertopt_sweep": 1, "last_request": {
         "sizes": list(config.sizes), "seqs": list(config.seqs), "batches": list(config.batches),
-        "passes": config.passes, "samples": config.samples}})
+        "passes": config.passes, "passes_from": list(config.passes_from), "samples": config.samples}})
 
 
 @dataclass(frozen=True)
@@ -260,12 +267,14 @@ def export_and_measure(name: str, path: Path) -> PreparedSize:
 def make_shapes(config: SweepConfig, prepared: dict[str, PreparedSize]) -> list[Shape]:
     from bertopt.ascend.cann import resolve_cann
     from bertopt.ascend.soc import detect_soc
+    from bertopt.plugins import resolve_source
 
     soc, soc_source = detect_soc(config.soc)
     cann, cann_source = resolve_cann(config.cann)
+    passes_from = tuple(resolve_source(source) for source in config.passes_from)
     return [Shape(size, seq, batch, info.original, config.output / size / f"seq{seq}_bs{batch}",
                   peak_estimate(info.weights_bytes, info.heads, batch, seq), config.passes, config.samples, soc,
-                  soc_source, cann.version, cann_source, config.threads)
+                  soc_source, cann.version, cann_source, config.threads, passes_from)
             for size, info in prepared.items() for seq in config.seqs for batch in config.batches]
 
 
@@ -491,10 +500,11 @@ def _evaluate(shape: Shape) -> dict:
     from bertopt.ascend.cann import cann_target
     from bertopt.ascend.check import check_ascend
     from bertopt.backends.ort import OrtBackend
-    from bertopt.pipeline import Instruments, PassManager, PassOptions
+    from bertopt.pipeline import Instruments, PassManager, PassOptions, load_passes
     from bertopt.run import OM_PREFIX, OPTIMIZED_NAME, optimize_file
     from bertopt.validate import validate_candidates
 
+    load_passes(*shape.passes_from)  # a spawned worker or a Ray node starts with bertopt's and the entry points'
     optimized, target = shape.folder / OPTIMIZED_NAME, cann_target(shape.cann)
     manager = PassManager(shape.passes, PassOptions(batch=shape.batch, seq=shape.seq, target="ascend", cann=target),
                           Instruments(reproducer_dir=shape.folder / "reproducer"))

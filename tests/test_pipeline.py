@@ -164,3 +164,129 @@ def test_options_reach_the_pass(fake_passes):
     fake_passes("record", record)
     PassManager("record", PassOptions(seq=128)).run(tiny_graph(), FACTS)
     assert seen == {"seq": 128}
+
+
+# --- instruments: objects given at construction, hooks nested like MLIR's -----------------------------------
+
+class Recorder(pipeline.Instrument):
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def before(self, step, graph, facts):
+        self.log.append(f"{self.name}.before {step.name}")
+
+    def after(self, step, graph, facts, result, record):
+        self.log.append(f"{self.name}.after {step.name} changed={result.changed}")
+
+    def failed(self, step, error):
+        self.log.append(f"{self.name}.failed {step.name}: {error}")
+        return f"{self.name} noted it"
+
+
+def test_hooks_nest_the_first_instrument_around_the_others(fake_passes):
+    fake_passes("noop", noop)
+    fake_passes("explode", explode)
+    log = []
+    manager = PassManager("noop,explode", instruments=[Recorder("a", log), Recorder("b", log)])
+    with pytest.raises(pipeline.PassFailed, match=r"raised IndexError: list index out of range; b noted it; "
+                                                  r"a noted it$"):
+        manager.run(tiny_graph(), FACTS)
+    assert log == ["a.before noop", "b.before noop", "b.after noop changed=False", "a.after noop changed=False",
+                   "a.before explode", "b.before explode",
+                   "b.failed explode: raised IndexError: list index out of range",
+                   "a.failed explode: raised IndexError: list index out of range"]
+
+
+def test_instruments_are_fixed_when_the_manager_is_made(fake_passes):
+    fake_passes("noop", noop)
+    chosen = Instruments()
+    manager = PassManager("noop", instruments=chosen)
+    chosen.append(Recorder("late", []))
+    assert isinstance(manager.instruments, tuple) and len(manager.instruments) == len(chosen) - 1
+    with pytest.raises(TypeError, match="is not an Instrument"):
+        PassManager("noop", instruments=[lambda graph, facts: None])
+
+
+def test_the_standard_instruments_in_their_order():
+    chosen = Instruments(dump_dir="d", parity_probe=lambda g, f: (True, 0.0, ""), reproducer_dir="r",
+                         progress=print, extra=[Recorder("mine", [])])
+    assert [type(i).__name__ for i in chosen] == ["Reproducer", "Progress", "ParityProbe", "Recorder", "Dump",
+                                                 "Verify", "Timing"]
+    assert [type(i).__name__ for i in Instruments(verify_each=False)] == ["Timing"]
+
+
+def test_progress_names_each_pass(fake_passes):
+    fake_passes("noop", noop)
+    fake_passes("bump", bump_bias)
+    shown = []
+    PassManager("noop,bump", instruments=Instruments(progress=shown.append)).run(tiny_graph(), FACTS)
+    assert shown == ["pass 1/2: noop", "pass 2/2: bump"]
+
+
+def quietly_bump(graph, facts, options):
+    bump_bias(graph, facts, options)
+    return PassResult.no_change("nothing to do here")
+
+
+def test_a_pass_that_says_no_change_but_changed_the_graph_fails_under_verification(fake_passes):
+    fake_passes("liar", quietly_bump)
+    with pytest.raises(pipeline.PassFailed, match=r"pass liar \(#1 of 'liar'\) reported no change but changed "
+                                                  r"the graph \(its structural hash differs\)"):
+        PassManager("liar").run(tiny_graph(), FACTS)
+    _, records = PassManager("liar", instruments=Instruments(verify_each=False)).run(tiny_graph(), FACTS)
+    assert not records[0].changed  # unverified, the claim is taken as it is
+
+
+def read_every_weight(graph, facts, options):
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            tensor.values  # loads a lazily imported weight onto the tensor
+    graph.nodes = list(reversed(graph.nodes))  # order is not structure: the manager sorts it again
+    return PassResult.no_change("only looked")
+
+
+def test_reading_weights_and_reordering_nodes_is_no_change(fake_passes, tiny_export):
+    from bertopt.testing import run_spec
+
+    fake_passes("look", read_every_weight)
+    result = run_spec(tiny_export("legacy14"), "look", batch=2, seq=8)
+    assert result.record("look").notes == ["only looked"]
+
+
+def test_what_a_pass_ensures_is_checked_after_it(fake_passes, monkeypatch):
+    monkeypatch.setitem(pipeline.CONDITIONS, "no-relu", pipeline.Condition(
+        lambda graph, facts: all(n.op != "Relu" for n in graph.nodes), "the graph has no Relu"))
+
+    def drop_relu(graph, facts, options):
+        relu = next(n for n in graph.nodes if n.op == "Relu")
+        graph.outputs = [relu.inputs[0]]
+        return PassResult(changed=True, counts={"relus": 1})
+
+    for name, fn in (("drop-relu", drop_relu), ("noop", noop)):
+        monkeypatch.setitem(pipeline._REGISTRY, name, PassInfo(name, "test", fn, ensures=("no-relu",)))
+    PassManager("drop-relu").run(tiny_graph(), FACTS)
+    with pytest.raises(pipeline.PassFailed, match=r"pass noop \(#1 of 'noop'\) does not ensure that the graph "
+                                                  r"has no Relu"):
+        PassManager("noop").run(tiny_graph(), FACTS)
+
+
+def test_a_pass_must_return_a_pass_result(fake_passes):
+    fake_passes("forgetful", lambda graph, facts, options: None)
+    with pytest.raises(pipeline.PassFailed, match="pass forgetful .* returned NoneType, not a PassResult"):
+        PassManager("forgetful").run(tiny_graph(), FACTS)
+
+
+def test_where_a_pass_came_from(fake_passes):
+    passes = pipeline.registered_passes()
+    assert passes["fuse-gelu"].origin == "built-in"
+
+    @pipeline.register_pass("scripted", "registered by a test module")
+    def scripted(graph, facts, options):
+        return PassResult.no_change("nothing")
+
+    try:
+        assert pipeline._REGISTRY["scripted"].origin == f"module {__name__}"
+        with pytest.raises(pipeline.RegistrationError, match=r"pass 'scripted' is already registered \(module"):
+            pipeline.register_pass("scripted", "again")(noop)
+    finally:
+        del pipeline._REGISTRY["scripted"]

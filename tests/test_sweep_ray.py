@@ -23,6 +23,7 @@ from bertopt.errors import BertoptError  # noqa: E402
 from bertopt.sweep import GIB, MIN_PARITY_ROWS, parity_batches, sweep  # noqa: E402
 from bertopt.sweep_ray import CHECK_NAME, parse_address, sweep_on_ray, task_memory  # noqa: E402
 from test_cli import assert_one_line_error, bertopt  # noqa: E402
+from test_plugins import FILE_PLUGIN, fresh_registry  # noqa: E402,F401 (a fixture)
 from test_sweep import (SHAPES, live_processes_in_group, read_progress_until, temporary_files,  # noqa: E402
                         tiny_config, wait_until)
 
@@ -136,6 +137,15 @@ def test_rerun_on_the_cluster_finishes_only_what_is_missing(swept_losing_a_node,
     summary = json.loads((output / "summary.json").read_text())
     assert summary["passed"] and summary["counts"] == {"shapes": 4, "passed": 4, "done_before": 3}
     assert again.stdout.count("| bert-tiny |") == 4 and again.stdout.count(f"| {head} (") == 4
+
+
+def test_ray_workers_load_the_passes_from_file(cluster, tmp_path, fresh_registry):
+    plugin = tmp_path / "my_passes.py"
+    plugin.write_text(FILE_PLUGIN)
+    config = ray_config(tmp_path / "out", seqs=(16,), batches=(2,), passes="div-to-mul-again,default",
+                        passes_from=(str(plugin),))
+    [row] = sweep_on_ray(config, cluster.address).rows
+    assert row["status"] == "passed" and row["passes_changed"][0] == "div-to-mul-again", row
 
 
 # --------------------------------------------------------------------------- a node without the shared folder

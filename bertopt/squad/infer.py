@@ -13,9 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from bertopt import validate
 from bertopt.errors import BertoptError
-from bertopt.validate import padded_batch
+from bertopt.validate import padded_batch, read_results as read_result_files
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 QA_OUTPUTS = ("start_logits", "end_logits")
@@ -57,5 +56,5 @@ def read_results(folder: Path, count: int, seq: int) -> tuple[np.ndarray, np.nda
     """(start, end) logits ``[count, seq]`` of features ``0..count-1`` from an ais_bench ``--outfmt NPY``
     folder (the folder itself or its one subfolder, e.g. ``result/result_bs8``), every file checked."""
     stems = [str(index) for index in range(count)]
-    logits = validate.read_results(Path(folder), stems, list(QA_OUTPUTS), {name: (1, seq) for name in QA_OUTPUTS})
+    logits = read_result_files(Path(folder), stems, list(QA_OUTPUTS), {name: (1, seq) for name in QA_OUTPUTS})
     return logits[QA_OUTPUTS[0]], logits[QA_OUTPUTS[1]]
