@@ -28,10 +28,11 @@ Decisions where the issue was silent:
 
 - Order, as MLIR's PassInstrumentor: `before` hooks run first to last, `after` and `failed` hooks last to
   first, so the first instrument wraps all the others. `Instruments` orders the standard ones so that
-  Timing, innermost, times the pass alone, and Verify rejects a broken graph before anything else looks
-  at it: Reproducer, Progress, ParityProbe, your own, Dump, Verify, Timing.
-- A pass that raises BertoptError refuses bad input (exit 2); that is not a failure of the pass: no
-  `failed` hooks, no reproducer, only the pass's name added to the message.
+  Timing, innermost, times the pass and the cleanup after it but no other instrument, and Verify rejects
+  a broken graph before anything else looks at it: Reproducer, Progress, ParityProbe, your own, Dump,
+  Verify, Timing.
+- A pass that raises BertoptError (bad input, exit 2, or a failed check, exit 1) has refused, not failed:
+  no `failed` hooks, no reproducer, only the pass's name added to the message.
 - Verify checks `ensures` after every pass, changed or not (onnx-ir's PassBase checks its postconditions
   after every call), and that a pass reporting no change left the graph's structural hash as it was.
 """
