@@ -21,8 +21,6 @@ Importing bertopt imports nothing else: each name loads its module on first use 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -33,24 +31,24 @@ _EXPORTS = {
     "register_pass": "bertopt.pipeline", "load_passes": "bertopt.pipeline", "PassResult": "bertopt.pipeline",
     "PassOptions": "bertopt.pipeline", "PassManager": "bertopt.pipeline", "Instrument": "bertopt.pipeline",
     "Instruments": "bertopt.pipeline",
-    "Rule": "bertopt.rules", "apply_rules": "bertopt.rules", "RuleResult": "bertopt.rules",
-    "Builder": "bertopt.builder",
-    "Op": "bertopt.pattern", "Const": "bertopt.pattern", "Var": "bertopt.pattern", "OneOf": "bertopt.pattern",
-    "Pattern": "bertopt.pattern", "Match": "bertopt.pattern",
-    "ModelFacts": "bertopt.facts",
+    "Rule": "bertopt.graph.rules", "apply_rules": "bertopt.graph.rules", "RuleResult": "bertopt.graph.rules",
+    "Builder": "bertopt.graph.builder",
+    "Op": "bertopt.graph.pattern", "Const": "bertopt.graph.pattern", "Var": "bertopt.graph.pattern", "OneOf": "bertopt.graph.pattern",
+    "Pattern": "bertopt.graph.pattern", "Match": "bertopt.graph.pattern",
+    "ModelFacts": "bertopt.model.facts",
     "BertoptError": "bertopt.errors", "CheckFailed": "bertopt.errors",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from bertopt.api import check, optimize, run, validate
-    from bertopt.builder import Builder
     from bertopt.errors import BertoptError, CheckFailed
-    from bertopt.facts import ModelFacts
-    from bertopt.pattern import Const, Match, OneOf, Op, Pattern, Var
+    from bertopt.graph.builder import Builder
+    from bertopt.graph.pattern import Const, Match, OneOf, Op, Pattern, Var
+    from bertopt.graph.rules import Rule, RuleResult, apply_rules
+    from bertopt.model.facts import ModelFacts
     from bertopt.pipeline import (Instrument, Instruments, PassManager, PassOptions, PassResult, load_passes,
                                   register_pass)
-    from bertopt.rules import Rule, RuleResult, apply_rules
 
 
 def __getattr__(name: str):
@@ -64,16 +62,3 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
-
-class _Package(types.ModuleType):
-    """bertopt's module object. `bertopt.run` and `bertopt.validate` are the API's functions although
-    bertopt/run.py and bertopt/validate.py are modules too: importing a submodule sets it as an attribute
-    of its package (importlib's _find_and_load), which would hide the function for good. These two
-    properties keep the function and ignore that assignment; the modules stay importable by name
-    (`from bertopt.run import RunConfig`). They go when those modules move into subpackages."""
-
-    run = property(lambda self: __getattr__("run"), lambda self, module: None)
-    validate = property(lambda self: __getattr__("validate"), lambda self, module: None)
-
-
-sys.modules[__name__].__class__ = _Package

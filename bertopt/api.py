@@ -16,8 +16,8 @@ from bertopt.errors import BertoptError
 
 if TYPE_CHECKING:
     from bertopt.ascend.check import ConformanceReport
-    from bertopt.run import Optimized, RunReport
-    from bertopt.validate import CandidateReport
+    from bertopt.flow.run import Optimized, RunReport
+    from bertopt.validation.candidates import CandidateReport
 
 Progress = Callable[[str], None]
 PathLike = str | os.PathLike
@@ -35,7 +35,7 @@ def optimize(model: PathLike, output: PathLike, passes: str = "default", *, batc
     an existing `output` is refused unless `force`. Returns the facts, one record per pass, and why the
     output is not legal for the CANN version's ATC (`illegal`, empty when it is).
     """
-    from bertopt.run import optimize as optimize_file
+    from bertopt.flow.run import optimize as optimize_file
 
     return optimize_file(Path(model), Path(output), passes, batch=batch, seq=seq, target=target, cann=cann,
                          force=force, progress=progress or _quiet)
@@ -46,13 +46,14 @@ def run(model: PathLike = "bert-base", *, progress: Progress | None = None, echo
     """`bertopt run`: export (presets and HF folders), optimize, compile with atc where it exists, validate
     every candidate against the original, write report.json (and report.html with `report="html"`).
 
-    `options` are the fields of `bertopt.run.RunConfig`, named like the command's options: `passes`,
+    `options` are the fields of `bertopt.flow.run.RunConfig`, named like the command's options: `passes`,
     `batch`, `seq`, `output`, `target`, `force`, `exporter`, `opset`, `attention`, `dtype`, `mask`,
     `dump_dir`, `check_each_pass`, `samples`, `atol`, `rtol`, `soc`, `cann`, `gelu_impl`,
     `require_fusion`, `atc_args`, `device`, `evaluate`, `report`. `progress` receives a line per step,
     `echo` atc's log (default: `progress`). The report's `failures()` lists what makes the command exit 1.
     """
-    from bertopt.run import RunConfig, run as run_config
+    from bertopt.flow.run import RunConfig
+    from bertopt.flow.run import run as run_config
 
     config = RunConfig(model=str(model), **options)
     return run_config(config, progress or _quiet, echo=echo)
@@ -84,7 +85,7 @@ def validate(reference: PathLike, candidate: PathLike | None = None, *, inputs: 
     results folder (`results`) with the inputs it was fed (`inputs`). Tolerances default to 1e-4 for
     ONNX and 1e-2 for an OM or results. `report.passed` is the verdict.
     """
-    from bertopt.validate import validate_models, validate_results
+    from bertopt.validation.candidates import validate_models, validate_results
 
     if (candidate is not None and (inputs or results)) or (candidate is None and not (inputs and results)):
         raise BertoptError("give either CANDIDATE or both --inputs and --results")

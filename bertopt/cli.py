@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import typer
-from typer.exceptions import TyperException
 from rich.console import Console
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from bertopt.errors import BertoptError, CheckFailed
 
@@ -255,8 +255,8 @@ def diff(
     whole: bool = typer.Option(False, "--whole", help="draw the pictured layer whole, not only its changes"),
 ) -> None:
     """Structural, name-insensitive diff of two ONNX graphs: signature, op histogram, changes by region."""
-    from bertopt.diff import diff_graphs
-    from bertopt.render import render_diff
+    from bertopt.report.diff import diff_graphs
+    from bertopt.report.render import render_diff
 
     with _progress() as progress:
         progress(f"diffing {old.name} and {new.name}")
@@ -292,7 +292,8 @@ def sweep(
     Shapes already done (their result.json exists) are skipped, so re-running an interrupted sweep
     finishes only what was missing. Exit 1 when any shape fails parity or conformance.
     """
-    from bertopt.sweep import SweepConfig, render_table, sweep as run_sweep
+    from bertopt.flow.sweep import SweepConfig, render_table
+    from bertopt.flow.sweep import sweep as run_sweep
 
     config = SweepConfig(sizes=tuple(_names("--sizes", sizes)), seqs=tuple(_ints("--seq", seq)),
                          batches=tuple(_ints("--batch", batch)), output=output, jobs=jobs,
@@ -316,7 +317,7 @@ def _sweep_on_ray(config, address: str):
 
     if importlib.util.find_spec("ray") is None:
         raise BertoptError("--ray needs Ray: pip install 'bertopt[ray]' (on every node of the cluster)")
-    from bertopt.sweep_ray import parse_address, sweep_on_ray
+    from bertopt.flow.sweep_ray import parse_address, sweep_on_ray
 
     return sweep_on_ray(config, parse_address(address), _progress_line)
 
@@ -377,7 +378,7 @@ def export(
     mask: str = typer.Option("int", "--mask", help=MASK_HELP),
 ) -> None:
     """Export a preset or HF checkpoint folder to ONNX with dynamic batch/seq axes (cached by content)."""
-    from bertopt.export import export_onnx, resolve_source
+    from bertopt.flow.export import export_onnx, resolve_source
 
     source = resolve_source(model)
     with _progress() as progress:
@@ -430,8 +431,8 @@ def inputs(
     seed: int = typer.Option(0, "--seed", help="random seed"),
 ) -> None:
     """Write realistic inputs in ais_bench's layout (feed them with --input DIR/a,DIR/b,DIR/c)."""
-    from bertopt.parity import graph_only, input_specs_of
-    from bertopt.validate import reference_facts, write_inputs
+    from bertopt.validation.candidates import reference_facts, write_inputs
+    from bertopt.validation.parity import graph_only, input_specs_of
 
     folders = write_inputs(reference_facts(model), input_specs_of(graph_only(model)), output, batch=batch,
                            seq=seq, count=count, seed=seed)
@@ -455,8 +456,8 @@ def squad_prep(
     """Tokenise SQuAD into features in ais_bench's input layout (HF run_qa validation features)."""
     import tempfile
 
-    from bertopt.squad.data import load_examples
     from bertopt.files import refuse_used_folder
+    from bertopt.squad.data import load_examples
     from bertopt.squad.model import load_tokenizer, obtain_model, tokenizer_folder
     from bertopt.squad.prep import prepare_features, write_features
 

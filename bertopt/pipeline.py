@@ -57,9 +57,9 @@ import onnx_graphsurgeon as gs
 
 from bertopt.ascend.cann import DEFAULT_VERSION, CannTarget, cann_target
 from bertopt.errors import BertoptError, CheckFailed, first_line
-from bertopt.facts import ModelFacts
-from bertopt.golden import SMALL_CONSTANT, structural_hashes, type_text
 from bertopt.graph import is_static, peek_values, save_graph, verify
+from bertopt.graph.golden import SMALL_CONSTANT, structural_hashes, type_text
+from bertopt.model.facts import ModelFacts
 from bertopt.plugins import (entry_point_origin, import_source, installed_plugins, is_file_source, resolve_source,
                              source_origin)
 
@@ -471,7 +471,7 @@ class Verify(Instrument):
 
 
 def structural_digest(graph: gs.Graph) -> str:
-    """A hash of what `graph` computes (bertopt.golden's structural hashes of its outputs, its inputs'
+    """A hash of what `graph` computes (bertopt.graph.golden's structural hashes of its outputs, its inputs'
     and outputs' names and types, its opset), blind to names of inner tensors and nodes, node order
     and dead nodes.
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from bertopt.facts import ModelFacts, detect_facts
 from bertopt.graph import ModelSource, load_graph, to_model
-from bertopt.parity import Comparison, parity_check
+from bertopt.model.facts import ModelFacts, detect_facts
 from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord
+from bertopt.validation.parity import Comparison, parity_check
 
 
 @dataclass
@@ -45,7 +45,7 @@ def assert_parity(original: ModelSource | os.PathLike, result: SpecResult, *, at
                   rtol: float | None = None, samples: int = 2) -> Comparison:
     """Both graphs on the same realistic inputs (ids across the vocab, padded masks); fail on a diff.
 
-    Tolerances default to the model's dtype: 1e-4 for fp32, bertopt.parity.FP16_ATOL for fp16."""
+    Tolerances default to the model's dtype: 1e-4 for fp32, bertopt.validation.parity.FP16_ATOL for fp16."""
     comparison = parity_check(original, to_model(result.graph), result.facts, batch=result.batch,
                               seq=result.seq, samples=samples, atol=atol, rtol=rtol)
     assert comparison.passed, comparison.summary_line()

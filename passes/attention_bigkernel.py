@@ -76,9 +76,9 @@ from bertopt.ascend.form import (CONTEXT_SEARCH_DEPTH, HEAD_PERM, KEY_PERM, SCAL
                                  attention_softmaxes, block_input, check_blocks, context_reshape, heads,
                                  is_token_flattening, projection, scale_named_for_atc, transpose)
 from bertopt.ascend.layernorm import layernorm_pattern
-from bertopt.facts import ModelFacts
 from bertopt.graph import add_node, constant_value, infer_shapes, make_constant, producer, replace_uses, unique_name
-from bertopt.pattern import Const, Match, OneOf, Op, Pattern, Var
+from bertopt.graph.pattern import Const, Match, OneOf, Op, Pattern, Var
+from bertopt.model.facts import ModelFacts
 from bertopt.pipeline import PassOptions, PassResult, register_pass
 
 SPLIT_KEY_PERM = [0, 2, 3, 1]

@@ -28,9 +28,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from bertopt.ascend.layernorm import decomposed_layernorm_pattern, in_dtype, layernorm_pattern
-from bertopt.facts import ModelFacts
 from bertopt.graph import make_constant, replace_uses
-from bertopt.pattern import Match
+from bertopt.graph.pattern import Match
+from bertopt.model.facts import ModelFacts
 from bertopt.pipeline import PassOptions, PassResult, register_pass
 
 

@@ -51,7 +51,7 @@ reads the masked scores as ATC's form has it; a real cast (fp16 scores, fp32 Sof
 How a mask is recognised, whatever its form: the sites are every ``Softmax(Add(scores, M))``,
 ``Softmax(Where(B, fill, scores))`` and ``Attention(q, k, v, M)`` where M (or B) depends on no graph
 input's values but the attention mask's (``Shape``/``Size`` read only shapes; constants are free).
-Each distinct M or B is then evaluated with ONNX Runtime on a few masks (bertopt.subgraph; binary
+Each distinct M or B is then evaluated with ONNX Runtime on a few masks (bertopt.graph.evaluate; binary
 0/1 probes, or 0 / finfo.min probes for an additive input) and must broadcast to
 [batch, 1|heads, 1|seq, seq] and be 0 (or True) where the token is kept and at most -1000 (or False)
 where it is removed; for a causal model "kept" also requires the key not to come after the query.
@@ -85,11 +85,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from bertopt.errors import BertoptError
-from bertopt.facts import MASKED_AT_MOST, ModelFacts, attention_layer_softmaxes, where_fill
 from bertopt.graph import add_node, constant_value, is_static, make_constant, replace_uses
-from bertopt.pattern import Const, Match, OneOf, Op, Pattern, Var, _
+from bertopt.graph.evaluate import SubgraphEvaluator, closure, input_dtype, value_dependents
+from bertopt.graph.pattern import Const, Match, OneOf, Op, Pattern, Var, _
+from bertopt.model.facts import MASKED_AT_MOST, ModelFacts, attention_layer_softmaxes, where_fill
 from bertopt.pipeline import PassOptions, PassResult, register_pass
-from bertopt.subgraph import SubgraphEvaluator, closure, input_dtype, value_dependents
 
 # The canonical value plus any realistic score must stay finite in fp16 (max 65504).
 FP16_SAFE_LIMIT = 32768.0

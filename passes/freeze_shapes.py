@@ -20,8 +20,8 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from bertopt.errors import BertoptError
-from bertopt.facts import ModelFacts, check_shape
 from bertopt.graph import infer_shapes, is_static, replace_uses
+from bertopt.model.facts import ModelFacts, check_shape
 from bertopt.pipeline import PassOptions, PassResult, register_pass
 
 # Folding a constant larger than this would bloat the model; such tensors are left to be computed at

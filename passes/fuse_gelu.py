@@ -1,6 +1,6 @@
 """fuse-gelu: find every Gelu, in whatever form the exporter wrote it, and make each one node.
 
-Forms recognised (every Add/Mul in either operand order, see `bertopt.pattern.COMMUTATIVE`):
+Forms recognised (every Add/Mul in either operand order, see `bertopt.graph.pattern.COMMUTATIVE`):
 
 - erf (exact) Gelu, ``0.5 * x * (1 + erf(x / sqrt(2)))``: the argument is ``Div(x, 1.4142135)`` or
   ``Mul(x, 0.70710678)`` (any spelling within 1e-3 relative, so fp16-rounded constants too), and
@@ -25,7 +25,7 @@ difference ~1e-7 on the logits for every form, well inside the 1e-4 parity bound
 The node remembers which function it is: erf sites become Gelu / approximate "none", tanh sites
 FastGelu / approximate "tanh", and `gelu_kind` reads that back for the legalize passes, which
 write each one out again as its own function, never the other (they differ by up to ~1e-3).
-The spellings, the fused node and the rules that write it live in `bertopt.forms`, shared with
+The spellings, the fused node and the rules that write it live in `bertopt.model.forms`, shared with
 legalize-ort; this pass adds the counts and, for the ascend target, leaves ATC's form alone.
 
 Counts: ``gelu_erf`` and ``gelu_tanh`` (subgraphs fused by this run), ``gelu_op`` (Gelu already
@@ -39,12 +39,10 @@ from collections import Counter
 
 import onnx_graphsurgeon as gs
 
-from bertopt.facts import ModelFacts
-# Tests and bertopt.ascend.gates import the Gelu spellings from here, where they used to live.
-from bertopt.forms import (ERF, SQRT_2_OVER_PI, TANH, canonical_erf_pattern, canonical_tanh_pattern,  # noqa: F401
-                           erf_gelu_pattern, fusion_rules, gelu_kind, tanh_gelu_pattern)
+from bertopt.graph.rules import apply_rules
+from bertopt.model.facts import ModelFacts
+from bertopt.model.forms import ERF, TANH, fusion_rules, gelu_kind
 from bertopt.pipeline import PassOptions, PassResult, register_pass
-from bertopt.rules import apply_rules
 
 LOOKED_FOR = "no Gelu found (looked for the erf form, the tanh approximation and the Gelu op)"
 

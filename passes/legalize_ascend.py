@@ -15,7 +15,7 @@ of each op it holds. In order:
    Mul(Pow(x, 3), 0.044715)), 0.7978846)), 1))``. Never erf for tanh or the reverse: the two differ
    by up to ~1e-3. Subgraphs already in the canonical form are left alone. The erf Gelu of a float16
    tensor is written in float32 between two Casts: ATC's pass reads its constants as float32 whatever
-   their type, so a float16 one never matches (`bertopt.forms`, which spells both forms, has the
+   their type, so a float16 one never matches (`bertopt.model.forms`, which spells both forms, has the
    source); a tanh Gelu, which ATC does not fuse, keeps the tensor's type.
 2. **LayerNormalization decomposed** where the version has none (5.0-7.0), or where keeping it would
    leave no opset every other op accepts (8.0+: LayerNormalization needs 17, ReduceMean stops at 16):
@@ -57,15 +57,15 @@ import onnx_graphsurgeon as gs
 from bertopt.ascend.cann import CannTarget
 from bertopt.ascend.layernorm import write_decomposed_layernorm
 from bertopt.ascend.legality import (LAYER_NORMALIZATION, ONNX_DOMAINS, fp16_unsafe_constants, onnx_op_types,
-                                     opset_window, ops_outside_opset, unsupported_ops)
+                                     ops_outside_opset, opset_window, unsupported_ops)
 from bertopt.errors import BertoptError, CheckFailed
-from bertopt.facts import ModelFacts
-from bertopt.builder import Builder
-from bertopt.forms import DECOMPOSED, ERF, TANH, atc_gelu, in_atc_form, whole_gelu_pattern
 from bertopt.graph import constant_value, make_constant, unique_name
-from bertopt.pattern import Match
+from bertopt.graph.builder import Builder
+from bertopt.graph.pattern import Match
+from bertopt.graph.rules import Rule, apply_rules
+from bertopt.model.facts import ModelFacts
+from bertopt.model.forms import DECOMPOSED, ERF, TANH, atc_gelu, in_atc_form, whole_gelu_pattern
 from bertopt.pipeline import PassOptions, PassResult, register_pass
-from bertopt.rules import Rule, apply_rules
 
 
 @register_pass("legalize-ascend", "lower to the run's CANN version (--cann): Gelu as ATC's erf subgraph (tanh "

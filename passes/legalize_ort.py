@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from bertopt.facts import ModelFacts
-from bertopt.forms import ERF, TANH, fusion_rules, gelu_kind
+from bertopt.graph.rules import apply_rules
+from bertopt.model.facts import ModelFacts
+from bertopt.model.forms import ERF, TANH, fusion_rules, gelu_kind
 from bertopt.pipeline import PassOptions, PassResult, register_pass
-from bertopt.rules import apply_rules
 
 
 @register_pass("legalize-ort", "every Gelu as ONNX Runtime's fused op (ONNX Gelu at opset >= 20, "

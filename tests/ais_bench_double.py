@@ -2,7 +2,7 @@
 behaviours ais_bench really has, so AisBenchBackend's handling of them is tested. It is not an OM, not an
 NPU, and nothing that uses it may say an OM ran.
 
-What it reproduces (sources in bertopt/ascend/npu.py's docstring):
+What it reproduces (sources in bertopt/validation/backends/npu.py's docstring):
 - ``get_inputs()`` / ``get_outputs()`` return descriptors with ``name``, ``datatype`` (an enum named like
   ``aclruntime.dtype``: ``str()`` gives ``dtype.int64``), ``format``, ``shape``, ``size`` and ``realsize``;
   output names are ``<producer op>:<index>:<ONNX output name>`` as ATC writes them;
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bertopt.parity import OrtRunner, input_specs_of
+from bertopt.validation.parity import OrtRunner, input_specs_of
 
 # aclruntime.dtype, member names as PyTensor.cpp registers them.
 dtype = enum.Enum("dtype", ["int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",

@@ -31,7 +31,7 @@ os.environ.setdefault("BERTOPT_CACHE", str(REPO / ".cache"))
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
     """tiny_export(variant, preset="bert-tiny", head="qa", **config_overrides) -> Path of a dynamic export."""
-    from bertopt.export import export_onnx, resolve_source
+    from bertopt.flow.export import export_onnx, resolve_source
 
     folder = tmp_path_factory.mktemp("exports")
     made: dict[tuple, Path] = {}

@@ -9,17 +9,17 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxsim
 import pytest
+from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
+from user_exports import user_export  # noqa: F401 (a fixture)
 
 from bertopt.ascend.check import check_ascend
 from bertopt.ascend.form import scale_named_for_atc
 from bertopt.ascend.layernorm import layernorm_pattern
 from bertopt.errors import BertoptError
-from bertopt.golden import assert_graph_matches, graph_text
 from bertopt.graph import load_graph, producer, save_graph, to_model, unique_name
+from bertopt.graph.golden import assert_graph_matches, graph_text
 from bertopt.pipeline import Instruments, PassManager, PassOptions
 from bertopt.testing import SpecResult, assert_parity, run_spec
-from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
-from user_exports import user_export  # noqa: F401 (a fixture)
 
 GOLDEN = GOLDEN_DIR / "attention-bigkernel"
 PASS = "attention-bigkernel"
@@ -289,7 +289,7 @@ def test_result_saves_and_reloads_conforming(tiny_export, tmp_path):
 
 @pytest.mark.integration
 def test_bert_base_seq384(tmp_path):
-    from bertopt.export import export_onnx, resolve_source
+    from bertopt.flow.export import export_onnx, resolve_source
 
     path = export_onnx(resolve_source("bert-base"), tmp_path / "bert-base.onnx", exporter="legacy").path
     after = run_spec(path, f"freeze-shapes,{PASS}", batch=1, seq=384)

@@ -10,15 +10,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto
-
-from bertopt.backends import Skipped
-from bertopt.ascend.npu import AisBenchBackend, bind_outputs, om_backend, onnx_output_name
-from bertopt.backends.ort import OrtBackend, ort_backends
-from bertopt.errors import BertoptError
-from bertopt.parity import OrtRunner, realistic_feeds
 from ais_bench_double import InferSession2022, InferSessionAit, om_output_names, session_factory
+from onnx import TensorProto
 from test_parity import qa_facts, qa_model
+
+from bertopt.errors import BertoptError
+from bertopt.validation.backends import Skipped
+from bertopt.validation.backends.npu import AisBenchBackend, bind_outputs, om_backend, onnx_output_name
+from bertopt.validation.backends.ort import OrtBackend, ort_backends
+from bertopt.validation.parity import OrtRunner, realistic_feeds
 
 BATCH, SEQ = 2, 8
 SHAPES = {"input_ids": (BATCH, SEQ), "attention_mask": (BATCH, SEQ), "token_type_ids": (BATCH, SEQ)}

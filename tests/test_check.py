@@ -11,15 +11,15 @@ import numpy as np
 import onnx
 import onnxsim
 import pytest
+from conftest import TINY_BATCH, TINY_SEQ
 from onnx import TensorProto, helper
 
 from bertopt.ascend.cann import cann_target
 from bertopt.ascend.check import check_ascend
 from bertopt.ascend.form import CONDITIONS
-from bertopt.graph import exceeds_fp16
 from bertopt.errors import BertoptError
+from bertopt.graph import exceeds_fp16
 from bertopt.testing import run_spec
-from conftest import TINY_BATCH, TINY_SEQ
 
 CLI_TIMEOUT = 600
 
@@ -225,7 +225,7 @@ def test_cli_check_illegal_for_the_version(tiny_export, tmp_path):
 
 @pytest.fixture(scope="module")
 def bert_base_export(tmp_path_factory):
-    from bertopt.export import export_onnx, resolve_source
+    from bertopt.flow.export import export_onnx, resolve_source
 
     return export_onnx(resolve_source("bert-base"), tmp_path_factory.mktemp("bert-base") / "b.onnx").path
 
@@ -257,7 +257,7 @@ def test_cli_check_fails_bert_base_at_batch_1_seq_384(bert_base_export, tmp_path
 @pytest.mark.integration
 @pytest.mark.parametrize("batch, seq", [(8, 128), (4, 384)])
 def test_cli_check_fails_any_minilm_output(tmp_path, batch, seq):
-    from bertopt.export import export_onnx, resolve_source
+    from bertopt.flow.export import export_onnx, resolve_source
 
     path = export_onnx(resolve_source("minilm"), tmp_path / "m.onnx").path
     result = bertopt_check(str(optimized(path, tmp_path, batch=batch, seq=seq)), "--cann", "6.0",

@@ -2,12 +2,12 @@
 
 import onnx_graphsurgeon as gs
 import pytest
+from conftest import TINY_BATCH, TINY_SEQ
 
 from bertopt.ascend.check import check_ascend
 from bertopt.ascend.legality import fp16_unsafe_constants
 from bertopt.errors import BertoptError
 from bertopt.testing import assert_parity, run_spec
-from conftest import TINY_BATCH, TINY_SEQ
 
 EXPORTS = ["legacy14", "legacy17", "sdpa14", "dynamo18", "dynamo20"]
 
@@ -57,7 +57,7 @@ def test_unprocessed_export_does_not_conform(tiny_export):
 @pytest.mark.integration
 @pytest.mark.parametrize("exporter, opset", [("legacy", 14), ("dynamo", 18)])
 def test_minilm_real_weights(tmp_path, exporter, opset):
-    from bertopt.export import export_onnx, resolve_source
+    from bertopt.flow.export import export_onnx, resolve_source
 
     path = export_onnx(resolve_source("minilm"), tmp_path / "m.onnx", exporter=exporter, opset=opset).path
     result = run_spec(path, "default", batch=8, seq=128)
@@ -69,7 +69,7 @@ def test_minilm_real_weights(tmp_path, exporter, opset):
 
 @pytest.mark.integration
 def test_bert_base_batch_8(tmp_path):
-    from bertopt.export import export_onnx, resolve_source
+    from bertopt.flow.export import export_onnx, resolve_source
 
     path = export_onnx(resolve_source("bert-base"), tmp_path / "b.onnx").path
     result = run_spec(path, "default", batch=8, seq=384)
@@ -117,7 +117,7 @@ BERT_MEDIUM = {"num_hidden_layers": 8, "hidden_size": 512, "num_attention_heads"
     ("bert-base", BERT_MEDIUM, "qa", {"input_ids", "attention_mask", "token_type_ids"}),
 ], ids=["roberta-base", "distilbert-base-cls", "albert-base", "bert-medium"])
 def test_base_sized_families(tmp_path, preset, overrides, head, inputs):
-    from bertopt.export import export_onnx, resolve_source
+    from bertopt.flow.export import export_onnx, resolve_source
 
     source = resolve_source(preset, config_overrides=overrides)
     path = export_onnx(source, tmp_path / "m.onnx", head=head).path

@@ -1,4 +1,4 @@
-"""bertopt.diff / bertopt.render / the golden mismatch summary, on tiny exports and hand-made edits."""
+"""bertopt.report.diff / bertopt.report.render / the golden mismatch summary, on tiny exports and hand-made edits."""
 
 from collections import Counter
 from xml.etree import ElementTree
@@ -6,16 +6,16 @@ from xml.etree import ElementTree
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
-
-from bertopt import render
-from bertopt.diff import NO_DIFFERENCE, diff_graph_texts, diff_graphs
-from bertopt.errors import BertoptError
-from bertopt.golden import assert_graph_matches, graph_text
-from bertopt.graph import load_graph
-from bertopt.pattern import COMMUTATIVE
-from bertopt.render import render_diff
-from bertopt.testing import run_spec
 from conftest import TINY_BATCH, TINY_SEQ
+
+from bertopt.errors import BertoptError
+from bertopt.graph import load_graph
+from bertopt.graph.golden import assert_graph_matches, graph_text
+from bertopt.graph.pattern import COMMUTATIVE
+from bertopt.report import render
+from bertopt.report.diff import NO_DIFFERENCE, diff_graph_texts, diff_graphs
+from bertopt.report.render import render_diff
+from bertopt.testing import run_spec
 
 SVG = "{http://www.w3.org/2000/svg}"
 

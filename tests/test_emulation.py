@@ -9,16 +9,16 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 import torch
+from conftest import TINY_BATCH, TINY_SEQ
 from onnx import TensorProto, helper, numpy_helper
 
 from bertopt.ascend.kernels import QUADRATIC, TANH, build_gelu, gelu_kernel, gelu_reference
-from bertopt.backends.emulation import EMULATION_NAME, EmulationBackend, emulate_ascend
-from bertopt.backends.ort import OrtBackend
 from bertopt.errors import BertoptError
 from bertopt.graph import to_model
 from bertopt.testing import run_spec
-from bertopt.validate import validate_candidates
-from conftest import TINY_BATCH, TINY_SEQ
+from bertopt.validation.backends.emulation import EMULATION_NAME, EmulationBackend, emulate_ascend
+from bertopt.validation.backends.ort import OrtBackend
+from bertopt.validation.candidates import validate_candidates
 
 FP32_MIN = float(np.finfo(np.float32).min)
 FP16_ULP_AT_1 = 2.0 ** -10
@@ -384,7 +384,7 @@ def test_fp32_optimized_candidate_is_held_to_1e_4(frozen_tiny):
 
 @pytest.fixture(scope="module")
 def minilm_optimized(tmp_path_factory):
-    from bertopt.export import export_onnx, resolve_source
+    from bertopt.flow.export import export_onnx, resolve_source
 
     folder = tmp_path_factory.mktemp("minilm")
     original = export_onnx(resolve_source("minilm"), folder / "m.onnx").path

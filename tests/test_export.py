@@ -2,12 +2,12 @@
 
 import onnx
 import pytest
+from user_exports import FAMILIES, user_export  # noqa: F401 (a fixture)
 
 from bertopt.errors import BertoptError
-from bertopt.export import export_onnx, random_source, resolve_source
-from bertopt.facts import detect_facts
+from bertopt.flow.export import export_onnx, random_source, resolve_source
 from bertopt.graph import load_graph
-from user_exports import FAMILIES, user_export  # noqa: F401 (a fixture)
+from bertopt.model.facts import detect_facts
 
 
 def test_export_is_cached_by_content(tmp_path):

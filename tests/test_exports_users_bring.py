@@ -7,17 +7,17 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
+from conftest import TINY_BATCH, TINY_SEQ
+from user_exports import user_export  # noqa: F401 (a fixture)
 
 from bertopt.ascend.check import check_ascend
 from bertopt.ascend.legality import fp16_unsafe_constants
 from bertopt.errors import BertoptError
-from bertopt.facts import detect_facts
-from bertopt.golden import graph_text
 from bertopt.graph import is_static, load_graph, save_graph, to_model
-from bertopt.parity import FP16_ATOL, graph_only, input_specs_of, parity_check, realistic_feeds
+from bertopt.graph.golden import graph_text
+from bertopt.model.facts import detect_facts
 from bertopt.testing import assert_parity, run_spec
-from conftest import TINY_BATCH, TINY_SEQ
-from user_exports import user_export  # noqa: F401 (a fixture)
+from bertopt.validation.parity import FP16_ATOL, graph_only, input_specs_of, parity_check, realistic_feeds
 
 FOLD = "fold-attention-mask"
 
@@ -144,8 +144,9 @@ def test_fp16_passes_keep_parity_at_the_fp16_tolerance(user_export, variant):
 @pytest.mark.parametrize("variant", ["legacy14", "dynamo18"])
 def test_fp16_tolerance_has_room_on_a_deeper_model(tmp_path, variant):
     """FP16_ATOL's measurement: `default --target ort` on a 4-layer, hidden-256 fp16 BERT."""
-    from bertopt.export import export_onnx, resolve_source
     from user_exports import EXPORT_VARIANTS
+
+    from bertopt.flow.export import export_onnx, resolve_source
 
     exporter, opset, attention = EXPORT_VARIANTS[variant]
     source = resolve_source("bert-base", config_overrides=dict(num_hidden_layers=4, hidden_size=256,

@@ -5,11 +5,11 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
+from user_exports import user_export  # noqa: F401 (a fixture)
 
 from bertopt.errors import BertoptError
-from bertopt.facts import detect_facts
 from bertopt.graph import load_graph
-from user_exports import user_export  # noqa: F401 (a fixture)
+from bertopt.model.facts import detect_facts
 
 ROLES = {"input_ids": "input_ids", "attention_mask": "attention_mask", "token_type_ids": "token_type_ids"}
 

@@ -6,17 +6,17 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
 from onnx import TensorProto, helper, numpy_helper
+from user_exports import user_export  # noqa: F401 (a fixture)
 
 from bertopt.errors import BertoptError
-from bertopt.golden import assert_graph_matches
-from bertopt.facts import detect_facts
 from bertopt.graph import load_graph, to_model
+from bertopt.graph.golden import assert_graph_matches
+from bertopt.model.facts import detect_facts
 from bertopt.passes.fold_attention_mask import fold_attention_mask
 from bertopt.pipeline import PassOptions
 from bertopt.testing import assert_parity, run_spec
-from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
-from user_exports import user_export  # noqa: F401 (a fixture)
 
 GOLDEN = GOLDEN_DIR / "fold-attention-mask"
 FOLD = "fold-attention-mask"

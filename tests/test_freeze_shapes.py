@@ -5,16 +5,16 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
+from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
+from user_exports import user_export  # noqa: F401 (a fixture)
 
 from bertopt.errors import BertoptError
-from bertopt.facts import ModelFacts
-from bertopt.golden import assert_graph_matches
 from bertopt.graph import is_static
+from bertopt.graph.golden import assert_graph_matches
+from bertopt.model.facts import ModelFacts
 from bertopt.passes.freeze_shapes import freeze_shapes
 from bertopt.pipeline import PassOptions
 from bertopt.testing import assert_parity, run_spec
-from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
-from user_exports import user_export  # noqa: F401 (a fixture)
 
 VARIANTS = ["legacy14", "legacy17", "sdpa14", "dynamo18", "dynamo20"]
 

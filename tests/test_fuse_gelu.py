@@ -7,12 +7,12 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
-
-from bertopt.golden import assert_graph_matches
-from bertopt.graph import save_graph, unique_name
-from bertopt.passes.fuse_gelu import erf_gelu_pattern, gelu_kind, tanh_gelu_pattern
-from bertopt.testing import assert_parity, run_spec
 from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
+
+from bertopt.graph import save_graph, unique_name
+from bertopt.graph.golden import assert_graph_matches
+from bertopt.model.forms import erf_gelu_pattern, gelu_kind, tanh_gelu_pattern
+from bertopt.testing import assert_parity, run_spec
 
 GOLDEN = GOLDEN_DIR / "fuse-gelu"
 # The target that fuses every Gelu: for ascend, fuse-gelu keeps the ones already in ATC's form (tested apart).

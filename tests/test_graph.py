@@ -3,11 +3,13 @@
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bertopt import graph as G
 from bertopt.errors import BertoptError
+from bertopt.graph import io as graph_io
 
 
 def small_model() -> onnx.ModelProto:
@@ -55,7 +57,7 @@ def test_save_is_atomic_and_leaves_no_temporaries(tmp_path):
 
 
 def test_large_models_are_saved_with_external_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(G, "EXTERNAL_DATA_THRESHOLD", 10)
+    monkeypatch.setattr(graph_io, "EXTERNAL_DATA_THRESHOLD", 10)
     graph = G.load_graph(small_model())
     weights = np.arange(4096, dtype=np.float32).reshape(1024, 4)
     graph.nodes[0].inputs[1] = gs.Constant("big", weights)
@@ -118,9 +120,9 @@ def test_piecewise_save_reads_back_as_the_same_model(tmp_path):
 def test_constant_bytes_read_lazy_weights_without_loading_them(tiny_export):
     graph = G.load_graph(tiny_export("legacy14"))
     table = next(t for n in graph.nodes if n.op == "Gather" for t in n.inputs[:1] if isinstance(t, gs.Constant))
-    assert isinstance(table._values, G.LazyValues)
+    assert isinstance(table._values, LazyValues)
     raw = G.constant_bytes(table)
-    assert isinstance(table._values, G.LazyValues)  # still lazy: nothing was converted or kept
+    assert isinstance(table._values, LazyValues)  # still lazy: nothing was converted or kept
     assert bytes(raw) == np.ascontiguousarray(table.values).tobytes()
     edited = gs.Constant("edited", np.arange(6, dtype=np.float32).reshape(2, 3).T)  # not C-contiguous
     assert bytes(G.constant_bytes(edited)) == np.ascontiguousarray(edited.values).tobytes()
@@ -130,12 +132,12 @@ def test_save_graph_writes_what_the_exporter_would(tiny_export, tmp_path):
     from bertopt.testing import run_spec
 
     graph = run_spec(tiny_export("legacy14"), "default", batch=2, seq=16).graph  # lazy and edited weights
-    lazy = [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and isinstance(t._values, G.LazyValues)]
+    lazy = [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues)]
     assert lazy and len(lazy) < sum(isinstance(t, gs.Constant) for t in graph.tensors().values())
     expected = G.to_model(graph)
     G.save_graph(graph, tmp_path / "m.onnx")
     loaded = onnx.load(str(tmp_path / "m.onnx"))
-    assert all(isinstance(t._values, G.LazyValues) for t in lazy)  # the stand-ins are gone again
+    assert all(isinstance(t._values, LazyValues) for t in lazy)  # the stand-ins are gone again
     by_name = {t.name: t for t in loaded.graph.initializer}
     assert sorted(by_name) == sorted(t.name for t in expected.graph.initializer)
     assert all(by_name[t.name] == t for t in expected.graph.initializer)

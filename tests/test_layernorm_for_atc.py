@@ -10,17 +10,17 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
+from user_exports import user_export  # noqa: F401 (a fixture)
 
 from bertopt.ascend.check import check_ascend
 from bertopt.ascend.layernorm import decomposed_layernorm_pattern, layernorm_pattern
-from bertopt.golden import assert_graph_matches, graph_text
 from bertopt.graph import load_graph, producer, to_model, unique_name
-from bertopt.parity import FP16_ATOL
+from bertopt.graph.golden import assert_graph_matches, graph_text
 from bertopt.passes.canonicalize_layernorm import layernorm_for_atc
 from bertopt.pipeline import Instruments, PassManager, PassOptions
 from bertopt.testing import SpecResult, assert_parity, run_spec
-from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
-from user_exports import user_export  # noqa: F401 (a fixture)
+from bertopt.validation.parity import FP16_ATOL
 
 GOLDEN = GOLDEN_DIR / "layernorm-for-atc"
 PASS = "layernorm-for-atc"
@@ -253,8 +253,9 @@ def test_a_same_type_cast_before_the_pow_is_atcs_case_3(tiny_export):
 def test_fp16_layernorm_in_float16_on_a_deeper_model(tmp_path, variant):
     """The measurement in bertopt.ascend.layernorm's docstring: `default` on a 4-layer hidden-256 float16
     BERT, torch's Casts dropped (legacy 14) or LayerNormalization decomposed in float16 (legacy 17)."""
-    from bertopt.export import export_onnx, resolve_source
     from user_exports import EXPORT_VARIANTS
+
+    from bertopt.flow.export import export_onnx, resolve_source
 
     exporter, opset, attention = EXPORT_VARIANTS[variant]
     source = resolve_source("bert-base", config_overrides=dict(num_hidden_layers=4, hidden_size=256,

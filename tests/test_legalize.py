@@ -10,23 +10,22 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
+from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
+from user_exports import user_export  # noqa: F401 (a fixture)
 
-from bertopt.errors import BertoptError, CheckFailed
-from bertopt.golden import assert_graph_matches, graph_text
-from bertopt.graph import to_model, verify
-from bertopt.passes.fuse_gelu import SQRT_2_OVER_PI, gelu_kind
 from bertopt.ascend.cann import cann_target
 from bertopt.ascend.check import check_ascend
 from bertopt.ascend.gates import atc_gelu_pattern, fusion_gates
 from bertopt.ascend.layernorm import decomposed_layernorm_pattern
 from bertopt.ascend.legality import check_model_level
-from bertopt.passes.fuse_gelu import canonical_erf_pattern, canonical_tanh_pattern
+from bertopt.errors import BertoptError, CheckFailed
+from bertopt.graph import to_model, verify
+from bertopt.graph.golden import assert_graph_matches, graph_text
+from bertopt.model.forms import SQRT_2_OVER_PI, canonical_erf_pattern, canonical_tanh_pattern, gelu_kind
 from bertopt.passes.legalize_ascend import legalize_ascend
-from bertopt.parity import FP16_ATOL
 from bertopt.pipeline import PassOptions, PassResult
 from bertopt.testing import assert_parity, run_spec
-from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
-from user_exports import user_export  # noqa: F401 (a fixture)
+from bertopt.validation.parity import FP16_ATOL
 
 ASCEND = "freeze-shapes,fuse-gelu,legalize-ascend"
 FULL_ASCEND = "freeze-shapes,fold-attention-mask,fuse-gelu,attention-bigkernel,legalize-ascend"

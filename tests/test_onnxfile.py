@@ -1,4 +1,4 @@
-"""bertopt.onnxfile and the graph layer on top of it: weights found in the file without parsing them,
+"""bertopt.graph.onnxfile and the graph layer on top of it: weights found in the file without parsing them,
 left there until a pass reads one, and streamed back out (inline or as external data)."""
 
 import os
@@ -9,12 +9,14 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_cli import assert_one_line_error, bertopt
 
 from bertopt import graph as G
-from bertopt import onnxfile
 from bertopt.errors import BertoptError
-from bertopt.onnxfile import Weight
-from test_cli import assert_one_line_error, bertopt
+from bertopt.graph import io as graph_io
+from bertopt.graph import onnxfile
+from bertopt.graph import values as graph_values
+from bertopt.graph.onnxfile import Weight
 
 
 def ort_outputs(model, feeds: dict) -> list:
@@ -76,7 +78,7 @@ def test_weights_stay_in_the_file_until_a_pass_reads_them(tiny_export):
 
 
 def test_a_weight_is_scanned_in_pieces_without_loading_it(tiny_export, monkeypatch):
-    monkeypatch.setattr(G, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(graph_values, "CHUNK_BYTES", 1000)
     path = tiny_export("legacy14")
     table = max(file_weights(G.load_graph(path)), key=lambda t: t._values.nbytes)
     pieces = [piece.copy() for piece in G.value_chunks(table)]  # each piece lives until the next is read
@@ -209,7 +211,7 @@ def test_external_data_in(tiny_export, tmp_path):
 
 
 def test_external_data_out(tiny_export, tmp_path, monkeypatch):
-    monkeypatch.setattr(G, "EXTERNAL_DATA_THRESHOLD", 0)  # as if the weights were over protobuf's 2 GiB
+    monkeypatch.setattr(graph_io, "EXTERNAL_DATA_THRESHOLD", 0)  # as if the weights were over protobuf's 2 GiB
     monkeypatch.setattr(onnxfile, "ALIGN_THRESHOLD", 4096)
     path = tiny_export("legacy14")
     graph = G.load_graph(path)

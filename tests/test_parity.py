@@ -11,21 +11,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bertopt.errors import BertoptError
-from bertopt.facts import ModelFacts
-from bertopt.parity import (
-    DEFAULT_ATOL,
-    FP16_ATOL,
-    REL_EPSILON,
-    OrtRunner,
-    dtype_tolerances,
-    kept_tokens,
-    best_spans,
-    compare_outputs,
-    input_specs_of,
-    parity_check,
-    realistic_feeds,
-    span_agreement,
-)
+from bertopt.model.facts import ModelFacts
+from bertopt.validation.parity import (DEFAULT_ATOL, FP16_ATOL, REL_EPSILON, OrtRunner, best_spans, compare_outputs,
+                                       dtype_tolerances, input_specs_of, kept_tokens, parity_check, realistic_feeds,
+                                       span_agreement)
 
 VOCAB, HIDDEN = 200, 8
 ROLES = {"input_ids": "input_ids", "attention_mask": "attention_mask",

@@ -10,11 +10,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from bertopt.builder import Builder as OpBuilder
-from bertopt.forms import SQRT2, canonical_erf_pattern
 from bertopt.graph import to_model
-from bertopt.pattern import Any, Const, Match, Miss, OneOf, Op, Pattern, Var, _
-from bertopt.rules import Rule, apply_rules
+from bertopt.graph.builder import Builder as OpBuilder
+from bertopt.graph.pattern import Any, Const, Match, Miss, OneOf, Op, Pattern, Var, _
+from bertopt.graph.rules import Rule, apply_rules
+from bertopt.model.forms import SQRT2, canonical_erf_pattern
 
 
 class Builder:

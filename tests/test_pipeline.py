@@ -6,7 +6,7 @@ import pytest
 
 from bertopt import pipeline
 from bertopt.errors import BertoptError
-from bertopt.facts import ModelFacts
+from bertopt.model.facts import ModelFacts
 from bertopt.pipeline import Instruments, PassInfo, PassManager, PassOptions, PassResult, parse_spec
 
 FACTS = ModelFacts("bert", 1, 4, 1, 4, 10, 16, 2)

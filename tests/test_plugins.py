@@ -11,14 +11,14 @@ from pathlib import Path
 
 import onnx_graphsurgeon as gs
 import pytest
-
-from bertopt import pipeline
-from bertopt.golden import assert_graph_matches
-from bertopt.sweep import sweep
-from bertopt.testing import assert_parity, run_spec
 from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
 from test_cli import assert_one_line_error, bertopt
 from test_sweep import tiny_config
+
+from bertopt import pipeline
+from bertopt.flow.sweep import sweep
+from bertopt.graph.golden import assert_graph_matches
+from bertopt.testing import assert_parity, run_spec
 
 EXAMPLE = "div-to-mul"
 ENTRY_POINT = "entry point div-to-mul = bertopt_example_plugin.div_to_mul (bertopt-example-plugin 0.1.0)"

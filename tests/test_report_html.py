@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from bertopt.parity import HISTOGRAM_EDGES, compare_outputs
-from bertopt.report_html import histogram_svg
-from bertopt.files import write_text
 from test_cli import TIMEOUT, assert_one_line_error, bertopt
+
+from bertopt.files import write_text
+from bertopt.report.html import histogram_svg
+from bertopt.validation.parity import HISTOGRAM_EDGES, compare_outputs
 
 SECTIONS = ("summary", "passes", "pictures", "atc", "validation", "histograms")
 WINDOW = (1400, 2400)
@@ -129,7 +129,7 @@ def test_bad_report_value_is_one_line_before_any_work(tmp_path):
 
 
 def test_json_runs_draw_nothing():
-    from bertopt.run import _pass_pictures
+    from bertopt.flow.run import _pass_pictures
 
     assert _pass_pictures("json") is None  # no instrument: normal runs keep no diff and no drawing
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import onnx
 import pytest
-
 from ais_bench_double import InferSession2022, session_factory
-from bertopt.ascend import npu
-from bertopt.ascend.layernorm import decomposed_layernorm_pattern
-from bertopt.graph import load_graph
-from bertopt.run import RunConfig, run
 from test_cli import bertopt
+
+from bertopt.ascend.layernorm import decomposed_layernorm_pattern
+from bertopt.flow.run import RunConfig, run
+from bertopt.graph import load_graph
+from bertopt.validation.backends import npu
 
 FUSION_RESULTS = Path(__file__).parent / "data" / "fusion_result"
 # The smallest BERT whose attention passes ATC's big-kernel gates (hidden 768, 12 heads of 64; at batch 12,

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from bertopt.errors import BertoptError
-from bertopt.parity import OrtRunner
 from bertopt.squad.check import check_model, evaluate_results, score_logits
 from bertopt.squad.data import load_examples
 from bertopt.squad.infer import read_results, run_features
 from bertopt.squad.prep import read_features
+from bertopt.validation.parity import OrtRunner
 
 MINI = Path(__file__).parent / "data" / "squad-mini.json"
 SEQ, BATCH = 128, 8

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bertopt.errors import BertoptError
-from bertopt.facts import ModelFacts
+from bertopt.model.facts import ModelFacts
 from bertopt.squad.data import Example, load_examples
 from bertopt.squad.model import SquadModel, load_tokenizer, tokenizer_folder, uncased_bert_tokenizer_folder
 from bertopt.squad.prep import default_doc_stride, prepare_features, read_features, write_features

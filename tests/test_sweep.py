@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 from bertopt.errors import BertoptError
-from bertopt.sweep import GIB, SweepConfig, admits, concurrency, peak_estimate, sweep
+from bertopt.flow.sweep import GIB, SweepConfig, admits, concurrency, peak_estimate, sweep
 
 SHAPES = [(16, 1), (16, 2), (32, 1), (32, 2)]
 

@@ -17,15 +17,15 @@ import pytest
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
-
-from bertopt.cli import with_bare_ray_flag  # noqa: E402
-from bertopt.errors import BertoptError  # noqa: E402
-from bertopt.sweep import GIB, MIN_PARITY_ROWS, parity_batches, sweep  # noqa: E402
-from bertopt.sweep_ray import CHECK_NAME, parse_address, sweep_on_ray, task_memory  # noqa: E402
 from test_cli import assert_one_line_error, bertopt  # noqa: E402
 from test_plugins import FILE_PLUGIN, fresh_registry  # noqa: E402,F401 (a fixture)
 from test_sweep import (SHAPES, live_processes_in_group, read_progress_until, temporary_files,  # noqa: E402
                         tiny_config, wait_until)
+
+from bertopt.cli import with_bare_ray_flag  # noqa: E402
+from bertopt.errors import BertoptError  # noqa: E402
+from bertopt.flow.sweep import GIB, MIN_PARITY_ROWS, parity_batches, sweep  # noqa: E402
+from bertopt.flow.sweep_ray import CHECK_NAME, parse_address, sweep_on_ray, task_memory  # noqa: E402
 
 NODE_MEMORY = 3 * GIB
 VERDICT = ("size", "seq", "batch", "status", "passes_changed", "conforming", "parity_passed", "atc",

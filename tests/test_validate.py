@@ -16,19 +16,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from ais_bench_double import ais_bench_run
 from onnx import TensorProto, helper
 
-from ais_bench_double import ais_bench_run
-from bertopt.backends import Skipped
-from bertopt.backends.emulation import EmulationBackend
-from bertopt.backends.ort import OrtBackend
 from bertopt.errors import BertoptError
 from bertopt.graph import save_graph
-from bertopt.parity import OrtRunner, graph_only, input_specs_of
 from bertopt.testing import run_spec
-from bertopt.validate import (natural_key, output_stem, padded_batch, read_inputs,
-                              reference_facts, run_reference_rows, validate_candidates, validate_results,
-                              write_inputs)
+from bertopt.validation.backends import Skipped
+from bertopt.validation.backends.emulation import EmulationBackend
+from bertopt.validation.backends.ort import OrtBackend
+from bertopt.validation.candidates import (natural_key, output_stem, padded_batch, read_inputs, reference_facts,
+                                           run_reference_rows, validate_candidates, validate_results, write_inputs)
+from bertopt.validation.parity import OrtRunner, graph_only, input_specs_of
 
 # 10 samples at batch 4: the third batch holds samples 8 and 9 and two copies of sample 8's files.
 SEQ, BATCH, SAMPLES = 16, 4, 10

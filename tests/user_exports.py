@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import VARIANTS
 
 EXPORT_VARIANTS = {**VARIANTS, "dynamo18sdpa": ("dynamo", 18, "sdpa")}
@@ -40,7 +39,7 @@ FAMILIES = {
 
 @pytest.fixture(scope="session")
 def user_export(tmp_path_factory):
-    from bertopt.export import export_onnx, random_source, resolve_source
+    from bertopt.flow.export import export_onnx, random_source, resolve_source
 
     folder = tmp_path_factory.mktemp("user-exports")
     made: dict[tuple, Path] = {}

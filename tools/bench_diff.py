@@ -4,7 +4,7 @@
     .venv/bin/python tools/bench_diff.py --sizes tiny --repeat 1 --no-write
 
 Issue 6 left the matching method open ("networkx graph matching or a canonical form; measured").
-bertopt.diff hashes nodes structurally and propagates matches along edges, linear in the graph. The
+bertopt.report.diff hashes nodes structurally and propagates matches along edges, linear in the graph. The
 networkx alternative measured here is ISMAGS' largest common subgraph with nodes matched by op, the
 textbook way to align two graphs; it gets `--nx-timeout` seconds per size (default: tiny only) and is
 reported as not finishing when it runs out. Each measurement is a separate process (bench_pipeline's

@@ -9,11 +9,11 @@ and the deltas against the original graph are what matters) is exported, optimiz
 Candidates, all run on the same features:
 
 - the optimized graph in fp32 on ONNX Runtime (exact erf Gelu): the fp32 reference;
-- the Ascend emulation (bertopt.backends.emulation) for each Gelu kernel (`high_performance`, the
+- the Ascend emulation (bertopt.validation.backends.emulation) for each Gelu kernel (`high_performance`, the
   seed's, and `high_precision`) under each precision mode in `--precisions`. `force_fp16` is ATC's
   default on 310P (what the seed's OM computes); `origin` keeps fp32 everywhere, so it shows the Gelu
   kernel's own effect without fp16 rounding; `mixed_float16` is the emulation's approximation of
-  ATC's mixed precision (see bertopt.backends.emulation).
+  ATC's mixed precision (see bertopt.validation.backends.emulation).
 
 Per candidate, against the ORIGINAL graph in fp32: the largest and the 99th-percentile absolute
 difference of the start/end logits over real tokens (attention mask 1), EM and F1 with their deltas,
@@ -69,15 +69,15 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace, folder: Path) -> tuple[list[Row], dict]:
-    from bertopt.backends.emulation import EmulationBackend
-    from bertopt.backends.ort import OrtBackend
+    from bertopt.flow.run import optimize_file
     from bertopt.pipeline import PassManager, PassOptions
-    from bertopt.run import optimize_file
     from bertopt.squad.check import score_logits
     from bertopt.squad.data import load_examples
     from bertopt.squad.infer import run_features
     from bertopt.squad.model import load_tokenizer, obtain_model, tokenizer_folder
     from bertopt.squad.prep import prepare_features
+    from bertopt.validation.backends.emulation import EmulationBackend
+    from bertopt.validation.backends.ort import OrtBackend
 
     examples = load_examples(args.data)
     model = obtain_model(args.model, folder)

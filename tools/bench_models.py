@@ -13,10 +13,10 @@ batch 1 and 8; `--sizes`, `--seq` and `--batch` pick others. Decisions:
   if the ratio is not ~1.
 - Candidate: `bertopt optimize --passes default` (the Ascend pipeline, bertopt's product) at the shape,
   run in process into a temporary folder. Exports come from bertopt's content cache, once per size.
-- Sessions: bertopt.parity.OrtRunner, CPUExecutionProvider, sequential execution, ORT's default graph
+- Sessions: bertopt.validation.parity.OrtRunner, CPUExecutionProvider, sequential execution, ORT's default graph
   optimisation level (ORT_ENABLE_ALL, what users get) and the same fixed intra-op thread count
   (`--threads`, default 2) for both models, so neither gets more cores.
-- Feeds: one realistic padded batch (bertopt.parity.realistic_feeds, seed 0), the same for both models.
+- Feeds: one realistic padded batch (bertopt.validation.parity.realistic_feeds, seed 0), the same for both models.
 - Timing: a round times one run of each model, and the order alternates between rounds (original
   first, then optimized first), so the drift of a shared, noisy machine and any after-effect of the
   previous run fall on both alike. After each model's first run (checked, below) come `--warmup` untimed
@@ -27,7 +27,7 @@ batch 1 and 8; `--sizes`, `--seq` and `--batch` pick others. Decisions:
   median / original median. Both sessions keep ORT's defaults otherwise (thread spinning
   included): interleaving two spinning sessions on 2 cores measured within noise of running each alone
   (bert-base, seq 128, batch 1: 371 and 360 ms alone, 391 and 366 ms interleaved).
-- Correctness: the first outputs of the two models are compared (bertopt.parity.compare_outputs, atol
+- Correctness: the first outputs of the two models are compared (bertopt.validation.parity.compare_outputs, atol
   1e-3, rtol 0: any element off by more than 1e-3 fails, NaN too); a mismatch stops the tool before
   anything is timed, so a wrong model is never reported as fast.
 - Memory: two sessions at a time (bert-large at batch 8, seq 384 takes a few GB each), released before
@@ -51,8 +51,8 @@ import numpy as np
 from bench_pipeline import environment, export, write_section
 
 if TYPE_CHECKING:
-    from bertopt.facts import ModelFacts
-    from bertopt.parity import OrtRunner
+    from bertopt.model.facts import ModelFacts
+    from bertopt.validation.parity import OrtRunner
 
 BEGIN, END = "<!-- bench_models:begin -->", "<!-- bench_models:end -->"
 MAX_ABS_DIFF = 1e-3
@@ -77,7 +77,7 @@ class ShapeResult:
 
 def optimize_at(model: Path, batch: int, seq: int, folder: Path) -> tuple[Path, ModelFacts]:
     """`bertopt optimize --passes default --batch B --seq S`; the output path and the model's facts."""
-    from bertopt.run import optimize
+    from bertopt.flow.run import optimize
 
     output = folder / f"{model.stem}-bs{batch}-seq{seq}.onnx"
     return output, optimize(model, output, "default", batch=batch, seq=seq, force=True).facts
@@ -85,7 +85,7 @@ def optimize_at(model: Path, batch: int, seq: int, folder: Path) -> tuple[Path, 
 
 def feeds_for(original: Path, optimized: Path, facts: ModelFacts, batch: int, seq: int) -> tuple[Feed, Feed]:
     """One realistic batch, as each model declares its inputs (a pass may change their dtypes)."""
-    from bertopt.parity import adapt_feed, graph_only, input_specs_of, realistic_feeds
+    from bertopt.validation.parity import adapt_feed, graph_only, input_specs_of, realistic_feeds
 
     feed = realistic_feeds(facts, input_specs_of(graph_only(original)), batch=batch, seq=seq)[0]
     return feed, adapt_feed(feed, input_specs_of(graph_only(optimized)))
@@ -93,7 +93,7 @@ def feeds_for(original: Path, optimized: Path, facts: ModelFacts, batch: int, se
 
 def check_agreement(reference: Outputs, candidate: Outputs, shape: str) -> float:
     """The largest absolute difference; a difference above MAX_ABS_DIFF (or a NaN) stops the tool."""
-    from bertopt.parity import compare_outputs
+    from bertopt.validation.parity import compare_outputs
 
     comparison = compare_outputs([reference], [candidate], atol=MAX_ABS_DIFF, rtol=0.0)
     if not comparison.passed:
@@ -124,7 +124,7 @@ def rounds_within(budget: float, round_seconds: float, repeat: int) -> int:
 
 
 def bench_shape(original: Path, batch: int, seq: int, args: argparse.Namespace, folder: Path) -> ShapeResult:
-    from bertopt.parity import OrtRunner
+    from bertopt.validation.parity import OrtRunner
 
     shape = f"{original.stem} seq {seq} batch {batch}"
     print(f"[{shape}] optimizing", flush=True)

@@ -58,7 +58,7 @@ with open(sys.argv[1], "w") as report:
 sys.exit(os.waitstatus_to_exitcode(status))"""
 # bertopt optimize's steps, timed in one process: where the time goes, verification's share included.
 PHASES = """import json, sys, time
-from bertopt.facts import detect_facts
+from bertopt.model.facts import detect_facts
 from bertopt.graph import load_graph, save_graph
 from bertopt.pipeline import PassManager, PassOptions
 batch, seq = int(sys.argv[3]), int(sys.argv[4])
@@ -129,14 +129,14 @@ def measure_once(argv: list[str]) -> tuple[float, float]:
 
 
 def export(size: str, folder: Path) -> Path:
-    from bertopt.export import export_onnx, resolve_source
+    from bertopt.flow.export import export_onnx, resolve_source
 
     return export_onnx(resolve_source(PRESETS[size]), folder / f"bert_{size}.onnx").path
 
 
 def bench_size(size: str, batch: int, seq: int, repeat: int, folder: Path) -> list[Measurement]:
-    from bertopt.facts import detect_facts
     from bertopt.graph import load_graph
+    from bertopt.model.facts import detect_facts
 
     model = export(size, folder)
     facts = detect_facts(load_graph(model))

@@ -10,7 +10,7 @@ shape exports with an empty export cache (the export's own cost); the others reu
 The split comes from the shape's result.json (`phase_seconds`, `peak_rss_mib` of its worker process).
 
 Validation's cost is fitted per size as  a + batches * batch * (b * seq + c * seq^2)  (least squares over
-the measured shapes; `batches` by the sweep's rule, bertopt.sweep.parity_batches), load + passes + save
+the measured shapes; `batches` by the sweep's rule, bertopt.flow.sweep.parity_batches), load + passes + save
 as the measured shapes' mean: the matrix's time is the sum over its 72 shapes, one at a time, plus each
 size's export. It is an extrapolation, and the table says which numbers are measured. One shape per size
 is also validated with 1 and with 2 batches (`bertopt validate --samples`), the rule's saving.
@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import environment, measure, write_section  # noqa: E402
 
-from bertopt.sweep import SIZE_ALIASES, Worker, parity_batches  # noqa: E402
+from bertopt.flow.sweep import SIZE_ALIASES, Worker, parity_batches  # noqa: E402
 
 BEGIN, END = "<!-- bench_sweep:begin -->", "<!-- bench_sweep:end -->"
 SHAPES = {"base": "64x1,128x8,256x16,512x64", "large": "64x1,128x8,256x16,384x32"}
@@ -137,7 +137,7 @@ def report(results: dict[str, list[dict]], compare: dict[str, tuple], spawn: flo
     for size, ((seq, batch), times) in compare.items():
         notes.append(f"- {SIZE_ALIASES.get(size, size)} seq {seq} batch {batch}, `bertopt validate`: 1 batch {times[1]:.1f} s, "
                      f"2 batches {times[2]:.1f} s (measured; the rule runs 1 batch from batch 16 on)")
-    notes.append(f"- a shape's worker process costs {spawn:.1f} s to start (measured, `bertopt.sweep.Worker`), "
+    notes.append(f"- a shape's worker process costs {spawn:.1f} s to start (measured, `bertopt.flow.sweep.Worker`), "
                  "beside its own clock")
     text += ["Extrapolated (not measured) from the shapes above:", *notes,
              f"- the seed's whole matrix (72 shapes, one at a time, exports included): "

@@ -30,8 +30,8 @@ from bertopt.ascend.gates import FUSIONS, FusionPrediction, predict_fusion
 from bertopt.ascend.legality import check_model_level
 from bertopt.ascend.soc import DEFAULT_SOC
 from bertopt.errors import BertoptError
-from bertopt.facts import detect_facts
 from bertopt.graph import ModelSource, infer_shapes, load_graph
+from bertopt.model.facts import detect_facts
 
 
 @dataclass

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from bertopt.facts import ModelFacts
-from bertopt.pattern import Const, Op, Pat, Pattern, Var, _
+from bertopt.graph.pattern import Const, Op, Pat, Pattern, Var, _
+from bertopt.model.facts import ModelFacts
 
 CONDITIONS = {
     "2d-encoder": "the LayerNorm output feeding Q/K/V is 2-D [batch*seq, hidden], read directly",

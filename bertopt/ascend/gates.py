@@ -47,9 +47,9 @@ from bertopt.ascend.cann import CannTarget, version_key
 from bertopt.ascend.form import BlockNodes, BlockReport, attention_softmaxes, locate_block
 from bertopt.ascend.layernorm import decomposed_layernorm_pattern
 from bertopt.errors import BertoptError
-from bertopt.facts import ModelFacts
-from bertopt.passes.fuse_gelu import TANH, erf_gelu_pattern, gelu_kind, tanh_gelu_pattern
-from bertopt.pattern import Const, OneOf, Op, Pattern, Var, _
+from bertopt.graph.pattern import Const, OneOf, Op, Pattern, Var, _
+from bertopt.model.facts import ModelFacts
+from bertopt.model.forms import TANH, erf_gelu_pattern, gelu_kind, tanh_gelu_pattern
 
 FUSES, SHAPE, FORM = "fuses", "shape", "form"
 FUSIONS = ("layer-norm", "ln-qkv", "mul-add", "attention-score", "gelu")

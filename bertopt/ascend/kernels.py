@@ -40,8 +40,8 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from bertopt.ascend.cann import version_key
-from bertopt.builder import Builder
 from bertopt.errors import BertoptError
+from bertopt.graph.builder import Builder
 
 QUADRATIC, TANH = "quadratic", "tanh"
 COMPUTE_IN_INPUT_DTYPE, COMPUTE_IN_FP32 = "input", "float32"

@@ -43,7 +43,7 @@ to 0, and a zero variance would then divide by zero). Measured against the origi
 export on ONNX Runtime (`default`, batch 2, seq 128, 4 realistic samples): a 4-layer hidden-256 BERT
 moves the logits by at most 2.4e-4 (legacy 14, Casts dropped), 7.3e-4 (legacy 17, LayerNormalization
 decomposed); bert-base's architecture by 9.8e-4 and 2.0e-3, against 9.8e-4 and 2.0e-3 for the same
-pipeline without the LayerNorm rewrites: inside the float16 tolerance (bertopt.parity.FP16_ATOL,
+pipeline without the LayerNorm rewrites: inside the float16 tolerance (bertopt.validation.parity.FP16_ATOL,
 7.8e-3). A square of a centred value above 256 overflows float16 in this chain (torch upcast to avoid
 that); an activation that large would already be inf in the float16 emulation of a float32 export.
 """
@@ -55,7 +55,7 @@ import onnx_graphsurgeon as gs
 
 from bertopt.errors import BertoptError
 from bertopt.graph import add_node, make_constant, unique_name
-from bertopt.pattern import Const, OneOf, Op, Pattern, Var, _
+from bertopt.graph.pattern import Const, OneOf, Op, Pattern, Var, _
 
 # ONNX 18 moved ReduceMean's `axes` from an attribute to an input.
 AXES_AS_INPUT_SINCE = 18

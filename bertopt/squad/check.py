@@ -16,13 +16,13 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from bertopt.errors import BertoptError
-from bertopt.parity import graph_only, input_specs_of
-from bertopt.squad.data import Example, gold_answers, load_examples
 from bertopt.files import new_folder, refuse_used_folder, write_json
+from bertopt.squad.data import Example, gold_answers, load_examples
 from bertopt.squad.infer import Runner, read_results, run_features, static_batch
 from bertopt.squad.metric import SquadMetrics, evaluate
 from bertopt.squad.post import predict_answers
 from bertopt.squad.prep import Features, prepare_features, read_features, write_features
+from bertopt.validation.parity import graph_only, input_specs_of
 
 PREDICTIONS_FILE = "predictions.json"
 METRICS_FILE = "metrics.json"
@@ -141,7 +141,7 @@ def check(original: Path, optimized: Path, examples: list[Example], features: Fe
 def _check_into(folder: Path, original: Path, optimized: Path, examples: list[Example], features: Features,
                 inputs: dict[str, str], batch: int, emulations: Sequence[Emulation],
                 threads: int | None, progress: Progress, info: dict) -> SquadCheck:
-    from bertopt.backends.ort import OrtBackend
+    from bertopt.validation.backends.ort import OrtBackend
 
     feeds = {name: features.tokens[role] for name, role in inputs.items()}
     candidates = [(ORIGINAL, original, "original graph (ONNX Runtime fp32)"),
@@ -172,7 +172,7 @@ def check_model(model: str, data: str | Path, output: Path, *, seq: int, batch: 
     `output` (new or empty) receives original.onnx (when exported), optimized.onnx, features/ (ais_bench
     inputs, to score an OM later with `bertopt squad eval`), one folder per candidate and squad.json.
     """
-    from bertopt.facts import check_shape
+    from bertopt.model.facts import check_shape
     from bertopt.squad.model import load_tokenizer, obtain_model, tokenizer_folder
 
     refuse_used_folder(Path(output))
@@ -213,8 +213,8 @@ def check_run(model: str, original: Path, optimized: Path, data: str | Path, out
 
 
 def _optimize(original: Path, passes: str, batch: int, seq: int, path: Path) -> Path:
+    from bertopt.flow.run import optimize_file
     from bertopt.pipeline import PassManager, PassOptions
-    from bertopt.run import optimize_file
 
     optimize_file(original, path, PassManager(passes, PassOptions(batch=batch, seq=seq)))
     return path
@@ -225,7 +225,7 @@ def emulations_of(optimized: Path, *, gelu: str = "high_performance", precision:
     """The Ascend emulation of each Gelu kernel atc offers, `gelu` (the one atc is asked for) first: the
     evidence for choosing one. Folders are named ``emulation-<kernel>``."""
     from bertopt.ascend.atc import gelu_impls_from
-    from bertopt.backends.emulation import EmulationBackend
+    from bertopt.validation.backends.emulation import EmulationBackend
 
     backends = [EmulationBackend(optimized, gelu=impl, precision=precision, cann=cann, threads=threads)
                 for impl in gelu_impls_from(gelu)]

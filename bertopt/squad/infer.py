@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 
 from bertopt.errors import BertoptError
-from bertopt.validate import padded_batch, read_results as read_result_files
+from bertopt.validation.candidates import padded_batch
+from bertopt.validation.candidates import read_results as read_result_files
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 QA_OUTPUTS = ("start_logits", "end_logits")

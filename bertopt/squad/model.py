@@ -1,7 +1,7 @@
 """The model a SQuAD run scores and the tokenizer its features need.
 
 MODEL is an .onnx file (used where it is), a preset or an HF checkpoint folder (exported through
-bertopt.export, cached). The tokenizer, in this order:
+bertopt.flow.export, cached). The tokenizer, in this order:
 
 1. the folder given explicitly (``--tokenizer``);
 2. the checkpoint's own folder (an HF folder, or the preset's real checkpoint, e.g. ``minilm``);
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bertopt.errors import BertoptError
-from bertopt.facts import ModelFacts, detect_facts
 from bertopt.graph import load_graph
-from bertopt.parity import graph_only, input_specs_of
+from bertopt.model.facts import ModelFacts, detect_facts
+from bertopt.validation.parity import graph_only, input_specs_of
 
 UNCASED_BERT_VOCAB = 30522
 
@@ -38,7 +38,7 @@ class SquadModel:
 
 def obtain_model(model: str, folder: Path) -> SquadModel:
     """`model` as ONNX (exported into `folder` unless it is an .onnx file) with its facts and inputs."""
-    from bertopt.export import export_onnx, resolve_source  # imports torch: only when exporting
+    from bertopt.flow.export import export_onnx, resolve_source  # imports torch: only when exporting
 
     if model.endswith(".onnx") or Path(model).is_file():
         path, description = Path(model), f"ONNX file {model}"
@@ -50,7 +50,7 @@ def obtain_model(model: str, folder: Path) -> SquadModel:
 
 def described_model(model: str, path: Path, description: str) -> SquadModel:
     """The SquadModel of `path`, the ONNX form of `model` (a preset, an HF folder or the file itself)."""
-    from bertopt.export import PRESETS
+    from bertopt.flow.export import PRESETS
 
     preset = PRESETS.get(model)
     if preset is not None:
@@ -82,7 +82,7 @@ def tokenizer_folder(model: SquadModel, explicit: Path | None = None) -> Path:
 
 
 def uncased_bert_tokenizer_folder() -> Path:
-    from bertopt.export import PRESETS
+    from bertopt.flow.export import PRESETS
 
     return PRESETS["minilm"].checkpoint()
 

@@ -4,7 +4,7 @@
     print(d.text())
 
 Matching, in three steps (networkx's graph matchers take minutes on 1000+ nodes; this is linear):
-1. Nodes whose structural hashes are equal (bertopt.golden: op, attributes and the hashes of the
+1. Nodes whose structural hashes are equal (bertopt.graph.golden: op, attributes and the hashes of the
    inputs, commutative inputs sorted) compute the same thing from the same inputs: matched.
 2. Propagation, repeated until nothing changes: forwards in topological order, a node matches the
    unmatched node of the other graph with the same op that reads the matched twins of its inputs at
@@ -18,7 +18,7 @@ Matching, in three steps (networkx's graph matchers take minutes on 1000+ nodes;
    attributes, constants or matched inputs differ is changed.
 
 Removed, added and changed nodes that touch each other (an edge, a changed pair, or feeding the
-same matched consumer) and lie in the same region (bertopt.regions) form one edit, printed as
+same matched consumer) and lie in the same region (bertopt.model.regions) form one edit, printed as
 "Div(8.0) -> Mul(0.125)". Removed nodes that computed only from Shape ops and constants (what
 freezing shapes folds) are one "folded to constants" line per region instead, so they do not bury the
 rewrites. Regions whose edits read the same are collapsed ("layers 0-11 attention").
@@ -39,11 +39,11 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from bertopt.golden import (SMALL_CONSTANT, attr_text, constant_text, parse_graph_text, structural_hashes,
-                            topological_order, type_text)
 from bertopt.graph import ModelSource, constant_bytes, load_graph
-from bertopt.pattern import COMMUTATIVE
-from bertopt.regions import layer_of, node_regions, region_rank
+from bertopt.graph.golden import (SMALL_CONSTANT, attr_text, constant_text, parse_graph_text, structural_hashes,
+                                  topological_order, type_text)
+from bertopt.graph.pattern import COMMUTATIVE
+from bertopt.model.regions import layer_of, node_regions, region_rank
 
 # An edit with more nodes than this on one side is shown by op counts instead of node by node.
 LISTED_NODES = 8
@@ -150,7 +150,7 @@ def diff_graphs(old: gs.Graph | ModelSource, new: gs.Graph | ModelSource, old_la
 
 
 def diff_graph_texts(old: str, new: str, old_label: str = "old", new_label: str = "new") -> GraphDiff:
-    """The structural diff of two snapshot texts (bertopt.golden.graph_text), e.g. a golden and a run."""
+    """The structural diff of two snapshot texts (bertopt.graph.golden.graph_text), e.g. a golden and a run."""
     old_parsed, new_parsed = parse_graph_text(old), parse_graph_text(new)
     return _diff(DiffSide(old_parsed.graph, old_parsed.constant_text),
                  DiffSide(new_parsed.graph, new_parsed.constant_text), old_label, new_label)

@@ -1,6 +1,6 @@
 """Numeric validation against the original graph (ONNX Runtime fp32, the reference).
 
-Three ways in, one comparator (bertopt.parity.compare_outputs, Polygraphy's rules):
+Three ways in, one comparator (bertopt.validation.parity.compare_outputs, Polygraphy's rules):
 
 - `validate_candidates`: live candidates (optimized ONNX, Ascend emulation, the OM on an NPU) run
   on the same realistic feeds as the reference;
@@ -33,16 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
-from bertopt.backends import DEFAULT_TOLERANCE, Backend, Skipped
-from bertopt.ascend.npu import om_backend
-from bertopt.backends.emulation import EmulationBackend
-from bertopt.backends.ort import OrtBackend
 from bertopt.errors import BertoptError
-from bertopt.facts import ModelFacts, detect_facts
 from bertopt.files import new_folder
 from bertopt.graph import load_graph
-from bertopt.parity import (Comparison, InputSpecs, OrtRunner, compare_outputs, graph_only, input_specs_of,
-                            kept_tokens, realistic_feeds)
+from bertopt.model.facts import ModelFacts, detect_facts
+from bertopt.validation.backends import DEFAULT_TOLERANCE, Backend, Skipped
+from bertopt.validation.backends.emulation import EmulationBackend
+from bertopt.validation.backends.npu import om_backend
+from bertopt.validation.backends.ort import OrtBackend
+from bertopt.validation.parity import (Comparison, InputSpecs, OrtRunner, compare_outputs, graph_only, input_specs_of,
+                                       kept_tokens, realistic_feeds)
 
 RESULT_FILE = re.compile(r"^(?P<stem>.+)_(?P<index>\d+)\.npy$")
 DEVICE_FOLDER = re.compile(r"^device(?P<id>\d+)$")
@@ -100,7 +100,7 @@ def validate_candidates(reference: Path, candidates: list[Backend | Skipped], fa
     One model session is alive at a time, so the peak memory is one model's, not the sum of all:
     the reference runs on every feed and its session is released before any candidate runs (only its
     outputs are kept); each candidate builds its session on its first `run` (backends are lazy, see
-    bertopt.backends) and is closed once it has run on every feed, before the next one starts. A
+    bertopt.validation.backends) and is closed once it has run on every feed, before the next one starts. A
     candidate that fails to build or to run is reported with its error, and the others still run.
 
     `atol`/`rtol` map a candidate kind to its tolerance; kinds they leave out get the defaults.

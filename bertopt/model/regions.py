@@ -26,7 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from bertopt.errors import BertoptError
-from bertopt.facts import detect_facts
+from bertopt.model.facts import detect_facts
 
 ATTENTION_OPS = frozenset({"Softmax", "Attention", "MultiHeadAttention"})
 LAYER_NORM_OPS = frozenset({"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",

@@ -19,7 +19,7 @@ MatchingTracer is the model), with the path from the root to the failing input.
 
 A plain number stands for a constant of that value (``Op("Mul", x, 0.5)`` is ``Op("Mul", x,
 Const(0.5))``). ``OneOf(..., tag="form")`` records which alternative matched: ``m.tag("form")`` is its
-index, or its label with ``labels=(...)``. Rewriting what a pattern matches is `bertopt.rules`.
+index, or its label with ``labels=(...)``. Rewriting what a pattern matches is `bertopt.graph.rules`.
 """
 
 from __future__ import annotations

@@ -70,13 +70,13 @@ from onnx import TensorProto
 
 from bertopt.ascend.cann import DEFAULT_VERSION
 from bertopt.ascend.kernels import GeluKernel, gelu_kernel, kernel_gelu
-from bertopt.backends.ort import OrtBackend
-from bertopt.builder import Builder
-from bertopt.forms import ONNX_DOMAINS
-from bertopt.graph import FP16_MAX, add_node, exceeds_fp16, producer
-from bertopt.graph import ModelSource, infer_shapes, load_graph, peek_values, save_graph, to_model
-from bertopt.pattern import Const, Match, OneOf, Op, Var
-from bertopt.rules import Rule, apply_rules
+from bertopt.graph import (FP16_MAX, ModelSource, add_node, exceeds_fp16, infer_shapes, load_graph, peek_values,
+                           producer, save_graph, to_model)
+from bertopt.graph.builder import Builder
+from bertopt.graph.pattern import Const, Match, OneOf, Op, Var
+from bertopt.graph.rules import Rule, apply_rules
+from bertopt.model.forms import ONNX_DOMAINS
+from bertopt.validation.backends.ort import OrtBackend
 
 DEFAULT_GELU = "high_performance"  # the seed's --op_select_implmode
 DEFAULT_PRECISION = "force_fp16"  # ATC's default --precision_mode on 310P

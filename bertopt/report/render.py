@@ -19,9 +19,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertopt.diff import DiffSide, GraphDiff, node_info
 from bertopt.errors import BertoptError
-from bertopt.regions import layer_of
+from bertopt.model.regions import layer_of
+from bertopt.report.diff import DiffSide, GraphDiff, node_info
 
 FORMATS = ("svg", "png")
 FILL = {"removed": "#f4b6b6", "added": "#b9e6b9", "changed": "#ffd98a", "unchanged": "#f2f2f2"}

@@ -1,7 +1,7 @@
 """ModelFacts: what the passes need to know about a model, detected once from its graph.
 
 Sizes and input roles come from the graph's structure, not from names. Two facts come from
-evaluating a small part of the graph (bertopt.subgraph), since exporters spell them in many ways:
+evaluating a small part of the graph (bertopt.graph.evaluate), since exporters spell them in many ways:
 
 - `attention`: "causal" when the first attention layer, with every token kept by the attention
   mask, still removes exactly the positions after each query (a GPT-2-style decoder; `family` is
@@ -24,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from bertopt.errors import BertoptError
-from bertopt.subgraph import SubgraphEvaluator, input_dtype, value_dependents
+from bertopt.graph.evaluate import SubgraphEvaluator, input_dtype, value_dependents
 
 ROLES = ("input_ids", "attention_mask", "token_type_ids")
 

@@ -11,7 +11,7 @@ Shapes run in spawned worker processes (a fresh one per job, so a finished job's
 to the system), never more at once than `jobs` nor than fit the memory budget. A shape with a
 result.json is done and skipped on a re-run; a shape folder without one is redone from scratch.
 A worker that dies (the OOM killer) costs only its own shape, an error row; Ctrl-C stops every
-worker and removes the folders of the shapes they had not finished. bertopt.sweep_ray runs the same
+worker and removes the folders of the shapes they had not finished. bertopt.flow.sweep_ray runs the same
 shapes as Ray tasks across machines, with the helpers below.
 
 Parity is checked on at most `samples` batches, and on no more of them than it takes to hold
@@ -199,7 +199,7 @@ def _check_config(config: SweepConfig) -> tuple[int, int]:
 
 def resolve_sizes(sizes: tuple[str, ...]) -> dict[str, str]:
     """Folder name -> what the exporter takes (a preset or an HF folder); unknown names fail here."""
-    from bertopt.export import resolve_source  # imports torch: only when sweeping
+    from bertopt.flow.export import resolve_source  # imports torch: only when sweeping
 
     resolved = {}
     for size in sizes:
@@ -253,9 +253,9 @@ def check_positions(size: str, prepared: PreparedSize, seqs: tuple[int, ...]) ->
 
 def export_and_measure(name: str, path: Path) -> PreparedSize:
     """Worker: export `name` to `path`; read its position count from the graph (not from a config)."""
-    from bertopt.export import export_onnx, resolve_source
-    from bertopt.facts import detect_facts
+    from bertopt.flow.export import export_onnx, resolve_source
     from bertopt.graph import load_graph
+    from bertopt.model.facts import detect_facts
 
     result = export_onnx(resolve_source(name), path)
     facts = detect_facts(load_graph(result.path))
@@ -499,10 +499,10 @@ def _evaluate(shape: Shape) -> dict:
     from bertopt.ascend.atc import AtcOptions, compile_om, in_work_dir
     from bertopt.ascend.cann import cann_target
     from bertopt.ascend.check import check_ascend
-    from bertopt.backends.ort import OrtBackend
+    from bertopt.flow.run import OM_PREFIX, OPTIMIZED_NAME, optimize_file
     from bertopt.pipeline import Instruments, PassManager, PassOptions, load_passes
-    from bertopt.run import OM_PREFIX, OPTIMIZED_NAME, optimize_file
-    from bertopt.validate import validate_candidates
+    from bertopt.validation.backends.ort import OrtBackend
+    from bertopt.validation.candidates import validate_candidates
 
     load_passes(*shape.passes_from)  # a spawned worker or a Ray node starts with bertopt's and the entry points'
     optimized, target = shape.folder / OPTIMIZED_NAME, cann_target(shape.cann)

@@ -2,7 +2,7 @@
 
 report.json is for programs; this page is for the reviewer who wants to see, in one file they can
 mail or attach to a ticket, what every pass did (a picture of one representative layer, drawn by
-bertopt.render, beside the text diff), the atc command, and how far each candidate's outputs are
+bertopt.report.render, beside the text diff), the atc command, and how far each candidate's outputs are
 from the original's (tables and histograms of |candidate - reference|). Everything is inline (CSS,
 SVG): the page fetches nothing and needs no JavaScript, so it opens the same offline and in years.
 
@@ -23,17 +23,17 @@ from typing import TYPE_CHECKING
 
 import onnx_graphsurgeon as gs
 
-from bertopt.diff import diff_graphs
-from bertopt.parity import AbsHistogram, OutputStats
-from bertopt.pipeline import Instrument
-from bertopt.render import render_diff, representative_regions
 from bertopt.files import write_text
+from bertopt.pipeline import Instrument
+from bertopt.report.diff import diff_graphs
+from bertopt.report.render import render_diff, representative_regions
+from bertopt.validation.parity import AbsHistogram, OutputStats
 
 if TYPE_CHECKING:
     from bertopt.ascend.atc import AtcResult
+    from bertopt.flow.run import RunReport
     from bertopt.pipeline import PassRecord, PassResult, PassStep
-    from bertopt.run import RunReport
-    from bertopt.validate import CandidateReport
+    from bertopt.validation.candidates import CandidateReport
 
 REPORT_HTML = "report.html"
 

@@ -9,7 +9,7 @@ a replacement function and a condition; ``RewriteRuleSet`` walks the nodes, trie
 lets onnx-ir's ``replace_nodes_and_values`` rewire). Here:
 
 - ``check(match) -> str | None`` returns a reason to leave the match alone (None: go ahead);
-- ``rewrite(match, builder) -> value(s) | None`` writes new nodes with the `bertopt.builder.Builder` it is
+- ``rewrite(match, builder) -> value(s) | None`` writes new nodes with the `bertopt.graph.builder.Builder` it is
   given (its `like` is the matched output, so plain numbers are typed like the value being replaced) and
   returns the new value for the root's output, or a sequence with one per root output (None leaves that
   output as it is); returning None declines;
@@ -41,9 +41,9 @@ from typing import Callable, Iterable, Sequence
 
 import onnx_graphsurgeon as gs
 
-from bertopt.builder import Builder
 from bertopt.graph import replace_uses
-from bertopt.pattern import Match, Miss, OneOf, Op, Pattern, _describe
+from bertopt.graph.builder import Builder
+from bertopt.graph.pattern import Match, Miss, OneOf, Op, Pattern, _describe
 
 Check = Callable[[Match], "str | None"]
 Rewrite = Callable[[Match, Builder], "gs.Tensor | Sequence[gs.Tensor | None] | None"]

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from bertopt.graph import ModelSource
-from bertopt.parity import InputSpecs, OrtRunner, adapt_feed, graph_only, input_specs_of
+from bertopt.validation.parity import InputSpecs, OrtRunner, adapt_feed, graph_only, input_specs_of
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -20,7 +20,7 @@ CUDA = "CUDAExecutionProvider"
 class OrtBackend:
     """One model on one ONNX Runtime provider; feeds are cast to the inputs the model declares.
 
-    The session is built on the first `run` and released by `close` (see bertopt.backends).
+    The session is built on the first `run` and released by `close` (see bertopt.validation.backends).
     """
 
     informational = False

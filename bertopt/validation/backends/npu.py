@@ -39,8 +39,8 @@ from typing import Sequence
 
 import numpy as np
 
-from bertopt.backends import Skipped
 from bertopt.errors import BertoptError, first_line
+from bertopt.validation.backends import Skipped
 
 # aclruntime.dtype member names -> numpy (PyTensor.cpp RegistPyTensorEnumType; "double" is float64).
 ACLRUNTIME_DTYPES = {
@@ -53,7 +53,7 @@ ACLRUNTIME_DTYPES = {
 class AisBenchBackend:
     """The compiled OM on an Ascend device through ais_bench's InferSession (static shapes).
 
-    The OM is loaded onto the device on the first `run` and released by `close` (see bertopt.backends).
+    The OM is loaded onto the device on the first `run` and released by `close` (see bertopt.validation.backends).
     `output_names` are the reference's outputs in order: OM output i is returned as `output_names[i]`.
     """
 

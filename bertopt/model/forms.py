@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from bertopt.builder import Builder
-from bertopt.pattern import Const, Match, OneOf, Op, Pattern, Var
-from bertopt.rules import Check, Rule
+from bertopt.graph.builder import Builder
+from bertopt.graph.pattern import Const, Match, OneOf, Op, Pattern, Var
+from bertopt.graph.rules import Check, Rule
 
 SQRT2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)

@@ -34,7 +34,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from bertopt.errors import BertoptError
-from bertopt.pattern import COMMUTATIVE
+from bertopt.graph.pattern import COMMUTATIVE
 
 UPDATE_ENV = "BERTOPT_UPDATE_GOLDENS"
 SMALL_CONSTANT = 16
@@ -83,7 +83,7 @@ def assert_graph_matches(graph: gs.Graph, path: str | os.PathLike) -> None:
 
 def _structural_summary(expected: str, actual: str) -> str:
     """What changed, by region ("layer 1 attention: Mul -> Div"), read from the two snapshot texts."""
-    from bertopt.diff import diff_graph_texts  # bertopt.diff builds on this module
+    from bertopt.report.diff import diff_graph_texts  # bertopt.report.diff builds on this module
 
     try:
         return diff_graph_texts(expected, actual, "golden", "this run").text()
@@ -214,7 +214,7 @@ def structural_hashes(graph: gs.Graph,
     """id(tensor) -> hash of how it is computed (graph inputs by name, constants by `constant_text`).
 
     Equal hashes in two graphs mean equal computations, whatever the tensors are called; the graph
-    diff (bertopt.diff) matches nodes across graphs by them.
+    diff (bertopt.report.diff) matches nodes across graphs by them.
     """
     hashes: dict[int, str] = {}
     for tensor in graph.inputs:

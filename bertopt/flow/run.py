@@ -14,26 +14,26 @@ from typing import TYPE_CHECKING, Callable
 
 import onnx_graphsurgeon as gs
 
-from bertopt.backends import Backend, Skipped
 from bertopt.ascend.atc import AtcOptions, AtcResult, compile_om, gelu_impls_from, in_work_dir
 from bertopt.ascend.cann import CannTarget, resolve_cann
 from bertopt.ascend.check import ConformanceReport, check_ascend
-from bertopt.ascend.legality import check_model_level
 from bertopt.ascend.fusion_result import FusionResult, compare_with_prediction, read_fusion_result
-from bertopt.ascend.npu import om_backend
+from bertopt.ascend.legality import check_model_level
 from bertopt.ascend.soc import detect_soc, is_310p
-from bertopt.backends.emulation import EmulationBackend
-from bertopt.backends.ort import ort_backends
 from bertopt.errors import BertoptError
-from bertopt.facts import ModelFacts, check_shape, detect_facts
 from bertopt.files import check_writable_folder, write_json
 from bertopt.graph import is_static, load_graph, save_graph
-from bertopt.parity import Comparison, parity_check, tolerances_for
+from bertopt.model.facts import ModelFacts, check_shape, detect_facts
 from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord, parse_spec
-from bertopt.validate import CandidateReport, validate_candidates
+from bertopt.validation.backends import Backend, Skipped
+from bertopt.validation.backends.emulation import EmulationBackend
+from bertopt.validation.backends.npu import om_backend
+from bertopt.validation.backends.ort import ort_backends
+from bertopt.validation.candidates import CandidateReport, validate_candidates
+from bertopt.validation.parity import Comparison, parity_check, tolerances_for
 
 if TYPE_CHECKING:
-    from bertopt.report_html import PassPictures
+    from bertopt.report.html import PassPictures
     from bertopt.squad.check import SquadCheck
 
 OPTIMIZED_NAME = "optimized.onnx"
@@ -54,7 +54,7 @@ class RunConfig:
     force: bool = False
     exporter: str = "legacy"
     opset: int | None = None
-    attention: str = "eager"  # export options for presets and HF folders (bertopt.export.export_onnx)
+    attention: str = "eager"  # export options for presets and HF folders (bertopt.flow.export.export_onnx)
     dtype: str = "fp32"
     mask: str = "int"
     dump_dir: Path | None = None
@@ -224,7 +224,7 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
         report.squad = _squad_check(config, squad_data, original, optimized, out_dir, ascend, progress)
     write_json(out_dir / REPORT_NAME, report.to_dict())
     if pictures is not None:
-        from bertopt.report_html import REPORT_HTML, write_html_report
+        from bertopt.report.html import REPORT_HTML, write_html_report
 
         write_html_report(report, pictures.pictures, out_dir / REPORT_HTML)
     return report
@@ -330,7 +330,7 @@ def _pass_pictures(report: str) -> PassPictures | None:
         raise BertoptError(f"--report {report!r}: expected json or html")
     if report == "json":
         return None
-    from bertopt.report_html import PassPictures  # imports the diff and Graphviz helpers: only when asked
+    from bertopt.report.html import PassPictures  # imports the diff and Graphviz helpers: only when asked
 
     return PassPictures()
 
@@ -399,7 +399,7 @@ def _refuse_existing_results(out_dir: Path, force: bool) -> None:
 
 def _obtain_onnx(config: RunConfig, out_dir: Path, progress: Progress) -> tuple[Path, str]:
     """An .onnx model is used where it is (never modified); presets and HF folders are exported."""
-    from bertopt.export import export_onnx, resolve_source  # imports torch: only when exporting
+    from bertopt.flow.export import export_onnx, resolve_source  # imports torch: only when exporting
 
     if config.model.endswith(".onnx") or Path(config.model).is_file():
         return Path(config.model), f"ONNX file {config.model}"

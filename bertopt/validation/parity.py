@@ -29,8 +29,8 @@ import onnx
 import onnxruntime as ort
 
 from bertopt.errors import BertoptError, first_line
-from bertopt.facts import ModelFacts
 from bertopt.graph import fits_protobuf, save_model, scan_file
+from bertopt.model.facts import ModelFacts
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4

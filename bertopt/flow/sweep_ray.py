@@ -1,6 +1,6 @@
 """`bertopt sweep --ray [ADDRESS]`: the sweep's exports and shapes as Ray tasks, across a cluster's nodes.
 
-The folder layout, result.json, summary.md and the resume rule are bertopt.sweep's (its helpers run
+The folder layout, result.json, summary.md and the resume rule are bertopt.flow.sweep's (its helpers run
 here); rows also say which node ran each shape.
 
 ADDRESS (decision for issue 15, on ray.init's own address forms, read in the docstring of
@@ -48,9 +48,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bertopt.errors import BertoptError, first_line
 from bertopt.files import write_text
-from bertopt.sweep import (GIB, ORIGINAL_NAME, PreparedSize, Progress, Shape, SweepConfig, SweepResult,
-                           check_matrix, check_positions, claim_output, discard_unfinished, error_row,
-                           export_and_measure, finish, make_shapes, resolve_sizes, run_shape, split_done)
+from bertopt.flow.sweep import (GIB, ORIGINAL_NAME, PreparedSize, Progress, Shape, SweepConfig, SweepResult,
+                                check_matrix, check_positions, claim_output, discard_unfinished, error_row,
+                                export_and_measure, finish, make_shapes, resolve_sizes, run_shape, split_done)
 
 CHECK_NAME = "ray-check"
 RETRIES = 2
