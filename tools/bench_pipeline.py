@@ -154,8 +154,9 @@ def bench_size(size: str, batch: int, seq: int, repeat: int, folder: Path,
         "bertopt optimize --passes freeze-shapes": [*optimize, "freeze-shapes"],
     }
     if baseline is not None:  # the same command on an earlier source tree: what a change gained
+        # -P: the working directory (a checkout holding bertopt/) must not come before PYTHONPATH
         cases[f"bertopt optimize --passes default, as of {baseline.name.removeprefix('bertopt-')}"] = [
-            "env", f"PYTHONPATH={baseline}", *optimize, "default"]
+            "env", f"PYTHONPATH={baseline}", python, "-P", *optimize[1:], "default"]
     cases["onnxsim 0.8.1 (fixed shapes)"] = [python, "-c", ONNXSIM, str(model), out, str(batch), str(seq)]
     cases["ORT optimize_model(bert), dynamic"] = [python, "-c", ORT_OPTIMIZER, str(model), out,
                                                   str(facts.heads), str(facts.hidden)]
@@ -174,7 +175,13 @@ def baseline_tree(revision: str, folder: Path) -> Path:
 
 
 def phases(size: str, batch: int, seq: int, folder: Path) -> str:
-    """One in-process `default` run split into load, each pass (its verification apart), save."""
+    """One in-process `default` run split into load, each pass (its verification apart), save.
+
+    The previous tool's output is deleted and flushed first: the save then measures writing the model,
+    not freeing (or waiting on the write-back of) the file it replaces.
+    """
+    (folder / "out.onnx").unlink(missing_ok=True)
+    os.sync()
     done = subprocess.run([sys.executable, "-c", PHASES, str(export(size, folder)), str(folder / "out.onnx"),
                            str(batch), str(seq)], capture_output=True, text=True, check=True)
     times = json.loads(done.stdout.splitlines()[-1])
