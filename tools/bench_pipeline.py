@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench_pipeline.py                       # base and large, 3 runs each
     .venv/bin/python tools/bench_pipeline.py --sizes base --repeat 1 --no-write
+    .venv/bin/python tools/bench_pipeline.py --baseline ab0c60e    # also bertopt as of that commit
 
 Each measurement is a separate process (its peak RSS comes from the kernel via wait4), repeated and
 reported as the median; the tools take turns (one run of each per round), so a burst of load from
@@ -134,7 +135,8 @@ def export(size: str, folder: Path) -> Path:
     return export_onnx(resolve_source(PRESETS[size]), folder / f"bert_{size}.onnx").path
 
 
-def bench_size(size: str, batch: int, seq: int, repeat: int, folder: Path) -> list[Measurement]:
+def bench_size(size: str, batch: int, seq: int, repeat: int, folder: Path,
+               baseline: Path | None = None) -> list[Measurement]:
     from bertopt.graph import load_graph
     from bertopt.model.facts import detect_facts
 
@@ -150,15 +152,36 @@ def bench_size(size: str, batch: int, seq: int, repeat: int, folder: Path) -> li
         "bertopt optimize --passes default": [*optimize, "default"],
         "bertopt optimize --passes default, then sync": ["sh", "-c", '"$@" && sync', "sh", *optimize, "default"],
         "bertopt optimize --passes freeze-shapes": [*optimize, "freeze-shapes"],
-        "onnxsim 0.8.1 (fixed shapes)": [python, "-c", ONNXSIM, str(model), out, str(batch), str(seq)],
-        "ORT optimize_model(bert), dynamic": [python, "-c", ORT_OPTIMIZER, str(model), out,
-                                              str(facts.heads), str(facts.hidden)],
     }
+    if baseline is not None:  # the same command on an earlier source tree: what a change gained
+        # -P: the working directory (a checkout holding bertopt/) must not come before PYTHONPATH
+        cases[f"bertopt optimize --passes default, as of {baseline.name.removeprefix('bertopt-')}"] = [
+            "env", f"PYTHONPATH={baseline}", python, "-P", *optimize[1:], "default"]
+    cases["onnxsim 0.8.1 (fixed shapes)"] = [python, "-c", ONNXSIM, str(model), out, str(batch), str(seq)]
+    cases["ORT optimize_model(bert), dynamic"] = [python, "-c", ORT_OPTIMIZER, str(model), out,
+                                                  str(facts.heads), str(facts.hidden)]
     return measure_in_turns(cases, repeat, size)
 
 
+def baseline_tree(revision: str, folder: Path) -> Path:
+    """bertopt's sources as of a git revision, laid out as installed (passes/ is bertopt.passes), for
+    PYTHONPATH: the installed packages are shared, only bertopt's own code differs."""
+    tree = folder / f"bertopt-{revision}"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    (tree / "bertopt" / "passes").symlink_to(tree / "passes")
+    return tree
+
+
 def phases(size: str, batch: int, seq: int, folder: Path) -> str:
-    """One in-process `default` run split into load, each pass (its verification apart), save."""
+    """One in-process `default` run split into load, each pass (its verification apart), save.
+
+    The previous tool's output is deleted and flushed first: the save then measures writing the model,
+    not freeing (or waiting on the write-back of) the file it replaces.
+    """
+    (folder / "out.onnx").unlink(missing_ok=True)
+    os.sync()
     done = subprocess.run([sys.executable, "-c", PHASES, str(export(size, folder)), str(folder / "out.onnx"),
                            str(batch), str(seq)], capture_output=True, text=True, check=True)
     times = json.loads(done.stdout.splitlines()[-1])
@@ -226,12 +249,15 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=384)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
+    parser.add_argument("--baseline", metavar="REVISION", help="also measure `optimize` as of this git revision, "
+                        "in turn with the others: what a change gained")
     args = parser.parse_args()
     load = _load_average()
     sections = []
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        baseline = baseline_tree(args.baseline, Path(tmp)) if args.baseline else None
         for size in args.sizes.split(","):
-            sections.append(table(size, bench_size(size, args.batch, args.seq, args.repeat, Path(tmp))))
+            sections.append(table(size, bench_size(size, args.batch, args.seq, args.repeat, Path(tmp), baseline)))
             sections.append(phases(size, args.batch, args.seq, Path(tmp)))
     command = "python tools/bench_pipeline.py " + " ".join(sys.argv[1:])
     text = (f"## Pipeline cost (tools/bench_pipeline.py)\n\nMeasured {time.strftime('%Y-%m-%d %H:%M')} with "
