@@ -32,6 +32,7 @@ run: install
 	$(VENV)/bin/bertopt run --passes default --force
 
 test: install
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 goldens: install

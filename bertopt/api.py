@@ -49,7 +49,8 @@ def run(model: PathLike = "bert-base", *, progress: Progress | None = None, echo
     `options` are the fields of `bertopt.flow.run.RunConfig`, named like the command's options: `passes`,
     `batch`, `seq`, `output`, `target`, `force`, `exporter`, `opset`, `attention`, `dtype`, `mask`,
     `dump_dir`, `check_each_pass`, `samples`, `atol`, `rtol`, `soc`, `cann`, `gelu_impl`,
-    `require_fusion`, `atc_args`, `device`, `evaluate`, `report`. `progress` receives a line per step,
+    `require_fusion`, `atc_args`, `device`, `evaluations` (e.g.
+    `bertopt.squad.check.SquadEvaluation("dev-v1.1.json")`), `report`. `progress` receives a line per step,
     `echo` atc's log (default: `progress`). The report's `failures()` lists what makes the command exit 1.
     """
     from bertopt.flow.run import RunConfig

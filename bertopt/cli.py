@@ -95,15 +95,15 @@ def run(
                            exporter=exporter, opset=opset, attention=attention, dtype=dtype, mask=mask,
                            dump_dir=dump_dir, check_each_pass=check_each_pass, soc=soc, cann=cann,
                            gelu_impl=gelu_impl, require_fusion=require_fusion, atc_args=tuple(atc_arg),
-                           device=device, evaluate=evaluate, report=report_format)
+                           device=device, evaluations=_evaluations(evaluate), report=report_format)
     out.print(f"[bold]{report.model_description}[/bold]")
     out.print(_facts_line(report.facts))
     out.print(_pass_table(report.passes))
     out.print(_atc_lines(report))
     out.print(_validation_table(report.validation, f"validation vs original (ONNX Runtime fp32, bs{batch} seq{seq})"))
     _print_candidate_notes(report.validation)
-    if report.squad is not None:
-        out.print(_squad_table(report.squad, batch, seq))
+    if "squad" in report.evaluations:
+        out.print(_squad_table(report.evaluations["squad"], batch, seq))
     out.print(f"optimized model: {report.optimized_model}")
     out.print(f"report: {report.output_dir / 'report.json'}")
     if report_format == "html":
@@ -113,6 +113,15 @@ def run(
     problems = report.failures(strict_emulation)
     if problems:
         raise CheckFailed("; ".join(problems))
+
+
+def _evaluations(evaluate: str | None) -> tuple:
+    """--eval squad[=PATH] as the run's evaluation; the SQuAD code loads only when asked."""
+    if evaluate is None:
+        return ()
+    from bertopt.squad.check import evaluation_from_option
+
+    return (evaluation_from_option(evaluate),)
 
 
 def _atc_lines(report) -> str:

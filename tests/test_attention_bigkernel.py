@@ -17,9 +17,9 @@ from bertopt.ascend.form import scale_named_for_atc
 from bertopt.ascend.layernorm import layernorm_pattern
 from bertopt.errors import BertoptError
 from bertopt.graph import load_graph, producer, save_graph, to_model, unique_name
-from bertopt.graph.golden import assert_graph_matches, graph_text
+from bertopt.graph.golden import graph_text
 from bertopt.pipeline import Instruments, PassManager, PassOptions
-from bertopt.testing import SpecResult, assert_parity, run_spec
+from bertopt.testing import SpecResult, assert_graph_matches, assert_parity, run_spec
 
 GOLDEN = GOLDEN_DIR / "attention-bigkernel"
 PASS = "attention-bigkernel"

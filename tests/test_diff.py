@@ -10,12 +10,12 @@ from conftest import TINY_BATCH, TINY_SEQ
 
 from bertopt.errors import BertoptError
 from bertopt.graph import load_graph
-from bertopt.graph.golden import assert_graph_matches, graph_text
+from bertopt.graph.golden import graph_text
 from bertopt.graph.pattern import COMMUTATIVE
 from bertopt.report import render
 from bertopt.report.diff import NO_DIFFERENCE, diff_graph_texts, diff_graphs
 from bertopt.report.render import render_diff
-from bertopt.testing import run_spec
+from bertopt.testing import assert_graph_matches, run_spec
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -12,11 +12,10 @@ from user_exports import user_export  # noqa: F401 (a fixture)
 
 from bertopt.errors import BertoptError
 from bertopt.graph import load_graph, to_model
-from bertopt.graph.golden import assert_graph_matches
 from bertopt.model.facts import detect_facts
 from bertopt.passes.fold_attention_mask import fold_attention_mask
 from bertopt.pipeline import PassOptions
-from bertopt.testing import assert_parity, run_spec
+from bertopt.testing import assert_graph_matches, assert_parity, run_spec
 
 GOLDEN = GOLDEN_DIR / "fold-attention-mask"
 FOLD = "fold-attention-mask"

@@ -10,11 +10,10 @@ from user_exports import user_export  # noqa: F401 (a fixture)
 
 from bertopt.errors import BertoptError
 from bertopt.graph import is_static
-from bertopt.graph.golden import assert_graph_matches
 from bertopt.model.facts import ModelFacts
 from bertopt.passes.freeze_shapes import freeze_shapes
 from bertopt.pipeline import PassOptions
-from bertopt.testing import assert_parity, run_spec
+from bertopt.testing import assert_graph_matches, assert_parity, run_spec
 
 VARIANTS = ["legacy14", "legacy17", "sdpa14", "dynamo18", "dynamo20"]
 

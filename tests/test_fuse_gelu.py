@@ -10,9 +10,8 @@ import pytest
 from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
 
 from bertopt.graph import save_graph, unique_name
-from bertopt.graph.golden import assert_graph_matches
 from bertopt.model.forms import erf_gelu_pattern, gelu_kind, tanh_gelu_pattern
-from bertopt.testing import assert_parity, run_spec
+from bertopt.testing import assert_graph_matches, assert_parity, run_spec
 
 GOLDEN = GOLDEN_DIR / "fuse-gelu"
 # The target that fuses every Gelu: for ascend, fuse-gelu keeps the ones already in ATC's form (tested apart).

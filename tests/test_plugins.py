@@ -17,8 +17,7 @@ from test_sweep import tiny_config
 
 from bertopt import pipeline
 from bertopt.flow.sweep import sweep
-from bertopt.graph.golden import assert_graph_matches
-from bertopt.testing import assert_parity, run_spec
+from bertopt.testing import assert_graph_matches, assert_parity, run_spec
 
 EXAMPLE = "div-to-mul"
 ENTRY_POINT = "entry point div-to-mul = bertopt_example_plugin.div_to_mul (bertopt-example-plugin 0.1.0)"

@@ -4,7 +4,7 @@
     python tools/regen_goldens.py -k gelu    # extra arguments go to pytest
 
 It runs the tests marked `golden` with BERTOPT_UPDATE_GOLDENS=1, which makes
-`bertopt.graph.golden.assert_graph_matches` write the snapshot instead of comparing with it.
+`bertopt.testing.assert_graph_matches` write the snapshot instead of comparing with it.
 """
 
 import os

@@ -10,7 +10,7 @@ import gc
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import onnx_graphsurgeon as gs
 
@@ -34,7 +34,6 @@ from bertopt.validation.parity import Comparison, parity_check, tolerances_for
 
 if TYPE_CHECKING:
     from bertopt.report.html import PassPictures
-    from bertopt.squad.check import SquadCheck
 
 OPTIMIZED_NAME = "optimized.onnx"
 REPORT_NAME = "report.json"
@@ -68,7 +67,7 @@ class RunConfig:
     require_fusion: bool = False  # attention that will not fuse fails the run instead of warning
     atc_args: tuple[str, ...] = ()
     device: int = 0
-    evaluate: str | None = None  # "squad" (the hub) or "squad=PATH"
+    evaluations: tuple[Evaluation, ...] = ()  # task-level checks given by the caller (--eval squad=PATH)
     report: str = "json"  # "html" also writes report.html (and draws each pass's changes while it runs)
 
     def output_dir(self) -> Path:
@@ -76,6 +75,40 @@ class RunConfig:
             return Path(self.output)
         stem = Path(self.model).stem if self.model.endswith(".onnx") else Path(self.model).name
         return Path("bertopt-out") / f"{stem}-bs{self.batch}-seq{self.seq}"
+
+
+@dataclass(frozen=True)
+class EmulationChoice:
+    """How the run emulates the OM: the Gelu kernel atc compiles, the precision mode (None: ATC's default)
+    and the CANN version."""
+
+    gelu: str
+    precision: str | None
+    cann: str
+
+
+@dataclass(frozen=True)
+class EvaluationInput:
+    """What a task-level check of a run gets: the model as named, both graphs, its own output folder,
+    the static shape, and the Ascend emulation to score beside them (None for --target ort)."""
+
+    model: str
+    original: Path
+    optimized: Path
+    output: Path
+    batch: int
+    seq: int
+    emulation: EmulationChoice | None
+
+
+class Evaluation(Protocol):
+    """A task-level check run on a run's graphs, given by the caller (bertopt.squad's SQuAD check is one):
+    the flow knows when to run it and where its result goes, not what it measures."""
+
+    name: str  # its key in report.json and its folder in the run's output
+
+    def __call__(self, run: EvaluationInput, progress: Progress) -> Any:
+        """Its result, which has `to_dict()`."""
 
 
 @dataclass
@@ -136,9 +169,9 @@ class RunReport:
     atc: AtcResult | None = None  # None with --target ort
     ascend: AscendOutcome | None = None  # None with --target ort
     validation: list[CandidateReport] = field(default_factory=list)
-    squad: SquadCheck | None = None  # with --eval squad
     warnings: list[str] = field(default_factory=list)
     require_fusion: bool = False
+    evaluations: dict[str, Any] = field(default_factory=dict)  # name -> the result of an Evaluation
 
     def to_dict(self) -> dict:
         return {
@@ -152,7 +185,7 @@ class RunReport:
             "check": self.ascend.check.to_dict() if self.ascend else None,
             "warnings": self.warnings,
             "validation": [candidate.to_dict() for candidate in self.validation],
-            "squad": self.squad.to_dict() if self.squad else None,
+            **{name: result.to_dict() for name, result in self.evaluations.items()},
         }
 
     def _atc_dict(self) -> dict | None:
@@ -191,7 +224,6 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
     check_writable_folder(out_dir, "--output")
     _check_target(config.target)
     pictures = _pass_pictures(config.report)
-    squad_data = _squad_data(config.evaluate) if config.evaluate else None
     ascend = _ascend_setup(config) if config.target == "ascend" else None
     parse_spec(config.passes, config.target)  # a bad --passes costs no export
     original, description = _obtain_onnx(config, out_dir, progress)
@@ -220,8 +252,10 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
     report = RunReport(out_dir, original.resolve(), optimized.resolve(), description, facts, records,
                        validation[0].comparison, atc, outcome, validation, warnings=warnings,
                        require_fusion=config.require_fusion)
-    if squad_data is not None:
-        report.squad = _squad_check(config, squad_data, original, optimized, out_dir, ascend, progress)
+    for evaluation in config.evaluations:
+        report.evaluations[evaluation.name] = evaluation(
+            EvaluationInput(config.model, original, optimized, out_dir / evaluation.name, config.batch, config.seq,
+                            _emulated(ascend)), progress)
     write_json(out_dir / REPORT_NAME, report.to_dict())
     if pictures is not None:
         from bertopt.report.html import REPORT_HTML, write_html_report
@@ -306,22 +340,10 @@ def optimize(source: Path, output: Path, spec: str, *, batch: int, seq: int, tar
     return Optimized(facts, records, illegal)
 
 
-def _squad_data(evaluate: str) -> str:
-    """`squad` -> the hub's data set; `squad=PATH` -> a local file or `datasets` folder."""
-    name, _, data = evaluate.partition("=")
-    if name != "squad":
-        raise BertoptError(f"--eval {evaluate!r}: expected squad or squad=PATH")
-    return data or "squad"
-
-
-def _squad_check(config: RunConfig, data: str, original: Path, optimized: Path, out_dir: Path,
-                 ascend: AscendSetup | None, progress: Progress):
-    from bertopt.squad.check import check_run, emulations_of  # imports the tokenizers: only when asked
-
-    emulations = [] if ascend is None else emulations_of(
-        optimized, gelu=ascend.emulated_gelu(), precision=ascend.options.precision()[1], cann=ascend.cann.version)
-    return check_run(config.model, original, optimized, data, out_dir / "squad", seq=config.seq,
-                     batch=config.batch, emulations=emulations, progress=progress)
+def _emulated(ascend: AscendSetup | None) -> EmulationChoice | None:
+    if ascend is None:
+        return None
+    return EmulationChoice(ascend.emulated_gelu(), ascend.options.precision()[1], ascend.cann.version)
 
 
 def _pass_pictures(report: str) -> PassPictures | None:

@@ -24,10 +24,8 @@ import difflib
 import hashlib
 import heapq
 import itertools
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -63,32 +61,6 @@ def text_diff(expected: str, actual: str, expected_label: str = "expected",
     """A unified diff of two graph texts ('' when they are equal)."""
     return "".join(difflib.unified_diff(expected.splitlines(keepends=True), actual.splitlines(keepends=True),
                                         fromfile=expected_label, tofile=actual_label, n=2))
-
-
-def assert_graph_matches(graph: gs.Graph, path: str | os.PathLike) -> None:
-    """Compare `graph` with the snapshot at `path`; rewrite it when BERTOPT_UPDATE_GOLDENS=1."""
-    path = Path(path)
-    actual = graph_text(graph)
-    if os.environ.get(UPDATE_ENV) == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(actual)
-        return
-    if not path.exists():
-        raise AssertionError(f"no golden at {path}; run `python tools/regen_goldens.py` and review it")
-    expected = path.read_text()
-    if expected != actual:
-        raise AssertionError(f"graph differs from the golden {path}:\n{_structural_summary(expected, actual)}\n"
-                             + text_diff(expected, actual, str(path), "this run"))
-
-
-def _structural_summary(expected: str, actual: str) -> str:
-    """What changed, by region ("layer 1 attention: Mul -> Div"), read from the two snapshot texts."""
-    from bertopt.report.diff import diff_graph_texts  # bertopt.report.diff builds on this module
-
-    try:
-        return diff_graph_texts(expected, actual, "golden", "this run").text()
-    except BertoptError as exc:
-        return f"(no structural summary: {exc})"
 
 
 @dataclass

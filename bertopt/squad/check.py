@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from bertopt.errors import BertoptError
+from bertopt.flow.run import EvaluationInput
 from bertopt.files import new_folder, refuse_used_folder, write_json
 from bertopt.squad.data import Example, gold_answers, load_examples
 from bertopt.squad.infer import Runner, read_results, run_features, static_batch
@@ -210,6 +211,30 @@ def check_run(model: str, original: Path, optimized: Path, data: str | Path, out
                                 str(source))
     return check(original, optimized, examples, features, squad_model.inputs, output, batch=batch,
                  emulations=emulations, progress=progress)
+
+
+@dataclass(frozen=True)
+class SquadEvaluation:
+    """`bertopt run --eval squad=PATH`: the run's graphs (and its Ascend emulation, each Gelu kernel) scored on
+    SQuAD v1.1 (a bertopt.flow.run Evaluation)."""
+
+    data: str  # dev-v1.1.json, a saved `datasets` folder, or "squad" (the hub)
+    name: str = "squad"
+
+    def __call__(self, run: EvaluationInput, progress: Progress) -> SquadCheck:
+        emulation = run.emulation
+        emulations = [] if emulation is None else emulations_of(
+            run.optimized, gelu=emulation.gelu, precision=emulation.precision, cann=emulation.cann)
+        return check_run(run.model, run.original, run.optimized, self.data, run.output, seq=run.seq,
+                         batch=run.batch, emulations=emulations, progress=progress)
+
+
+def evaluation_from_option(text: str) -> SquadEvaluation:
+    """`--eval squad` (the hub's data set) or `--eval squad=PATH` (a local file or `datasets` folder)."""
+    name, _, data = text.partition("=")
+    if name != "squad":
+        raise BertoptError(f"--eval {text!r}: expected squad or squad=PATH")
+    return SquadEvaluation(data or "squad")
 
 
 def _optimize(original: Path, passes: str, batch: int, seq: int, path: Path) -> Path:
