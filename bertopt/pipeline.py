@@ -23,7 +23,8 @@ hooks, given to the PassManager when it is made, and never changed afterwards:
   error's message (where a reproducer went) or None.
 
 `step` is the PassStep: the pass's PassInfo, its position in the pipeline, the options, and `before`, the
-graph as the pass received it (the manager's one copy, which instruments read and never edit).
+graph as the pass received it (the manager's one copy, which instruments read and never edit; made when
+first read, from a snapshot of the graph's structure taken before the pass).
 Decisions where the issue was silent:
 
 - Order, as MLIR's PassInstrumentor: `before` hooks run first to last, `after` and `failed` hooks last to
@@ -57,7 +58,7 @@ import onnx_graphsurgeon as gs
 
 from bertopt.ascend.cann import DEFAULT_VERSION, CannTarget, cann_target
 from bertopt.errors import BertoptError, CheckFailed, first_line
-from bertopt.graph import is_static, peek_values, save_graph, verify
+from bertopt.graph import GraphSnapshot, is_static, peek_values, save_graph, toposort, verify
 from bertopt.graph.golden import SMALL_CONSTANT, structural_hashes, type_text
 from bertopt.model.facts import ModelFacts
 from bertopt.plugins import (entry_point_origin, import_source, installed_plugins, is_file_source, resolve_source,
@@ -331,7 +332,14 @@ class PassStep:
     spec: str
     info: PassInfo
     options: PassOptions
-    before: gs.Graph  # the graph as the pass received it: read it, never edit it
+    snapshot: GraphSnapshot = field(repr=False)  # the graph as the pass received it, copied when first read
+
+    @property
+    def before(self) -> gs.Graph:
+        """The graph as the pass received it: read it, never edit it. It is copied only when an instrument
+        reads it (a dump, a reproducer, the HTML report's pictures), from the snapshot the manager takes
+        before each pass, which costs a tenth of a copy."""
+        return self.snapshot.graph()
 
     @property
     def name(self) -> str:
@@ -389,7 +397,7 @@ class PassManager:
         for index, name in enumerate(self.names):
             info = self._passes[name]
             self._check_requirements(info, graph, facts)
-            step = PassStep(index, len(self.names), self.spec, info, self.options, graph.copy())
+            step = PassStep(index, len(self.names), self.spec, info, self.options, GraphSnapshot(graph))
             record, facts = self._run_one(step, graph, facts)
             records.append(record)
         return facts, records
@@ -417,7 +425,7 @@ class PassManager:
     def _call(self, step: PassStep, graph: gs.Graph, facts: ModelFacts) -> PassResult:
         try:
             result = step.info.run(graph, facts, self.options)
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            toposort(graph.cleanup(remove_unused_graph_inputs=False))
         except BertoptError as exc:  # the same kind (bad input, exit 2, or a failed check, exit 1), named
             raise type(exc)(f"pass {step.name}: {exc}") from None
         except Exception as exc:

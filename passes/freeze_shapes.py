@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from bertopt.errors import BertoptError
-from bertopt.graph import infer_shapes, is_static, replace_uses
+from bertopt.graph import infer_shapes, is_static, replace_uses, toposort
 from bertopt.model.facts import ModelFacts, check_shape
 from bertopt.pipeline import PassOptions, PassResult, register_pass
 
@@ -40,7 +40,6 @@ def freeze_shapes(graph: gs.Graph, facts: ModelFacts, options: PassOptions) -> P
     ops_before = Counter(node.op for node in graph.nodes)
     inputs_set = _set_input_shapes(graph, facts, options.batch, options.seq)
     rounds = _fold_until_stable(graph)
-    infer_shapes(graph)
     removed = ops_before - Counter(node.op for node in graph.nodes)
     if not inputs_set and not removed:
         return PassResult.no_change(f"inputs already static at batch {options.batch}, seq {options.seq} "
@@ -70,17 +69,42 @@ def _set_input_shapes(graph: gs.Graph, facts: ModelFacts, batch: int, seq: int) 
 
 
 def _fold_until_stable(graph: gs.Graph) -> int:
-    """Alternate shape inference and folding: each fold can make more shapes, hence more Shapes, known."""
+    """Alternate shape inference and folding: each fold can make more shapes, hence more Shapes, known.
+
+    Returns the rounds taken (a round that leaves the node count as it was ends them); the graph's
+    shapes are then inferred on its final form. The last round usually finds nothing to fold: it costs
+    one shape inference, not a call to gs's folder (which copies the whole graph before it looks), and
+    its inference is not repeated when it left the graph as it was.
+    """
     for rounds in range(1, MAX_ROUNDS + 1):
-        count = len(graph.nodes)
+        before = _fold_state(graph)
         infer_shapes(graph)
         _fold_static_shape_ops(graph)
-        graph.fold_constants(fold_shapes=False, size_threshold=FOLD_SIZE_LIMIT,
-                             should_exclude_node=_broadcasts_float_data)
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        if len(graph.nodes) == count:
+        if not _nothing_to_fold(graph):
+            graph.fold_constants(fold_shapes=False, size_threshold=FOLD_SIZE_LIMIT,
+                                 should_exclude_node=_broadcasts_float_data)
+        toposort(graph.cleanup(remove_unused_graph_inputs=False))
+        after = _fold_state(graph)
+        if after[0] == before[0]:
+            if after != before:
+                infer_shapes(graph)
             return rounds
+    infer_shapes(graph)
     return MAX_ROUNDS
+
+
+def _fold_state(graph: gs.Graph) -> tuple[int, int]:
+    """The node count and how many node inputs are constants: every fold changes one or the other, except
+    turning a graph output that nothing reads into a constant, which changes no shape that inference gives."""
+    return len(graph.nodes), sum(isinstance(t, gs.Constant) for node in graph.nodes for t in node.inputs)
+
+
+def _nothing_to_fold(graph: gs.Graph) -> bool:
+    """Whether gs's folder would find nothing: no node reads only constants (a node without inputs, such
+    as a Constant node, counts as one), and no subgraph or function for it to recurse into."""
+    return not graph.functions and not any(
+        all(isinstance(t, gs.Constant) for t in node.inputs if not t.is_empty())
+        or any(isinstance(attr, gs.Graph) for attr in node.attrs.values()) for node in graph.nodes)
 
 
 def _broadcasts_float_data(node: gs.Node) -> bool:

@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from bertopt.ascend.cann import DEFAULT_VERSION, CannTarget, cann_target
 from bertopt.ascend.form import Check
-from bertopt.graph import FP16_MAX, exceeds_fp16, value_chunks
+from bertopt.graph import FP16_MAX, constant_exceeds_fp16
 
 ONNX_DOMAINS = ("", "ai.onnx", None)
 LAYER_NORMALIZATION = "LayerNormalization"
@@ -55,7 +55,7 @@ def fp16_unsafe_constants(graph: gs.Graph) -> list[gs.Constant]:
     """Float constants with an element beyond the fp16 range (inf or |x| > 65504)."""
     return [tensor for tensor in graph.tensors().values()
             if isinstance(tensor, gs.Constant) and np.dtype(tensor.dtype).kind == "f"
-            and any(exceeds_fp16(chunk) for chunk in value_chunks(tensor))]
+            and constant_exceeds_fp16(tensor)]
 
 
 def check_model_level(graph: gs.Graph, target: CannTarget | None = None) -> list[Check]:

@@ -46,6 +46,102 @@ def splice_out(node: gs.Node, graph: gs.Graph | None = None) -> None:
     node.outputs.clear()
 
 
+class GraphSnapshot:
+    """A graph as it is now, to be copied later if anyone asks: `graph()` then makes what gs's
+    `graph.copy()` would have made at the snapshot (new nodes and tensors; the weights' values shared).
+
+    Taking it records each node's op, name, domain, attributes and tensors, and each tensor's name and
+    type, making no gs object: a tenth of the time of a copy. A graph with subgraphs or functions is
+    copied by gs at once, as their outer tensors need gs's resolution.
+    """
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self._copy = graph.copy() if _has_subgraphs(graph) else None
+        index: dict[int, int] = {}
+        self._tensors: list[tuple] = []
+
+        def number(tensor: gs.Tensor) -> int:
+            if id(tensor) not in index:
+                index[id(tensor)] = len(self._tensors)
+                self._tensors.append(_tensor_record(tensor))
+            return index[id(tensor)]
+
+        self._nodes = [] if self._copy else [
+            (node.op, node.name, node.domain, dict(node.attrs), [number(t) for t in node.inputs],
+             [number(t) for t in node.outputs]) for node in graph.nodes]
+        self._inputs = [number(t) for t in graph.inputs]
+        self._outputs = [number(t) for t in graph.outputs]
+        self._fields = dict(name=graph.name, doc_string=graph.doc_string, opset=graph.opset,
+                            import_domains=graph.import_domains, ir_version=graph.ir_version)
+
+    def graph(self) -> gs.Graph:
+        """The copy, made when first asked for."""
+        if self._copy is None:
+            tensors = [gs.Constant(name, values, export_dtype=dtype) if constant else gs.Variable(name, dtype, shape)
+                       for constant, name, values, dtype, shape in self._tensors]
+            nodes = [gs.Node(op, name, attrs, [tensors[i] for i in inputs], [tensors[i] for i in outputs], domain)
+                     for op, name, domain, attrs, inputs, outputs in self._nodes]
+            self._copy = gs.Graph(nodes, [tensors[i] for i in self._inputs], [tensors[i] for i in self._outputs],
+                                  **self._fields)
+        return self._copy
+
+
+def _tensor_record(tensor: gs.Tensor) -> tuple:
+    """(constant?, name, values, dtype, shape): what gs's Tensor.copy keeps."""
+    if isinstance(tensor, gs.Constant):
+        return True, tensor.name, tensor._values, tensor.export_dtype, None
+    shape = None if tensor.shape is None else list(tensor.shape)
+    return False, tensor.name, None, tensor.dtype, shape
+
+
+def toposort(graph: gs.Graph) -> gs.Graph:
+    """Sort the nodes as gs's `graph.toposort()` does (the same order: by depth, ties in the order its
+    depth-first walk meets them), in about a fifth of its time and without recursion.
+
+    A graph with subgraphs or functions, a cycle, or a producer missing from the graph is left to gs
+    (which sorts the first two and refuses the others).
+    """
+    if _has_subgraphs(graph):
+        return graph.toposort()
+    members = {id(node) for node in graph.nodes}
+    depth: dict[int, int] = {}
+    order: list[gs.Node] = []
+    for start in graph.nodes:
+        if id(start) in depth:
+            continue
+        walk, path = [[start, iter(_producers(start)), -1]], {id(start)}
+        while walk:
+            frame = walk[-1]
+            for parent in frame[1]:
+                if id(parent) in depth:
+                    frame[2] = max(frame[2], depth[id(parent)])
+                    continue
+                if id(parent) in path or id(parent) not in members:
+                    return graph.toposort()
+                path.add(id(parent))
+                walk.append([parent, iter(_producers(parent)), -1])
+                break
+            else:
+                node, _, deepest = walk.pop()
+                path.discard(id(node))
+                depth[id(node)] = deepest + 1
+                order.append(node)
+                if walk:
+                    walk[-1][2] = max(walk[-1][2], deepest + 1)
+    graph.nodes = sorted(order, key=lambda node: depth[id(node)])
+    return graph
+
+
+def _producers(node: gs.Node) -> list[gs.Node]:
+    """The nodes producing `node`'s inputs, each once, in the order of the inputs."""
+    return list({id(p): p for tensor in node.inputs if not tensor.is_empty() for p in tensor.inputs}.values())
+
+
+def _has_subgraphs(graph: gs.Graph) -> bool:
+    return bool(graph.functions) or any(isinstance(attr, gs.Graph) for node in graph.nodes
+                                        for attr in node.attrs.values())
+
+
 def add_node(graph: gs.Graph, op: str, inputs: Sequence[gs.Tensor], *, name: str | None = None,
              attrs: dict | None = None, dtype=None, shape=None, outputs: int = 1) -> list[gs.Variable]:
     """Append a node with fresh output variables and return the outputs."""

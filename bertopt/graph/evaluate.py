@@ -3,9 +3,16 @@
 ModelFacts and fold-attention-mask recognise attention masks by what they compute, not by how an
 exporter spelled them: the subgraph computing a mask is cut out and run on probe inputs. Graph
 inputs the subgraph reads only for their shapes get zeros of the probe shape.
+
+Weights never enter the probe model: a constant of more than SKELETON_VALUE_LIMIT elements is an input
+of the probe, fed at run time with a view of its bytes where they lie (bertopt.graph.values.peek_values),
+so ONNX Runtime reads only what the subgraph uses (a few rows of an embedding table that a Shape of the
+embeddings pulls in) and nothing is serialised. Small constants stay initializers, for ORT to fold.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import onnx
@@ -14,7 +21,8 @@ import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
 
 from bertopt.errors import BertoptError, first_line
-from bertopt.graph import is_static
+from bertopt.graph.shapes import SKELETON_VALUE_LIMIT, is_static
+from bertopt.graph.values import peek_values
 
 # Ops whose output depends on their input's shape only, never on its values.
 SHAPE_ONLY_OPS = {"Shape", "Size"}
@@ -64,8 +72,10 @@ class SubgraphEvaluator:
         read = {id(t) for node in nodes for t in node.inputs} | {id(t) for t in computed}
         self.inputs = {t.name: _probe_shape(t, batch, seq) for t in graph.inputs if id(t) in read}
         self._dtypes = {t.name: input_dtype(t) for t in graph.inputs if id(t) in read}
+        self._weights = _weights(nodes)
         self._names = list(dict.fromkeys(t.name for t in computed))
-        self._session = _session(graph, nodes, self._names, self._dtypes, self.inputs) if computed else None
+        self._session = _session(graph, nodes, self._names, self._dtypes, self.inputs, self._weights) \
+            if computed else None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The tensors by name; inputs missing from `feeds` get zeros of their probe shape."""
@@ -73,6 +83,7 @@ class SubgraphEvaluator:
             return dict(self._constants)
         full = {name: np.asarray(feeds[name], dtype=self._dtypes[name]) if name in feeds
                 else np.zeros(shape, dtype=self._dtypes[name]) for name, shape in self.inputs.items()}
+        full.update((weight.name, peek_values(weight)) for weight in self._weights)
         try:
             values = self._session.run(self._names, full)
         except Exception as exc:  # ORT raises its own exception types, all without a base class
@@ -92,11 +103,19 @@ def _probe_shape(tensor: gs.Tensor, batch: int, seq: int) -> tuple[int, ...]:
     raise BertoptError(f"input '{tensor.name}' has an unknown shape {tensor.shape}")
 
 
+def _weights(nodes: list[gs.Node]) -> list[gs.Constant]:
+    """The constants `nodes` read that are weights, not the small values ORT should see (and fold)."""
+    constants = {id(t): t for node in nodes for t in node.inputs if isinstance(t, gs.Constant)}
+    return [t for t in constants.values() if math.prod(t.shape) > SKELETON_VALUE_LIMIT]
+
+
 def _session(graph: gs.Graph, nodes: list[gs.Node], names: list[str], dtypes: dict[str, np.dtype],
-             shapes: dict[str, tuple[int, ...]]) -> ort.InferenceSession:
+             shapes: dict[str, tuple[int, ...]], weights: list[gs.Constant]) -> ort.InferenceSession:
     inputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(dtypes[name]),
                                                  shapes[name]) for name in shapes]
-    constants = {id(t): t for node in nodes for t in node.inputs if isinstance(t, gs.Constant)}
+    inputs += [OnnxExporter.export_value_info_proto(t, do_type_check=True) for t in weights]
+    fed = {id(t) for t in weights}
+    constants = {id(t): t for node in nodes for t in node.inputs if isinstance(t, gs.Constant) and id(t) not in fed}
     probe = onnx.helper.make_graph(
         [OnnxExporter.export_node(node) for node in nodes], "probe", inputs,
         [onnx.helper.make_empty_tensor_value_info(name) for name in names],

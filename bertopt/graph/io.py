@@ -104,6 +104,7 @@ class FileValues(LazyValues):
         self.shape, self.dtype, self.nbytes = described.shape, described.dtype, described.nbytes
         self.stand_in = stand_in
         self.extent = extent
+        self.beyond_fp16: bool | None = None  # values.constant_exceeds_fp16, kept: the file's bytes do not change
 
     @property
     def tensor(self) -> onnx.TensorProto:

@@ -71,6 +71,20 @@ def exceeds_fp16(values: np.ndarray) -> bool:
     return max(-float(low), float(high)) > FP16_MAX
 
 
+def constant_exceeds_fp16(tensor: gs.Constant) -> bool:
+    """Whether a constant has an element beyond fp16's range (`exceeds_fp16`), read in pieces.
+
+    For a weight still in its file the answer is kept with it, since its bytes there do not change:
+    legalize-ascend and the legality check after the pipeline read bert-large's 1.3 GB once, not twice.
+    """
+    lazy = tensor._values
+    if not isinstance(lazy, FileValues):
+        return any(exceeds_fp16(chunk) for chunk in value_chunks(tensor))
+    if lazy.beyond_fp16 is None:
+        lazy.beyond_fp16 = any(exceeds_fp16(chunk) for chunk in value_chunks(tensor))
+    return lazy.beyond_fp16
+
+
 def constant_bytes(tensor: gs.Constant) -> bytes | memoryview:
     """A constant's bytes (little-endian, C order) without converting them: a view of the file or the
     TensorProto's raw data while the weight is still lazily imported, else the loaded array's buffer."""
