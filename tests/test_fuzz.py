@@ -7,9 +7,8 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
-
 from conftest import REPO, TINY_BATCH, TINY_SEQ
+from onnx import numpy_helper
 
 sys.path.insert(0, str(REPO / "tools"))  # the tools are scripts, not a package
 import fuzz  # noqa: E402
@@ -19,7 +18,6 @@ CASES = 20
 # Cases of seed 0 that still end in a bug, with what happens (the full list is in BENCHMARKS.md's fuzz
 # section); not strict, so a fix shows up as XPASS rather than a failure.
 KNOWN_BUGS = {
-    0: "run: external data located outside the model's folder: onnx's ValidationError as a traceback (load_model)",
     10: "optimize: an input declaring seq 0 is frozen at 16 with exit 0; ONNX Runtime cannot run the input",
     15: "optimize: a shape op with an unknown domain is folded away with exit 0; ONNX Runtime cannot load the input",
 }

@@ -22,12 +22,12 @@ Decisions where the issue was silent:
   shrink alike, and special token ids outside the new vocabulary are moved inside it. A family whose tiny
   model does not run on bertopt's export inputs is tried at its default widths (2 layers, small vocabulary)
   and with its other head, and the row says which ran. Weights are seeded random with biases and
-  LayerNorm perturbed (bertopt.export.random_source).
+  LayerNorm perturbed (bertopt.flow.export.random_source).
 - Attention: what transformers gives by default, `sdpa` where the class supports it, else `eager` (an
   exporter spec may force one: `legacy14:eager`). Head: QA where the family has it, else classification.
 - A traceback from bertopt's own code, the exporter's included, is a `crashed` row (its traceback kept
   beside the row in --work); a failure inside torch or transformers is `not-exported`.
-- Shape: batch 2, seq 16 (the tests' tiny shape); the run is bertopt.run.run, i.e. `bertopt run`, with the
+- Shape: batch 2, seq 16 (the tests' tiny shape); the run is bertopt.flow.run.run, i.e. `bertopt run`, with the
   exit code the CLI would give (0 result, 1 failed check, 2 refusal).
 - Isolation: each row runs in a subprocess of its own (this file with --worker) under a timeout and an
   address-space cap, so one bad family cannot take the tool down; a row that dies is a `crashed` row.
@@ -226,7 +226,7 @@ def worker_row(family: Family, spec: str, work: Path, cann: str | None) -> dict:
     """Export one family with one exporter and run `default` on it. Raises only on a bertopt bug (a
     traceback from bertopt's own code), which worker_main records as a crashed row."""
     from bertopt.errors import BertoptError, first_line
-    from bertopt.export import default_cache_dir, export_onnx
+    from bertopt.flow.export import default_cache_dir, export_onnx
 
     exporter, opset, attention = parse_spec(spec, family.model_class)
     row = {"family": family.name, "exporter": spec, "head": family.head, "attention": attention}
@@ -257,7 +257,7 @@ def worker_row(family: Family, spec: str, work: Path, cann: str | None) -> dict:
 
 @dataclass
 class Runnable:
-    source: object  # bertopt.export.ExportSource
+    source: object  # bertopt.flow.export.ExportSource
     head: str
     overrides: dict
     narrow: bool  # tiny widths (else the family's default widths, see tiny_config)
@@ -270,7 +270,7 @@ def runnable_model(family: Family, attention: str) -> Runnable | str:
     three separators in every row, its classifier does not). A string saying why when none runs."""
     import torch
 
-    from bertopt.export import ExportWrapper, random_source
+    from bertopt.flow.export import ExportWrapper, random_source
 
     failures = []
     for narrow in (True, False):
@@ -279,6 +279,9 @@ def runnable_model(family: Family, attention: str) -> Runnable | str:
             source = random_source(family.name, overrides)
             try:
                 model = source.build(attention, head)
+                causal = causal_attention(model)
+                if causal:  # a decoder is excluded whether or not it runs on bertopt's inputs
+                    return Runnable(source, head, overrides, narrow, causal)
                 wrapper = ExportWrapper(model, head)
                 with torch.no_grad():
                     wrapper(*wrapper.trace_inputs())
@@ -287,7 +290,7 @@ def runnable_model(family: Family, attention: str) -> Runnable | str:
                     raise
                 failures.append(one_line(exc))
                 continue
-            return Runnable(source, head, overrides, narrow, causal_attention(model))
+            return Runnable(source, head, overrides, narrow, None)
     return f"no model of it runs on bertopt's export inputs ({len(failures)} tried), the first: {failures[0]}"
 
 
@@ -312,7 +315,7 @@ def _is_bertopt(frame: traceback.FrameSummary) -> bool:
 
 
 def _run_default(onnx_path: Path, output: Path, cann: str | None) -> dict:
-    from bertopt.run import RunConfig, run
+    from bertopt.flow.run import RunConfig, run
 
     report = run(RunConfig(model=str(onnx_path), batch=BATCH, seq=SEQ, output=output, force=True, cann=cann))
     check = report.ascend.check
@@ -407,6 +410,16 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
+def git_state() -> str:
+    """The checkout's commit, and whether bertopt's sources differ from it (the rows ran on the files)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "bertopt", "passes"], capture_output=True,
+                           text=True, cwd=REPO)
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" with uncommitted changes to bertopt" if dirty.stdout.strip() else "")
+
+
 def spawn_row(family: Family, spec: str, work: Path, cann: str | None, timeout: float, memory_gib: float,
               code: str) -> dict:
     """One row in its own process (timeout, address-space cap); reuses a finished row that ran on the same
@@ -460,7 +473,7 @@ def render(rows: list[dict], meta: dict) -> str:
     lines = ["<!-- Generated by tools/compat_matrix.py: do not edit by hand; re-run the command below. -->",
              "# Compatibility: every encoder family transformers ships, through `default`", "",
              f"Generated {meta['date']} by `{meta['command']}`.  ",
-             f"Machine: {meta['machine']}.  ",
+             f"Machine: {meta['machine']}.  ", f"bertopt: git {meta['git']}, sources {meta['code']}.  ",
              f"Target: CANN {meta['cann']} (ATC legality and form), {meta['soc']}; every model is tiny "
              f"(hidden {TINY['hidden_size']}, {TINY['num_attention_heads']} heads, {TINY['num_hidden_layers']} "
              f"layers, random seeded weights) and run at batch {BATCH}, seq {SEQ}, so ATC's attention kernels are "
@@ -591,7 +604,7 @@ def main(argv: list[str]) -> int:
     meta = {"date": time.strftime("%Y-%m-%d"), "command": " ".join([".venv/bin/python tools/compat_matrix.py",
                                                                      *argv]),
             "machine": environment(), "cann": resolve_cann(args.cann)[0].version,
-            "soc": DEFAULT_SOC, "exporters": specs, "batch": BATCH, "seq": SEQ, "code": code}
+            "soc": DEFAULT_SOC, "exporters": specs, "batch": BATCH, "seq": SEQ, "code": code, "git": git_state()}
     write_outputs(rows, meta, args.output)
     print(f"wrote {args.output} and {args.output.with_suffix('.json')}", file=sys.stderr)
     return 0

@@ -73,7 +73,7 @@ class Case:
     index: int
     kind: str  # "malformed" | "config"
     mutation: str  # what was done to the input (malformed) or the configuration (config)
-    command: list[str]  # bertopt's arguments, with {input} and {out} placeholders
+    command: list[str]  # bertopt's arguments, with {input}, {base} and {out} placeholders
     base: str = ""
     config: dict = field(default_factory=dict)
 
@@ -381,7 +381,7 @@ def export_config(config: dict, folder: Path) -> Path:
     """The random configuration's tiny model, through bertopt's exporter (cached by content)."""
     from transformers import AutoConfig
 
-    from bertopt.export import export_onnx, random_source
+    from bertopt.flow.export import export_onnx, random_source
 
     family = config["family"]
     overrides = tiny_config(family)
@@ -567,9 +567,9 @@ def _recheck_parity(source: Path, output: Path, shape: tuple[int, int]) -> tuple
 
     When `source` itself cannot be read or run at this shape (by bertopt's loader or ONNX Runtime), no
     parity exists to check: that is `accepted-invalid`, an input bertopt should have refused."""
-    from bertopt.facts import detect_facts
+    from bertopt.model.facts import detect_facts
     from bertopt.graph import load_graph
-    from bertopt.parity import OrtRunner, input_specs_of, graph_only, parity_check, realistic_feeds
+    from bertopt.validation.parity import OrtRunner, input_specs_of, graph_only, parity_check, realistic_feeds
 
     try:
         facts = detect_facts(load_graph(source))
@@ -592,8 +592,8 @@ def _recheck_parity(source: Path, output: Path, shape: tuple[int, int]) -> tuple
 
 def make_bases(folder: Path) -> dict[str, Path]:
     """The valid inputs the malformed cases damage: bert-tiny from both exporters, and `default`'s output."""
-    from bertopt.export import export_onnx, resolve_source
-    from bertopt.run import optimize
+    from bertopt.flow.export import export_onnx, resolve_source
+    from bertopt.flow.run import optimize
 
     folder.mkdir(parents=True, exist_ok=True)
     source = resolve_source("bert-tiny")
@@ -707,8 +707,9 @@ def section(args: argparse.Namespace, record: dict) -> str:
              f"configurations of {', '.join(args.families.split(','))}) in {seconds / 60:.1f} min with "
              f"{args.jobs} worker(s). Outcomes: result = exit 0 and the output passes parity and legality when "
              "re-checked; refusal = exit 2 with one line; flagged = exit 1 with its reason; not-made = torch or "
-             "transformers could not export the configuration (no case for bertopt); every other column is a bug.",
-             "",
+             "transformers could not export the configuration (no case for bertopt); every other column is a bug "
+             "(unreadable-output: exit 0 and the output passed the re-checks, but a file bertopt wrote is not "
+             "readable by others).", "",
              "| cases | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for label, counter in (("malformed", by_kind["malformed"]), ("config", by_kind["config"]), ("all", counts)):
         lines.append(f"| {label} | " + " | ".join(str(counter.get(c, 0)) for c in columns) + " |")
