@@ -40,7 +40,8 @@ hidden/heads/head_dim from ModelFacts. The reference rewriters it follows: msit 
    split into (0,2,1,3) then (0,1,3,2); SDPA from the dynamo exporter (torch 2.13) swaps K's last two
    axes as Reshape [batch*heads, seq, hd] -> Transpose(0,2,1) -> Reshape [batch, heads, hd, seq],
    which becomes that second Transpose; XLM's key/value cache Concat, written by the legacy exporter
-   with one input (no cache), is a copy and is dropped; Gemm linear layers (onnxsim) become MatMul + Add;
+   with one input (no cache), is a copy and is dropped. Gemm linear layers (onnxsim's) are the
+   gemm-to-matmul pass's, which `default` runs before this one;
 4. the scale is one Mul by 1/sqrt(head_dim) after the scores MatMul whose name contains `bert`:
    ATC's `MulAddFusionPass` (`mul_add_fusion_pass.cc`, same folder) fuses the Mul into the
    FusedMulAdd AttentionScore needs only when `mul_name.find("bert")` succeeds (and the name holds
@@ -61,7 +62,7 @@ A block is matched by one pattern rooted at its context Reshape, with OneOf for 
 A block that does not match is named in the notes with the matcher's reason and left alone; the
 2-D encoder (points 1, 2 and 6) is then not applied either, since it needs every block's shapes
 to follow. Numerics are unchanged up to float rounding (Div by 8 vs Mul by 0.125, the SDPA and XLM
-scales moved after the MatMul, Gemm vs MatMul + Add).
+scales moved after the MatMul).
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ class Rewrite:
 
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("blocks_rewritten", "blocks_total", "k_transposes_split", "k_transposes_unbatched", "scales_rewritten",
-         "masks_expanded", "reshapes_2d", "reshapes_removed", "concats_removed", "gemms_to_matmul",
-         "operands_reordered", "residuals_rewired"), 0))
+         "masks_expanded", "reshapes_2d", "reshapes_removed", "concats_removed", "operands_reordered",
+         "residuals_rewired"), 0))
     notes: list[str] = field(default_factory=list)
 
     def add(self, key: str, n: int = 1) -> None:
@@ -123,14 +124,11 @@ def attention_bigkernel(graph: gs.Graph, facts: ModelFacts, options: PassOptions
         return PassResult.no_change("looked for attention blocks (a Softmax between the scores and the "
                                     "context MatMul); the graph has no Softmax")
     before = check_blocks(graph, facts)
-    if all(block.conforming for block in before) and not _gemms(graph):
+    if all(block.conforming for block in before):
         return PassResult.no_change(f"all {len(before)} attention blocks are already in the standard form "
                                     "ATC fuses")
     rewrite = Rewrite()
     rewrite.counts["blocks_total"] = len(softmaxes)
-    rewrite.add("gemms_to_matmul", _gemms_to_matmul(graph))
-    if rewrite.counts["gemms_to_matmul"]:
-        infer_shapes(graph)
     matches = _match_blocks(graph, facts, softmaxes, rewrite)
     for match in matches:
         _rewrite_block(graph, facts, match, rewrite)
@@ -155,40 +153,6 @@ def attention_bigkernel(graph: gs.Graph, facts: ModelFacts, options: PassOptions
 def _newly_conforming(before: list[BlockReport], after: list[BlockReport]) -> int:
     was = {block.softmax: block.conforming for block in before}
     return sum(1 for block in after if block.conforming and not was.get(block.softmax, False))
-
-
-# ----------------------------------------------------------------------------- Gemm -> MatMul + Add
-
-def _gemms(graph: gs.Graph) -> list[gs.Node]:
-    """Gemms computing x @ W + b with a constant W: linear layers as onnxsim writes them."""
-    def linear(node: gs.Node) -> bool:
-        attrs = node.attrs
-        return (node.op == "Gemm" and isinstance(node.inputs[1], gs.Constant) and not attrs.get("transA", 0)
-                and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0)
-
-    return [node for node in graph.nodes if linear(node)]
-
-
-def _gemms_to_matmul(graph: gs.Graph) -> int:
-    """ATC's standard form has MatMul -> Add; the output tensor keeps its name and consumers."""
-    gemms = _gemms(graph)
-    for gemm in gemms:
-        x, weight, bias = gemm.inputs[0], gemm.inputs[1], (gemm.inputs[2:] or [None])[0]
-        output = gemm.outputs[0]
-        values = weight.values.T if gemm.attrs.get("transB", 0) else weight.values
-        if values is not weight.values:
-            weight = make_constant(graph, f"{weight.name}_transposed", np.ascontiguousarray(values))
-        gemm.outputs.clear()
-        gemm.inputs.clear()
-        if bias is None:
-            graph.nodes.append(gs.Node("MatMul", unique_name(graph, "bertopt_MatMul"), inputs=[x, weight],
-                                       outputs=[output]))
-            continue
-        product = add_node(graph, "MatMul", [x, weight], dtype=output.dtype)[0]
-        graph.nodes.append(gs.Node("Add", unique_name(graph, "bertopt_Add"), inputs=[product, bias],
-                                   outputs=[output]))
-    graph.cleanup(remove_unused_graph_inputs=False)
-    return len(gemms)
 
 
 # ----------------------------------------------------------------------------- the block pattern
