@@ -4,6 +4,7 @@
     values    a constant's values read without keeping them; the fp16 range
     edit      rewiring uses, adding nodes and constants under unique names
     shapes    the weightless skeleton: shape inference, verification, static shapes
+    opset     the ONNX domain, nodes lowered to an older opset, the opset imports
     pattern   the declarative matcher;  rules  pattern + rewrite;  builder  writing subgraphs
     evaluate  running a subgraph on ONNX Runtime (what a constant-folding decision needs)
     golden    name-insensitive text snapshots and structural hashes of a graph

@@ -23,6 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from bertopt.graph.builder import Builder
+from bertopt.graph.opset import in_onnx_domain
 from bertopt.graph.pattern import Const, Match, OneOf, Op, Pattern, Var
 from bertopt.graph.rules import Check, Rule
 
@@ -40,7 +41,6 @@ ERF, TANH = "erf", "tanh"
 # com.microsoft op -> function; BiasGelu is Gelu(x + bias), as ORT's own optimizer writes it.
 MS_GELU_KINDS = {"Gelu": ERF, "BiasGelu": ERF, "FastGelu": TANH}
 ONNX_APPROXIMATE = {"none": ERF, "tanh": TANH}
-ONNX_DOMAINS = ("", "ai.onnx", None)
 
 
 # ----------------------------------------------------------------------------- what exporters write
@@ -78,7 +78,7 @@ def gelu_kind(node: gs.Node) -> str | None:
     """ERF or TANH for a node that is a whole Gelu (ONNX op or ORT contrib op), else None."""
     if node.domain == MS_DOMAIN:
         return MS_GELU_KINDS.get(node.op)
-    if node.op == "Gelu" and node.domain in ONNX_DOMAINS:
+    if node.op == "Gelu" and in_onnx_domain(node):
         return ONNX_APPROXIMATE.get(node.attrs.get("approximate", "none"))
     return None
 
