@@ -80,6 +80,17 @@ def infer_shapes(graph: gs.Graph) -> None:
                                 for d in tensor_type.shape.dim]
 
 
+def reinfer_shapes(graph: gs.Graph) -> None:
+    """Shapes inferred afresh after a rewrite made the recorded ones stale (tokens flattened to 2-D, say):
+    the graph cleaned up and sorted, every shape but the graph inputs' and outputs' forgotten, then inferred."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    inputs, outputs = {id(t) for t in graph.inputs}, {id(t) for t in graph.outputs}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and id(tensor) not in inputs and id(tensor) not in outputs:
+            tensor.shape = None
+    infer_shapes(graph)
+
+
 def is_static(tensor: gs.Tensor) -> bool:
     return tensor.shape is not None and all(isinstance(d, int) and d >= 0 for d in tensor.shape)
 
