@@ -13,10 +13,10 @@ from user_exports import user_export  # noqa: F401 (a fixture)
 
 from bertopt.ascend.check import check_ascend
 from bertopt.ascend.form import scale_named_for_atc
-from bertopt.ascend.layernorm import layernorm_pattern
 from bertopt.errors import BertoptError
 from bertopt.graph import load_graph, producer, save_graph, to_model, unique_name
 from bertopt.graph.golden import graph_text
+from bertopt.model.forms import layernorm_pattern
 from bertopt.pipeline import Instruments, PassManager, PassOptions
 from bertopt.testing import SpecResult, assert_graph_matches, assert_parity, run_spec
 

@@ -12,8 +12,8 @@ with epsilon a constant scalar <= 0.1 on either input of its Add, gamma on input
 beta on input 1 of the last Add (both constants shaped like x's normalised dims), and every other
 intermediate read by exactly one node (`CheckEdges`, `CheckValue`, `GetScalarFromOp`, `CheckShape`).
 
-Exporters also write spellings of the same LayerNorm that this pass does not match, found here by
-`layernorm_pattern` (and rewritten by the `layernorm-for-atc` pass):
+Exporters also write spellings of the same LayerNorm that this pass does not match, found by
+`bertopt.model.forms.layernorm_pattern` (and rewritten by the `layernorm-for-atc` pass):
 
 - the variance as `Mul(d, d)`: torch.onnx (legacy at opset 14 and dynamo at 18, torch 2.13) writes it
   for a hand-written LayerNorm `((x - u) * (x - u)).mean(-1, keepdim=True)`, checked by exporting one;
@@ -55,7 +55,7 @@ import onnx_graphsurgeon as gs
 
 from bertopt.errors import BertoptError
 from bertopt.graph import add_node, make_constant, unique_name
-from bertopt.graph.pattern import Const, OneOf, Op, Pattern, Var, _
+from bertopt.graph.pattern import Const, OneOf, Op, Pattern, Var
 
 # ONNX 18 moved ReduceMean's `axes` from an attribute to an input.
 AXES_AS_INPUT_SINCE = 18
@@ -124,30 +124,6 @@ def decomposed_layernorm_pattern() -> Pattern:
     normalised = Op("Div", centred, Op("Sqrt", Op("Add", variance, eps)))
     scaled = Op("Mul", normalised, Const(name="scale"), commute=False)
     return Pattern(Op("Add", scaled, Const(name="bias"), commute=False))
-
-
-def layernorm_pattern() -> Pattern:
-    """Any LayerNorm, bound to its input x: a LayerNormalization op (node `layernorm`), or the decomposed
-    form in any spelling above (nodes `mean`, `centred` read by the variance, `square` (`Pow(d, 2)` or
-    `Mul(d, d)`), `centred_twin` when the Div reads a second Sub, `upcast`/`downcast` for torch's
-    float16 Casts, `variance`, `shifted_variance`, `deviation`, `normalised`, `scaled`, `shifted`).
-
-    Operands of the Mul by gamma and the Add of beta may come in either order. Of the constants only
-    the Pow exponent is read: gamma and beta may stay lazily loaded.
-    """
-    x = Var("x")
-    mean = Op("ReduceMean", x, name="mean", partial_inputs=True)
-    centred = Op("Sub", x, mean, name="centred")
-    wide = OneOf(Op("Cast", centred, name="upcast"), centred)
-    square = OneOf(Op("Pow", wide, Const(2.0), name="square"), Op("Mul", wide, wide, name="square"))
-    variance = Op("ReduceMean", square, partial_inputs=True, name="variance")
-    numerator = OneOf(wide, centred, Op("Sub", x, mean, name="centred_twin"))
-    deviation = Op("Sqrt", Op("Add", variance, Const(), name="shifted_variance"), name="deviation")
-    normalised = Op("Div", numerator, deviation, name="normalised")
-    scaled = Op("Mul", OneOf(Op("Cast", normalised, name="downcast"), normalised), Const(), name="scaled")
-    decomposed = Op("Add", scaled, Const(), name="shifted")
-    op = Op("LayerNormalization", x, _, partial_inputs=True, outputs=None, name="layernorm")
-    return Pattern(OneOf(op, decomposed))
 
 
 def _normalised_axes(x: gs.Tensor, axis: int) -> list[int]:
