@@ -45,17 +45,22 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from bertopt.ascend.cann import CannTarget
-from bertopt.ascend.layernorm import write_decomposed_layernorm
+from bertopt.ascend.layernorm import decomposed_layernorm
 from bertopt.ascend.legality import (LAYER_NORMALIZATION, fp16_unsafe_constants, onnx_op_types, ops_outside_opset,
                                      opset_window, unsupported_ops)
 from bertopt.errors import BertoptError, CheckFailed
 from bertopt.graph.builder import Builder
 from bertopt.graph.opset import in_onnx_domain, lower_opset, set_default_opset
-from bertopt.graph.pattern import Match
+from bertopt.graph.pattern import Match, Op, Var
 from bertopt.graph.rules import Rule, apply_rules
 from bertopt.model.facts import ModelFacts
 from bertopt.model.forms import DECOMPOSED, ERF, TANH, atc_gelu, in_atc_form, whole_gelu_pattern
 from bertopt.pipeline import PassOptions, PassResult, register_pass
+
+
+# The ONNX op, its bias (an optional third input) read from the node; Mean and InvStdDev must be unread.
+LAYERNORM_OP = Op(LAYER_NORMALIZATION, Var("x"), Var("scale"), partial_inputs=True, outputs=None,
+                  where=(in_onnx_domain, "the ONNX op"))
 
 
 @register_pass("legalize-ascend", "lower to the run's CANN version (--cann): Gelu as ATC's erf subgraph (tanh "
@@ -114,25 +119,22 @@ def decompose_layernorms_for(graph: gs.Graph, target: CannTarget) -> int:
     low, high = opset_window(op_types, target)
     if target.layer_normalization and low <= min(high, int(graph.opset)):
         return 0
-    nodes = [n for n in graph.nodes if n.op == LAYER_NORMALIZATION and in_onnx_domain(n)]
-    for node in nodes:
-        _decompose_layernorm(graph, node, target)
-    graph.cleanup(remove_unused_graph_inputs=False)
-    return len(nodes)
+    return apply_rules(graph, [Rule(LAYERNORM_OP, _decompose(target), name="layernorms")])["layernorms"]
 
 
-def _decompose_layernorm(graph: gs.Graph, node: gs.Node, target: CannTarget) -> None:
-    used_extras = [t.name for t in node.outputs[1:] if t.outputs or t in graph.outputs]
-    if used_extras:
-        raise BertoptError(f"LayerNormalization '{node.name}' has its Mean/InvStdDev output(s) {used_extras} "
-                           f"read; {target.label} has no LayerNormalization and bertopt decomposes only Y")
-    x, scale = node.inputs[0], node.inputs[1]
-    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    out = node.outputs[0]
-    node.inputs.clear()
-    node.outputs.clear()
-    write_decomposed_layernorm(graph, x, scale, bias, float(node.attrs.get("epsilon", 1e-5)),
-                               int(node.attrs.get("axis", -1)), out)
+def _decompose(target: CannTarget):
+    def rewrite(match: Match, b: Builder) -> list[gs.Tensor | None]:
+        node, graph = match.root, b.graph
+        used_extras = [t.name for t in node.outputs[1:] if t.outputs or t in graph.outputs]
+        if used_extras:
+            raise BertoptError(f"LayerNormalization '{node.name}' has its Mean/InvStdDev output(s) {used_extras} "
+                               f"read; {target.label} has no LayerNormalization and bertopt decomposes only Y")
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        y = decomposed_layernorm(b, match["x"], match["scale"], bias, float(node.attrs.get("epsilon", 1e-5)),
+                                 int(node.attrs.get("axis", -1)))
+        return [y] + [None] * (len(node.outputs) - 1)
+
+    return rewrite
 
 
 # ----------------------------------------------------------------------------- 3. operator list

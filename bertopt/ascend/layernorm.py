@@ -54,7 +54,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from bertopt.errors import BertoptError
-from bertopt.graph import add_node, make_constant, unique_name
+from bertopt.graph import make_constant, unique_name
+from bertopt.graph.builder import Builder
 from bertopt.graph.pattern import Const, OneOf, Op, Pattern, Var
 
 # ONNX 18 moved ReduceMean's `axes` from an attribute to an input.
@@ -65,9 +66,9 @@ MAX_FUSED_EPSILON = 0.1
 FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
-def write_decomposed_layernorm(graph: gs.Graph, x: gs.Tensor, scale: gs.Tensor, bias: gs.Tensor | None,
-                               epsilon: float, axis: int, out: gs.Tensor) -> None:
-    """Compute LayerNormalization(x, scale, bias) into `out` in the spelling ATC fuses.
+def decomposed_layernorm(b: Builder, x: gs.Tensor, scale: gs.Tensor, bias: gs.Tensor | None, epsilon: float,
+                         axis: int) -> gs.Variable:
+    """LayerNormalization(x, scale, bias) in the spelling ATC fuses, written with `b`; its output.
 
     Written at the graph's opset (ReduceMean axes as an attribute before 18, as an input from 18).
     A missing bias becomes a zero constant, since the fusion needs the Mul and the Add both. Float32
@@ -82,22 +83,18 @@ def write_decomposed_layernorm(graph: gs.Graph, x: gs.Tensor, scale: gs.Tensor, 
     if dtype not in FUSED_DTYPES:
         raise BertoptError(f"LayerNormalization on {dtype} input '{x.name}': bertopt writes the decomposed "
                            "form for float32 and float16 only, the types ATC's LayerNorm fusion reads")
-    axes = _normalised_axes(x, axis)
+    graph, axes = b.graph, _normalised_axes(x, axis)
     if bias is None:
         bias = make_constant(graph, "bertopt_ln_zero_bias", np.zeros(scale.shape, dtype))
     like = {"dtype": x.dtype, "shape": x.shape}
-    mean = _reduce_mean(graph, x, axes)
-    centred = add_node(graph, "Sub", [x, mean], **like)[0]
-    two = make_constant(graph, "bertopt_ln_two", np.array(2.0, dtype))
-    squared = add_node(graph, "Pow", [centred, two], **like)[0]
-    variance = _reduce_mean(graph, squared, axes)
+    mean = _reduce_mean(b, x, axes)
+    centred = b.Sub(x, mean, **like)
+    squared = b.Pow(centred, make_constant(graph, "bertopt_ln_two", np.array(2.0, dtype)), **like)
+    variance = _reduce_mean(b, squared, axes)
     eps = make_constant(graph, "bertopt_ln_epsilon", in_dtype(np.array(epsilon), dtype))
-    shifted = add_node(graph, "Add", [variance, eps], dtype=x.dtype)[0]
-    deviation = add_node(graph, "Sqrt", [shifted], dtype=x.dtype)[0]
-    normalised = add_node(graph, "Div", [centred, deviation], **like)[0]
-    scaled = add_node(graph, "Mul", [normalised, scale], **like)[0]
-    graph.nodes.append(gs.Node("Add", name=unique_name(graph, "bertopt_ln_beta"), inputs=[scaled, bias],
-                               outputs=[out]))
+    deviation = b.Sqrt(b.Add(variance, eps, dtype=x.dtype), dtype=x.dtype)
+    scaled = b.Mul(b.Div(centred, deviation, **like), scale, **like)
+    return b.Add(scaled, bias, name=unique_name(graph, "bertopt_ln_beta"))
 
 
 def in_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -135,11 +132,11 @@ def _normalised_axes(x: gs.Tensor, axis: int) -> list[int]:
     return list(range(axis, len(x.shape)))
 
 
-def _reduce_mean(graph: gs.Graph, data: gs.Tensor, axes: list[int]) -> gs.Tensor:
-    if int(graph.opset) >= AXES_AS_INPUT_SINCE:
-        axes_input = make_constant(graph, "bertopt_ln_axes", np.array(axes, np.int64))
-        return add_node(graph, "ReduceMean", [data, axes_input], attrs={"keepdims": 1}, dtype=data.dtype)[0]
-    return add_node(graph, "ReduceMean", [data], attrs={"axes": axes, "keepdims": 1}, dtype=data.dtype)[0]
+def _reduce_mean(b: Builder, data: gs.Tensor, axes: list[int]) -> gs.Tensor:
+    if int(b.graph.opset) >= AXES_AS_INPUT_SINCE:
+        axes_input = make_constant(b.graph, "bertopt_ln_axes", np.array(axes, np.int64))
+        return b.ReduceMean(data, axes_input, keepdims=1, dtype=data.dtype)
+    return b.ReduceMean(data, axes=axes, keepdims=1, dtype=data.dtype)
 
 
 def _keeps_type(node: gs.Node) -> bool:
