@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import onnx_graphsurgeon as gs
 
-from bertopt.ascend.atc import AtcOptions, AtcResult, compile_om, gelu_impls_from, in_work_dir
+from bertopt.ascend.atc import AtcOptions, AtcResult, compile_om, in_work_dir
 from bertopt.ascend.cann import CannTarget, resolve_cann
 from bertopt.ascend.check import ConformanceReport, check_ascend
 from bertopt.ascend.fusion_result import FusionResult, compare_with_prediction, read_fusion_result
@@ -26,10 +26,7 @@ from bertopt.graph import is_static, load_graph, save_graph
 from bertopt.model.facts import ModelFacts, check_shape, detect_facts
 from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord, parse_spec
 from bertopt.validation.backends import Backend, Skipped
-from bertopt.validation.backends.emulation import EmulationBackend
-from bertopt.validation.backends.npu import om_backend
-from bertopt.validation.backends.ort import ort_backends
-from bertopt.validation.candidates import CandidateReport, validate_candidates
+from bertopt.validation.candidates import AscendCandidates, CandidateReport, run_candidates, validate_candidates
 from bertopt.validation.parity import Comparison, parity_check, tolerances_for
 
 if TYPE_CHECKING:
@@ -381,19 +378,11 @@ def _with_input_shape(options: AtcOptions, graph: gs.Graph, config: RunConfig) -
 
 def _candidates(config: RunConfig, optimized: Path, output_names: list[str], atc: AtcResult | None,
                 ascend: AscendSetup | None) -> list[Backend | Skipped]:
-    """The optimized ONNX in fp32 first (its verdict is the run's parity), then the Ascend candidates:
-    the emulation of the Gelu kernel and precision atc is asked for, the other Gelu kernel beside it
-    (informational: the evidence for choosing one), and the OM where it can run."""
-    found: list[Backend | Skipped] = list(ort_backends(optimized, "optimized ONNX fp32"))
     if ascend is None:
-        return found
-    options = ascend.options
-    found += [EmulationBackend(optimized, gelu=gelu, precision=options.precision()[1], cann=ascend.cann.version,
-                               informational=index > 0)
-              for index, gelu in enumerate(gelu_impls_from(ascend.emulated_gelu()))]
-    # the OM's outputs bind to the graph's by position (its own names are "<op>:<index>:<name>")
-    found.append(om_backend(atc.om if atc else None, config.device, output_names=output_names))
-    return found
+        return run_candidates(optimized)
+    return run_candidates(optimized, AscendCandidates(ascend.emulated_gelu(), ascend.options.precision()[1],
+                                                      ascend.cann.version, atc.om if atc else None, config.device,
+                                                      output_names))
 
 
 def _pass_options(config: RunConfig, ascend: AscendSetup | None) -> PassOptions:

@@ -501,8 +501,7 @@ def _evaluate(shape: Shape) -> dict:
     from bertopt.ascend.check import check_ascend
     from bertopt.flow.run import OM_PREFIX, OPTIMIZED_NAME, optimize_file
     from bertopt.pipeline import Instruments, PassManager, PassOptions, load_passes
-    from bertopt.validation.backends.ort import OrtBackend
-    from bertopt.validation.candidates import validate_candidates
+    from bertopt.validation.candidates import run_candidates, validate_candidates
 
     load_passes(*shape.passes_from)  # a spawned worker or a Ray node starts with bertopt's and the entry points'
     optimized, target = shape.folder / OPTIMIZED_NAME, cann_target(shape.cann)
@@ -524,8 +523,8 @@ def _evaluate(shape: Shape) -> dict:
     gc.collect()  # a gs graph is a reference cycle: it goes only when the collector runs
     clock.lap("atc_and_conformance")
     batches = parity_batches(shape.batch, shape.samples)
-    report = validate_candidates(shape.original, [OrtBackend(optimized, name="optimized ONNX fp32 (ORT CPU)",
-                                                             threads=shape.threads)],
+    # a shape is judged on the optimized ONNX's parity alone (on ORT CPU, with the shape's threads)
+    report = validate_candidates(shape.original, run_candidates(optimized, threads=shape.threads, cuda=False),
                                  facts, batch=shape.batch, seq=shape.seq, samples=batches, threads=shape.threads)[0]
     clock.lap("validation")
     comparison = report.comparison

@@ -249,10 +249,9 @@ def emulations_of(optimized: Path, *, gelu: str = "high_performance", precision:
                   cann: str | None = None, threads: int | None = None) -> list[Emulation]:
     """The Ascend emulation of each Gelu kernel atc offers, `gelu` (the one atc is asked for) first: the
     evidence for choosing one. Folders are named ``emulation-<kernel>``."""
-    from bertopt.ascend.atc import gelu_impls_from
-    from bertopt.validation.backends.emulation import EmulationBackend
+    from bertopt.validation.candidates import emulation_candidates
 
-    backends = [EmulationBackend(optimized, gelu=impl, precision=precision, cann=cann, threads=threads)
-                for impl in gelu_impls_from(gelu)]
+    backends = emulation_candidates(optimized, gelu, precision=precision, cann=cann, threads=threads,
+                                    others_informational=False)
     return [Emulation(f"{EMULATION}-{backend.gelu_kernel.impl_mode}", backend.name, backend.run)
             for backend in backends]

@@ -2,8 +2,8 @@
 
 Three ways in, one comparator (bertopt.validation.parity.compare_outputs, Polygraphy's rules):
 
-- `validate_candidates`: live candidates (optimized ONNX, Ascend emulation, the OM on an NPU) run
-  on the same realistic feeds as the reference;
+- `validate_candidates`: live candidates (optimized ONNX, Ascend emulation, the OM on an NPU; a run's
+  are made by `run_candidates`) run on the same realistic feeds as the reference;
 - `validate_results`: an ais_bench results folder from another machine, together with the input
   folders it was fed;
 - `write_inputs`: realistic inputs in that layout, to feed ais_bench.
@@ -30,9 +30,11 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
+from bertopt.ascend.atc import gelu_impls_from
 from bertopt.errors import BertoptError
 from bertopt.files import new_folder
 from bertopt.graph import load_graph
@@ -40,7 +42,7 @@ from bertopt.model.facts import ModelFacts, detect_facts
 from bertopt.validation.backends import DEFAULT_TOLERANCE, Backend, Skipped
 from bertopt.validation.backends.emulation import EmulationBackend
 from bertopt.validation.backends.npu import om_backend
-from bertopt.validation.backends.ort import OrtBackend
+from bertopt.validation.backends.ort import OrtBackend, ort_backends
 from bertopt.validation.parity import (Comparison, InputSpecs, OrtRunner, compare_outputs, graph_only, input_specs_of,
                                        kept_tokens, realistic_feeds)
 
@@ -87,6 +89,52 @@ def tolerances(kind: str, atol: float | None = None, rtol: float | None = None) 
     """Explicit tolerances win; otherwise the kind's default (fp32 1e-4, fp16/NPU 1e-2)."""
     default = DEFAULT_TOLERANCE[kind]
     return (default if atol is None else atol), (default if rtol is None else rtol)
+
+
+# --------------------------------------------------------------------------- the candidates of a run
+
+OPTIMIZED_LABEL = "optimized ONNX fp32"
+
+
+@dataclass(frozen=True)
+class AscendCandidates:
+    """What the ascend target adds to a run's candidates: the emulation of the Gelu kernel atc is asked for
+    (`gelu`, under atc's `precision` mode, None for ATC's default, for CANN `cann`), the other kernel beside
+    it, and the OM (`om`, None where atc did not run) on NPU `device`, its outputs bound by position to
+    `output_names` (the graph's; an OM names its own "<op>:<index>:<name>")."""
+
+    gelu: str
+    precision: str | None
+    cann: str
+    om: Path | None = None
+    device: int = 0
+    output_names: Sequence[str] | None = None
+
+
+def run_candidates(optimized: Path, ascend: AscendCandidates | None = None, *, threads: int | None = None,
+                   cuda: bool = True) -> list[Backend | Skipped]:
+    """A run's candidates in the order they are reported: the optimized ONNX in fp32 first (its verdict is the
+    run's parity) on ORT CPU and, with `cuda`, on ORT CUDA where ONNX Runtime has it; then, for the ascend
+    target, the emulations (`emulation_candidates`) and the OM, or why it cannot run here."""
+    found: list[Backend | Skipped] = (
+        list(ort_backends(optimized, OPTIMIZED_LABEL, threads=threads)) if cuda
+        else [OrtBackend(optimized, name=f"{OPTIMIZED_LABEL} (ORT CPU)", threads=threads)])
+    if ascend is None:
+        return found
+    found += emulation_candidates(optimized, ascend.gelu, precision=ascend.precision, cann=ascend.cann,
+                                  threads=threads)
+    found.append(om_backend(ascend.om, ascend.device, output_names=ascend.output_names))
+    return found
+
+
+def emulation_candidates(optimized: Path, gelu: str, *, precision: str | None = None, cann: str | None = None,
+                         threads: int | None = None, others_informational: bool = True) -> list[EmulationBackend]:
+    """The Ascend emulation of each Gelu kernel atc offers, `gelu` (the one atc is asked for) first; the others
+    are informational, the evidence for choosing one (a run's validation; its SQuAD check scores them all
+    alike: `others_informational=False`)."""
+    return [EmulationBackend(optimized, gelu=impl, precision=precision, cann=cann, threads=threads,
+                             informational=others_informational and index > 0)
+            for index, impl in enumerate(gelu_impls_from(gelu))]
 
 
 # --------------------------------------------------------------------------- live candidates
