@@ -39,12 +39,12 @@ from bertopt.errors import BertoptError
 from bertopt.files import new_folder
 from bertopt.graph import load_graph
 from bertopt.model.facts import ModelFacts, detect_facts
-from bertopt.validation.backends import DEFAULT_TOLERANCE, Backend, Skipped
+from bertopt.validation.backends import Backend, Skipped
 from bertopt.validation.backends.emulation import EmulationBackend
 from bertopt.validation.backends.npu import om_backend
 from bertopt.validation.backends.ort import OrtBackend, ort_backends
 from bertopt.validation.parity import (Comparison, InputSpecs, OrtRunner, compare_outputs, graph_only, input_specs_of,
-                                       kept_tokens, realistic_feeds)
+                                       kept_tokens, realistic_feeds, tolerances)
 
 RESULT_FILE = re.compile(r"^(?P<stem>.+)_(?P<index>\d+)\.npy$")
 DEVICE_FOLDER = re.compile(r"^device(?P<id>\d+)$")
@@ -83,12 +83,6 @@ class CandidateReport:
         if self.comparison is not None:
             data.update(self.comparison.to_dict())
         return data
-
-
-def tolerances(kind: str, atol: float | None = None, rtol: float | None = None) -> tuple[float, float]:
-    """Explicit tolerances win; otherwise the kind's default (fp32 1e-4, fp16/NPU 1e-2)."""
-    default = DEFAULT_TOLERANCE[kind]
-    return (default if atol is None else atol), (default if rtol is None else rtol)
 
 
 # --------------------------------------------------------------------------- the candidates of a run

@@ -5,10 +5,10 @@ Every backend answers ``run(feeds) -> outputs`` (numpy arrays by name) and says 
 - ``name``: what the report shows ("optimized ONNX (ORT CPU)", "Ascend fp16 emulation (ORT CPU)");
 - ``informational``: shown for comparison, never a verdict of the run (e.g. the Gelu kernel atc
   was not asked for, emulated beside the one it was);
-- ``kind``: how much to trust it and which tolerance applies by default:
-  ``onnx`` (the optimized graph in fp32: 1e-4), ``emulation`` (Ascend numerics reproduced on ONNX
-  Runtime: fp16 tolerance 1e-2, never a substitute for the device), ``npu`` (the compiled OM on an
-  Ascend device through ais_bench: 1e-2).
+- ``kind``: how much to trust it and which tolerance applies by default (the table is
+  bertopt.validation.parity.KIND_TOLERANCE): ``onnx`` (the optimized graph in fp32: 1e-4), ``emulation``
+  (Ascend numerics reproduced on ONNX Runtime: fp16 tolerance 1e-2, never a substitute for the device),
+  ``npu`` (the compiled OM on an Ascend device through ais_bench: 1e-2).
 
 A backend that cannot run here is not constructed; the code that looks for it returns a `Skipped`
 saying why, so a report always lists what was not checked.
@@ -25,13 +25,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-
-FP32_TOLERANCE = 1e-4
-FP16_TOLERANCE = 1e-2
-
-# Default atol and rtol by candidate kind (facts note, section 7): fp32 rewrites 1e-4, fp16 1e-2.
-DEFAULT_TOLERANCE = {"onnx": FP32_TOLERANCE, "emulation": FP16_TOLERANCE, "npu": FP16_TOLERANCE,
-                     "results": FP16_TOLERANCE}
 
 
 class Backend(Protocol):
