@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from bertopt.ascend.cann import DEFAULT_VERSION, CannTarget, cann_target
 from bertopt.ascend.form import Check
-from bertopt.graph import FP16_MAX, constant_exceeds_fp16
+from bertopt.graph import FP16_MAX, constant_exceeds_fp16, is_static
 from bertopt.graph.opset import in_onnx_domain
 
 LAYER_NORMALIZATION = "LayerNormalization"
@@ -122,7 +122,7 @@ def _check_shape_ops(graph: gs.Graph) -> Check:
 
 def _check_static_inputs(graph: gs.Graph) -> Check:
     dynamic = [f"{t.name}{list(t.shape) if t.shape is not None else ''}" for t in graph.inputs
-               if t.shape is None or not all(isinstance(d, int) and d > 0 for d in t.shape)]
+               if not is_static(t) or 0 in t.shape]  # an empty input is not one ATC compiles either
     if dynamic:
         return Check("static-inputs", False, f"dynamic input(s): {', '.join(dynamic)}")
     return Check("static-inputs", True, "every input has a static shape")

@@ -91,8 +91,14 @@ def reinfer_shapes(graph: gs.Graph) -> None:
     infer_shapes(graph)
 
 
+def static_dim(dim) -> bool:
+    """A dimension known before the model runs: a number (a name, None or a negative number is not one)."""
+    return isinstance(dim, int) and dim >= 0
+
+
 def is_static(tensor: gs.Tensor) -> bool:
-    return tensor.shape is not None and all(isinstance(d, int) and d >= 0 for d in tensor.shape)
+    """Every dimension of the tensor's shape known (`static_dim`): bertopt's one meaning of a static shape."""
+    return tensor.shape is not None and all(static_dim(d) for d in tensor.shape)
 
 
 def verify(graph: gs.Graph) -> None:

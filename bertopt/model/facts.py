@@ -24,6 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from bertopt.errors import BertoptError
+from bertopt.graph import static_dim
 from bertopt.graph.evaluate import SubgraphEvaluator, input_dtype, value_dependents
 
 ROLES = ("input_ids", "attention_mask", "token_type_ids")
@@ -455,7 +456,7 @@ def static_dims(inputs: list[gs.Tensor]) -> tuple[int | None, int | None]:
     if len(shapes) != 1:
         return None, None
     batch, seq = next(iter(shapes))
-    static = isinstance(batch, int) and isinstance(seq, int) and batch > 0 and seq > 0
+    static = static_dim(batch) and static_dim(seq) and batch > 0 and seq > 0
     return (batch, seq) if static else (None, None)
 
 

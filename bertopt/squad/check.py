@@ -19,10 +19,11 @@ from bertopt.errors import BertoptError
 from bertopt.flow.run import EvaluationInput
 from bertopt.files import new_folder, refuse_used_folder, write_json
 from bertopt.squad.data import Example, gold_answers, load_examples
-from bertopt.squad.infer import Runner, read_results, run_features, static_batch
+from bertopt.squad.infer import Runner, read_results, run_features
 from bertopt.squad.metric import SquadMetrics, evaluate
 from bertopt.squad.post import predict_answers
 from bertopt.squad.prep import Features, prepare_features, read_features, write_features
+from bertopt.validation.candidates import static_shape
 from bertopt.validation.parity import graph_only, input_specs_of
 
 PREDICTIONS_FILE = "predictions.json"
@@ -150,7 +151,7 @@ def _check_into(folder: Path, original: Path, optimized: Path, examples: list[Ex
     scores = []
     for name, model, label in candidates:
         progress(f"SQuAD: running the {label} on {len(features)} features")
-        model_batch = static_batch([shape for _, shape in input_specs_of(graph_only(model)).values()]) or batch
+        model_batch = static_shape(input_specs_of(graph_only(model)))[0] or batch
         start, end = run_features(OrtBackend(model, name=label, threads=threads).run, feeds, model_batch)
         scores.append(score_logits(name, label, examples, features, start, end))
     for emulation in emulations:

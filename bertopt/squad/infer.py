@@ -47,12 +47,6 @@ def _qa_logits(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return values[0], values[1]
 
 
-def static_batch(shapes: list[tuple]) -> int | None:
-    """The batch size every ``[batch, seq]`` input fixes, or None when the batch is dynamic."""
-    batches = {shape[0] for shape in shapes if len(shape) == 2 and isinstance(shape[0], int)}
-    return batches.pop() if len(batches) == 1 else None
-
-
 def read_results(folder: Path, count: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
     """(start, end) logits ``[count, seq]`` of features ``0..count-1`` from an ais_bench ``--outfmt NPY``
     folder (the folder itself or its one subfolder, e.g. ``result/result_bs8``), every file checked."""

@@ -37,7 +37,7 @@ import numpy as np
 from bertopt.ascend.atc import gelu_impls_from
 from bertopt.errors import BertoptError
 from bertopt.files import new_folder
-from bertopt.graph import load_graph
+from bertopt.graph import load_graph, static_dim
 from bertopt.model.facts import ModelFacts, detect_facts
 from bertopt.validation.backends import Backend, Skipped
 from bertopt.validation.backends.emulation import EmulationBackend
@@ -590,4 +590,4 @@ def static_shape(specs: InputSpecs) -> tuple[int | None, int | None]:
 def _single_int(values) -> int | None:
     found = set(values)
     value = found.pop() if len(found) == 1 else None
-    return value if isinstance(value, int) else None
+    return value if static_dim(value) else None
