@@ -409,16 +409,10 @@ def _refuse_existing_results(out_dir: Path, force: bool) -> None:
 
 
 def _obtain_onnx(config: RunConfig, out_dir: Path, progress: Progress) -> tuple[Path, str]:
-    """An .onnx model is used where it is (never modified); presets and HF folders are exported."""
-    from bertopt.flow.export import export_onnx, resolve_source  # imports torch: only when exporting
+    from bertopt.flow.export import onnx_or_export  # imports torch
 
-    if config.model.endswith(".onnx") or Path(config.model).is_file():
-        return Path(config.model), f"ONNX file {config.model}"
-    source = resolve_source(config.model)
-    progress(f"exporting {config.model} ({config.exporter})")
-    result = export_onnx(source, out_dir / "original.onnx", exporter=config.exporter, opset=config.opset,
-                         attention=config.attention, dtype=config.dtype, mask=config.mask)
-    return result.path, result.description
+    return onnx_or_export(config.model, out_dir, progress=progress, exporter=config.exporter, opset=config.opset,
+                          attention=config.attention, dtype=config.dtype, mask=config.mask)
 
 
 def _parity_probe(original: Path, config: RunConfig):

@@ -38,14 +38,9 @@ class SquadModel:
 
 def obtain_model(model: str, folder: Path) -> SquadModel:
     """`model` as ONNX (exported into `folder` unless it is an .onnx file) with its facts and inputs."""
-    from bertopt.flow.export import export_onnx, resolve_source  # imports torch: only when exporting
+    from bertopt.flow.export import onnx_or_export  # imports torch
 
-    if model.endswith(".onnx") or Path(model).is_file():
-        path, description = Path(model), f"ONNX file {model}"
-    else:
-        result = export_onnx(resolve_source(model), Path(folder) / "original.onnx")
-        path, description = result.path, result.description
-    return described_model(model, path, description)
+    return described_model(model, *onnx_or_export(model, folder))
 
 
 def described_model(model: str, path: Path, description: str) -> SquadModel:
