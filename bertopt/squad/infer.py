@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from bertopt.errors import BertoptError
-from bertopt.validation.candidates import padded_batch
+from bertopt.validation.candidates import run_in_batches
 from bertopt.validation.candidates import read_results as read_result_files
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -25,15 +25,12 @@ def run_features(run: Runner, feeds: dict[str, np.ndarray], batch: int) -> tuple
     """(start, end) logits ``[features, seq]`` of `run` over `feeds` ({input name: [features, seq]})."""
     if batch < 1:
         raise BertoptError(f"batch must be >= 1 (got {batch})")
-    total = len(next(iter(feeds.values())))
-    starts, ends = [], []
-    for first in range(0, total, batch):
-        rows = min(batch, total - first)
-        outputs = run({name: padded_batch(values[first:first + rows], batch) for name, values in feeds.items()})
-        start, end = _qa_logits(outputs)
-        starts.append(start[:rows])
-        ends.append(end[:rows])
-    return np.concatenate(starts), np.concatenate(ends)
+
+    def qa_logits(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(QA_OUTPUTS, _qa_logits(run(feed))))  # each batch checked before its rows are kept
+
+    logits = run_in_batches(qa_logits, feeds, batch)
+    return logits[QA_OUTPUTS[0]], logits[QA_OUTPUTS[1]]
 
 
 def _qa_logits(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

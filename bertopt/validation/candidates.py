@@ -30,7 +30,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -474,14 +474,19 @@ def run_reference_rows(reference: Path, specs: InputSpecs, inputs: dict[str, np.
     """The reference on ``[samples, seq]`` inputs: in batches of its static batch size, the last one
     padded as ais_bench pads (copies of the batch's first row; their outputs are dropped), or one sample
     at a time."""
-    batch = static_shape(specs)[0] or 1
-    runner = OrtRunner(reference, threads=threads)
+    return run_in_batches(OrtRunner(reference, threads=threads).run, inputs, static_shape(specs)[0] or 1)
+
+
+def run_in_batches(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], inputs: dict[str, np.ndarray],
+                   batch: int) -> dict[str, np.ndarray]:
+    """`run`'s outputs for every row of `inputs` ({name: [rows, ...]}): fed `batch` rows at a time, the last
+    batch padded as ais_bench pads (`padded_batch`) and the padding's outputs dropped."""
     total = len(next(iter(inputs.values())))
     chunks: dict[str, list[np.ndarray]] = {}
     for start in range(0, total, batch):
         feed = {name: padded_batch(values[start:start + batch], batch) for name, values in inputs.items()}
         rows = min(batch, total - start)
-        for name, value in runner.run(feed).items():
+        for name, value in run(feed).items():
             chunks.setdefault(name, []).append(value[:rows])
     return {name: np.concatenate(parts) for name, parts in chunks.items()}
 
