@@ -61,8 +61,7 @@ from bertopt.errors import BertoptError, CheckFailed, first_line
 from bertopt.graph import GraphSnapshot, is_static, peek_values, save_graph, toposort, verify
 from bertopt.graph.golden import SMALL_CONSTANT, structural_hashes, type_text
 from bertopt.model.facts import ModelFacts
-from bertopt.plugins import (entry_point_origin, import_source, installed_plugins, is_file_source, resolve_source,
-                             source_origin)
+from bertopt.plugins import entry_point_origin, import_source, installed_plugins, resolve_source, source_origin
 
 BUILT_IN = "built-in"
 

@@ -12,9 +12,10 @@ import torch
 from conftest import TINY_BATCH, TINY_SEQ
 from onnx import TensorProto, helper, numpy_helper
 
-from bertopt.ascend.kernels import QUADRATIC, TANH, build_gelu, gelu_kernel, gelu_reference
+from bertopt.ascend.kernels import QUADRATIC, TANH, gelu_kernel, gelu_reference, kernel_gelu
 from bertopt.errors import BertoptError
 from bertopt.graph import to_model
+from bertopt.graph.builder import Builder
 from bertopt.testing import run_spec
 from bertopt.validation.backends.emulation import EMULATION_NAME, EmulationBackend, emulate_ascend
 from bertopt.validation.backends.ort import OrtBackend
@@ -80,9 +81,9 @@ def test_quadratic_kernel_in_fp16_stays_within_fp16_rounding_of_its_formula():
 def kernel_model(form: str, dtype) -> onnx.ModelProto:
     graph = gs.Graph(opset=17)
     x = gs.Variable("x", dtype=np.float32, shape=["n"])
-    y = gs.Variable("y", dtype=np.float32, shape=["n"])
+    y = kernel_gelu(Builder(graph, like=x), x, form, dtype)
+    y.name = "y"
     graph.inputs, graph.outputs = [x], [y]
-    build_gelu(graph, x, y, form, dtype)
     return to_model(graph.toposort())
 
 

@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 from bertopt.errors import BertoptError
-from bertopt.flow.sweep import GIB, SweepConfig, admits, concurrency, peak_estimate, sweep
+from bertopt.flow.sweep import GIB, SweepConfig, admits, peak_estimate, sweep
 
 SHAPES = [(16, 1), (16, 2), (32, 1), (32, 2)]
 
@@ -75,6 +75,16 @@ def test_admits_counts_jobs_and_memory():
     assert admits([1 * GIB], 3 * GIB, 4 * GIB, 2)
     assert not admits([1 * GIB], 3 * GIB + 1, 4 * GIB, 2)
     assert not admits([1, 1], 1, 4 * GIB, 2)  # --jobs bounds it whatever the memory
+
+
+def concurrency(estimates: list[int], budget: int, jobs: int) -> int:
+    """How many of `estimates` (in order) `admits` starts together on an idle machine."""
+    running: list[int] = []
+    for estimate in estimates:
+        if not admits(running, estimate, budget, jobs):
+            break
+        running.append(estimate)
+    return len(running)
 
 
 def test_concurrency_from_budget_and_estimates():

@@ -121,14 +121,8 @@ def gelu_reference(x: np.ndarray, form: str, dtype: np.dtype | type) -> np.ndarr
     return results[-1]
 
 
-def build_gelu(graph: gs.Graph, x: gs.Tensor, y: gs.Variable, form: str, dtype: np.dtype | type) -> None:
-    """Nodes computing `y` from the fp32 tensor `x` as the kernel does (`kernel_gelu` writing into `y`)."""
-    kernel_gelu(Builder(graph, like=x), x, form, dtype, out=y)
-
-
-def kernel_gelu(b: Builder, x: gs.Tensor, form: str, dtype: np.dtype | type,
-                out: gs.Variable | None = None) -> gs.Tensor:
-    """The kernel's steps as ONNX nodes on the fp32 tensor `x`; returns the result (written into `out` if given).
+def kernel_gelu(b: Builder, x: gs.Tensor, form: str, dtype: np.dtype | type) -> gs.Tensor:
+    """The kernel's steps as ONNX nodes on the fp32 tensor `x`; returns the result.
 
     With fp16 steps, `x` must already hold fp16 values, each constant is the fp16 value of the kernel's
     (stored as fp32), and every step's result is rounded through a Cast to fp16 and back.
@@ -144,11 +138,9 @@ def kernel_gelu(b: Builder, x: gs.Tensor, form: str, dtype: np.dtype | type,
             return results[value]
         return float(np.float16(value)) if in_fp16 else value  # a number: a constant typed like x
 
-    for index, (op, operands) in enumerate(steps):
-        into = out if index == len(steps) - 1 else None
-        exact = b.op(op, *map(operand, operands), out=None if in_fp16 else into)
-        results.append(b.Cast(b.Cast(exact, to=TensorProto.FLOAT16), to=TensorProto.FLOAT, out=into) if in_fp16
-                       else exact)
+    for op, operands in steps:
+        exact = b.op(op, *map(operand, operands))
+        results.append(b.Cast(b.Cast(exact, to=TensorProto.FLOAT16), to=TensorProto.FLOAT) if in_fp16 else exact)
     return results[-1]
 
 

@@ -119,16 +119,6 @@ def admits(running: list[int], estimate: int, budget: int, jobs: int) -> bool:
     return not running or sum(running) + estimate <= budget
 
 
-def concurrency(estimates: list[int], budget: int, jobs: int) -> int:
-    """How many of `estimates` (in order) start together on an idle machine."""
-    running: list[int] = []
-    for estimate in estimates:
-        if not admits(running, estimate, budget, jobs):
-            break
-        running.append(estimate)
-    return len(running)
-
-
 def available_memory() -> int:
     """MemAvailable from /proc/meminfo, in bytes: what the kernel can give without swapping."""
     for line in Path("/proc/meminfo").read_text().splitlines():
