@@ -158,8 +158,8 @@ _entry_points_found = False
 
 # Named pipelines, one per target; `default` in a spec means the pipeline of the run's target.
 PIPELINES: dict[str, list[str]] = {
-    "ascend": ["freeze-shapes", "fold-attention-mask", "fuse-gelu", "layernorm-for-atc", "attention-bigkernel",
-               "legalize-ascend"],
+    "ascend": ["freeze-shapes", "fold-attention-mask", "fuse-gelu", "layernorm-for-atc", "gemm-to-matmul",
+               "attention-bigkernel", "legalize-ascend"],
     "ort": ["freeze-shapes", "fold-attention-mask", "fuse-gelu", "legalize-ort"],
 }
 DEFAULT = "default"

@@ -40,7 +40,8 @@ hidden/heads/head_dim from ModelFacts. The reference rewriters it follows: msit 
    split into (0,2,1,3) then (0,1,3,2); SDPA from the dynamo exporter (torch 2.13) swaps K's last two
    axes as Reshape [batch*heads, seq, hd] -> Transpose(0,2,1) -> Reshape [batch, heads, hd, seq],
    which becomes that second Transpose; XLM's key/value cache Concat, written by the legacy exporter
-   with one input (no cache), is a copy and is dropped; Gemm linear layers (onnxsim) become MatMul + Add;
+   with one input (no cache), is a copy and is dropped. Gemm linear layers (onnxsim's) are the
+   gemm-to-matmul pass's, which `default` runs before this one;
 4. the scale is one Mul by 1/sqrt(head_dim) after the scores MatMul whose name contains `bert`:
    ATC's `MulAddFusionPass` (`mul_add_fusion_pass.cc`, same folder) fuses the Mul into the
    FusedMulAdd AttentionScore needs only when `mul_name.find("bert")` succeeds (and the name holds
@@ -57,59 +58,38 @@ hidden/heads/head_dim from ModelFacts. The reference rewriters it follows: msit 
    is (msit would still add a same-shape Expand per layer: a copy that changes nothing);
 6. the context Reshape after Softmax -> MatMul -> Transpose reshapes to [-1, hidden].
 
-A block is matched by one pattern rooted at its context Reshape, with OneOf for the variants.
-A block that does not match is named in the notes with the matcher's reason and left alone; the
-2-D encoder (points 1, 2 and 6) is then not applied either, since it needs every block's shapes
-to follow. Numerics are unchanged up to float rounding (Div by 8 vs Mul by 0.125, the SDPA and XLM
-scales moved after the MatMul, Gemm vs MatMul + Add).
+A block is matched by one pattern rooted at its context Reshape, with OneOf for the variants
+(`bertopt.model.forms.attention_block_pattern`); the encoder's span and its flattening are
+`bertopt.model.encoder`'s. A block that does not match is named in the notes with the matcher's reason
+and left alone; the 2-D encoder (points 1, 2 and 6) is then not applied either, since it needs every
+block's shapes to follow. Numerics are unchanged up to float rounding (Div by 8 vs Mul by 0.125, the SDPA and XLM
+scales moved after the MatMul).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from bertopt.ascend.form import (CONTEXT_SEARCH_DEPTH, HEAD_PERM, KEY_PERM, SCALE_NAME_PREFIX, BlockReport,
-                                 attention_softmaxes, block_input, check_blocks, context_reshape, heads,
-                                 is_token_flattening, projection, scale_named_for_atc, transpose)
-from bertopt.ascend.layernorm import layernorm_pattern
-from bertopt.graph import add_node, constant_value, infer_shapes, make_constant, producer, replace_uses, unique_name
-from bertopt.graph.pattern import Const, Match, OneOf, Op, Pattern, Var
+from bertopt.ascend.form import (SCALE_NAME_PREFIX, BlockReport, attention_softmaxes, block_input, check_blocks,
+                                 scale_named_for_atc)
+from bertopt.graph import (add_node, constant_value, infer_shapes, insert_after, is_copy_of, make_constant, put_first,
+                           reinfer_shapes, replace_uses, set_inputs, unique_name)
+from bertopt.graph.pattern import Match
+from bertopt.model.encoder import encoder_span, flatten_tokens, unflatten_output
 from bertopt.model.facts import ModelFacts
+from bertopt.model.forms import HEAD_PERM, KEY_PERM, SPLIT_KEY_PERM, attention_blocks, residual_operand
 from bertopt.pipeline import PassOptions, PassResult, register_pass
 
-SPLIT_KEY_PERM = [0, 2, 3, 1]
-BATCHED_KEY_PERM = [0, 2, 1]
-SCALE_RTOL = 1e-4
+COUNTS = ("blocks_rewritten", "blocks_total", "k_transposes_split", "k_transposes_unbatched", "scales_rewritten",
+          "masks_expanded", "reshapes_2d", "reshapes_removed", "concats_removed", "operands_reordered",
+          "residuals_rewired")
 # Q, K, V MatMuls and the residual Add: what ZAttentionLnQKVONNXFusionPass wants reading the LayerNorm.
 BLOCK_INPUT_READERS = 4
-# Nodes that hand their input on unchanged when they keep its shape and type.
-NO_OP_COPIES = frozenset({"Identity", "Cast", "Reshape"})
-# Ops that broadcast their operands against each other (where a 3-D operand meets the 2-D encoder).
-BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min"})
-# ALBERT's first block reads MatMul + Add of its embedding LayerNorm: two nodes to look through.
-EMBEDDING_PROJECTION_NODES = 2
-
-
-@dataclass
-class Rewrite:
-    """What the pass changed, counted as the issue asks."""
-
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("blocks_rewritten", "blocks_total", "k_transposes_split", "k_transposes_unbatched", "scales_rewritten",
-         "masks_expanded", "reshapes_2d", "reshapes_removed", "concats_removed", "gemms_to_matmul",
-         "operands_reordered", "residuals_rewired"), 0))
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, key: str, n: int = 1) -> None:
-        self.counts[key] += n
-
-    @property
-    def changed(self) -> bool:
-        return any(n for key, n in self.counts.items() if key != "blocks_total")
+# Copies in a block that change nothing once it is in the standard form, and what removing each counts as.
+COPIES = {"context_noop": "reshapes_removed", "k_cache": "concats_removed", "v_cache": "concats_removed"}
 
 
 @register_pass("attention-bigkernel", "rewrite every attention block into the form ATC fuses into "
@@ -123,33 +103,33 @@ def attention_bigkernel(graph: gs.Graph, facts: ModelFacts, options: PassOptions
         return PassResult.no_change("looked for attention blocks (a Softmax between the scores and the "
                                     "context MatMul); the graph has no Softmax")
     before = check_blocks(graph, facts)
-    if all(block.conforming for block in before) and not _gemms(graph):
+    if all(block.conforming for block in before):
         return PassResult.no_change(f"all {len(before)} attention blocks are already in the standard form "
                                     "ATC fuses")
-    rewrite = Rewrite()
-    rewrite.counts["blocks_total"] = len(softmaxes)
-    rewrite.add("gemms_to_matmul", _gemms_to_matmul(graph))
-    if rewrite.counts["gemms_to_matmul"]:
-        infer_shapes(graph)
-    matches = _match_blocks(graph, facts, softmaxes, rewrite)
+    result = PassResult(changed=False, counts=dict.fromkeys(COUNTS, 0))
+    result.counts["blocks_total"] = len(softmaxes)
+    matches, misses = attention_blocks(graph, facts, softmaxes)
+    result.notes += [f"layer {layer} (Softmax '{softmaxes[layer].name}') left unchanged: {why}"
+                     for layer, why in misses.items()]
     for match in matches:
-        _rewrite_block(graph, facts, match, rewrite)
-    _expand_masks(graph, facts, matches, rewrite)
+        _rewrite_block(graph, facts, match, result)
+    _expand_masks(graph, facts, matches, result)
     for match in matches:
-        _residual_reads_block_input(match, rewrite)
-    encoder_2d = len(matches) == len(softmaxes) and _make_encoder_2d(graph, facts, matches, rewrite)
+        _residual_reads_block_input(match, result)
+    encoder_2d = len(matches) == len(softmaxes) and _make_encoder_2d(graph, facts, matches, result)
     if len(matches) < len(softmaxes):
-        rewrite.notes.append("the 2-D encoder (Reshape [-1, hidden] ... back) was not applied: it needs "
+        result.notes.append("the 2-D encoder (Reshape [-1, hidden] ... back) was not applied: it needs "
                              "every attention block in the standard form")
-    _refresh_shapes(graph)
+    reinfer_shapes(graph)  # the shapes recorded before the rewrite are stale (2-D now)
     if encoder_2d:  # the block inputs' readers count once Q, K, V read them directly
-        rewrite.notes += _too_few_readers(matches)
-    rewrite.counts["blocks_rewritten"] = _newly_conforming(before, check_blocks(graph, facts))
-    if not rewrite.changed:
-        return PassResult.no_change("; ".join(rewrite.notes) or "nothing to rewrite")
-    rewrite.notes.insert(0, f"{rewrite.counts['blocks_rewritten']} of {len(softmaxes)} attention blocks "
+        result.notes += _too_few_readers(matches)
+    result.counts["blocks_rewritten"] = _newly_conforming(before, check_blocks(graph, facts))
+    if not any(n for key, n in result.counts.items() if key != "blocks_total"):
+        return PassResult.no_change("; ".join(result.notes) or "nothing to rewrite")
+    result.notes.insert(0, f"{result.counts['blocks_rewritten']} of {len(softmaxes)} attention blocks "
                             "brought into the standard form ATC fuses")
-    return PassResult(changed=True, counts=rewrite.counts, notes=rewrite.notes)
+    result.changed = True
+    return result
 
 
 def _newly_conforming(before: list[BlockReport], after: list[BlockReport]) -> int:
@@ -157,176 +137,48 @@ def _newly_conforming(before: list[BlockReport], after: list[BlockReport]) -> in
     return sum(1 for block in after if block.conforming and not was.get(block.softmax, False))
 
 
-# ----------------------------------------------------------------------------- Gemm -> MatMul + Add
-
-def _gemms(graph: gs.Graph) -> list[gs.Node]:
-    """Gemms computing x @ W + b with a constant W: linear layers as onnxsim writes them."""
-    def linear(node: gs.Node) -> bool:
-        attrs = node.attrs
-        return (node.op == "Gemm" and isinstance(node.inputs[1], gs.Constant) and not attrs.get("transA", 0)
-                and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0)
-
-    return [node for node in graph.nodes if linear(node)]
-
-
-def _gemms_to_matmul(graph: gs.Graph) -> int:
-    """ATC's standard form has MatMul -> Add; the output tensor keeps its name and consumers."""
-    gemms = _gemms(graph)
-    for gemm in gemms:
-        x, weight, bias = gemm.inputs[0], gemm.inputs[1], (gemm.inputs[2:] or [None])[0]
-        output = gemm.outputs[0]
-        values = weight.values.T if gemm.attrs.get("transB", 0) else weight.values
-        if values is not weight.values:
-            weight = make_constant(graph, f"{weight.name}_transposed", np.ascontiguousarray(values))
-        gemm.outputs.clear()
-        gemm.inputs.clear()
-        if bias is None:
-            graph.nodes.append(gs.Node("MatMul", unique_name(graph, "bertopt_MatMul"), inputs=[x, weight],
-                                       outputs=[output]))
-            continue
-        product = add_node(graph, "MatMul", [x, weight], dtype=output.dtype)[0]
-        graph.nodes.append(gs.Node("Add", unique_name(graph, "bertopt_Add"), inputs=[product, bias],
-                                   outputs=[output]))
-    graph.cleanup(remove_unused_graph_inputs=False)
-    return len(gemms)
-
-
-# ----------------------------------------------------------------------------- the block pattern
-
-def block_pattern(facts: ModelFacts) -> Pattern:
-    """One attention block, rooted at its context Reshape, in every form the exporters write."""
-    x = Var("x")
-    query = transpose(heads(projection(x, "q"), facts, "q"), HEAD_PERM, "q_transpose")
-    key = _key_spellings(heads(projection(x, "k"), facts, "k"), facts)
-    value = _uncached(transpose(heads(projection(x, "v"), facts, "v"), HEAD_PERM, "v_transpose"), "v")
-    scale = 1.0 / math.sqrt(facts.head_dim)
-    scores = Op("MatMul", query, key, name="scores")
-    half = Const(math.sqrt(scale), rtol=SCALE_RTOL)
-    query_alone = OneOf(Op("Div", query, Const(1.0 / scale, rtol=SCALE_RTOL), name="q_scale"),
-                        Op("Mul", query, Const(scale, rtol=SCALE_RTOL), name="q_scale"))
-    scaled = OneOf(
-        Op("Mul", scores, Const(scale, rtol=SCALE_RTOL), name="scale"),
-        Op("Div", scores, Const(1.0 / scale, rtol=SCALE_RTOL), name="scale"),
-        Op("MatMul", Op("Mul", query, half, name="q_scale"), Op("Mul", key, half, name="k_scale"),
-           name="scores"),
-        Op("MatMul", query_alone, key, name="scores"))
-    probs = Op("Softmax", Op("Add", scaled, Var("mask"), name="mask_add"), name="softmax",
-               where=(_last_axis, "a softmax over the last axis"))
-    context = Op("MatMul", probs, value, name="context_matmul")
-    # SDPA exports reshape the context to the shape it already has before the Transpose.
-    context = OneOf(context, Op("Reshape", context, Const(), name="context_noop",
-                                where=(_keeps_shape, "a Reshape to the shape it already has")))
-    merged = transpose(context, HEAD_PERM, "context_transpose")
-    return Pattern(Op("Reshape", merged, Const(name="context_shape"), name="context_reshape"))
-
-
-def _key_spellings(key_heads: Op, facts: ModelFacts) -> OneOf:
-    """K transposed to [batch, heads, head_dim, seq]: the standard two Transposes, the single
-    (0, 2, 3, 1) one, or SDPA's from the dynamo exporter, which swaps the last two axes of
-    [batch*heads, seq, head_dim]: Reshape -> Transpose(0, 2, 1) -> Reshape."""
-    heads_first = transpose(key_heads, HEAD_PERM, "k_transpose")
-    merged = [facts.batch * facts.heads, facts.seq, facts.head_dim]
-    split = [facts.batch, facts.heads, facts.head_dim, facts.seq]
-    batched = Op("Reshape", Op("Transpose", Op("Reshape", heads_first, Const(), name="k_merge",
-                                               where=_reshapes_into(merged)),
-                               attrs={"perm": BATCHED_KEY_PERM}),
-                 Const(), name="k_unmerge", where=_reshapes_into(split))
-    return OneOf(transpose(_uncached(heads_first, "k"), KEY_PERM, "k_transpose2"),
-                 transpose(key_heads, SPLIT_KEY_PERM, "k_transpose"),
-                 batched)
-
-
-def _uncached(heads_first: Op, tag: str) -> OneOf:
-    """XLM's key/value cache Concat, which the legacy exporter writes with one input (no cache): a copy."""
-    return OneOf(heads_first, Op("Concat", heads_first, name=f"{tag}_cache"))
-
-
-def _reshapes_into(shape: list[int]) -> tuple:
-    def reshapes(node: gs.Node) -> bool:
-        return list(node.outputs[0].shape or []) == shape
-
-    return reshapes, f"a Reshape to {shape}"
-
-
-def _keeps_shape(node: gs.Node) -> bool:
-    before, after = node.inputs[0].shape, node.outputs[0].shape
-    return before is not None and list(before) == list(after or [])
-
-
-def _last_axis(node: gs.Node) -> bool:
-    rank = len(node.inputs[0].shape or [None] * 4)
-    return node.attrs.get("axis", -1) in (-1, rank - 1)
-
-
-def _match_blocks(graph: gs.Graph, facts: ModelFacts, softmaxes: list[gs.Node],
-                  rewrite: Rewrite) -> list[Match]:
-    pattern = block_pattern(facts)
-    matches = pattern.find_all(graph)
-    found = {id(m.node("softmax")) for m in matches}
-    for layer, softmax in enumerate(softmaxes):
-        if id(softmax) not in found:
-            rewrite.notes.append(f"layer {layer} (Softmax '{softmax.name}') left unchanged: "
-                                 f"{_why_not(pattern, graph, softmax)}")
-    order = {id(node): i for i, node in enumerate(softmaxes)}
-    return sorted(matches, key=lambda m: order[id(m.node("softmax"))])
-
-
-def _why_not(pattern: Pattern, graph: gs.Graph, softmax: gs.Node) -> str:
-    reshape = context_reshape(softmax)
-    if reshape is None:
-        return f"no context Reshape within {CONTEXT_SEARCH_DEPTH} nodes after it"
-    return pattern.explain(reshape, graph)
-
-
 # ----------------------------------------------------------------------------- per block
 
-def _rewrite_block(graph: gs.Graph, facts: ModelFacts, match: Match, rewrite: Rewrite) -> None:
+def _rewrite_block(graph: gs.Graph, facts: ModelFacts, match: Match, result: PassResult) -> None:
+    """Points 3 and 4; the computed operand first, as ATC's fusion patterns are written (Add(MatMul, bias))."""
     for tag in ("q", "k", "v"):
-        _order_operands(match.node(f"{tag}_add"), match.node(f"{tag}_matmul").outputs[0], rewrite)
-    _split_key_transpose(graph, match, rewrite)
-    _unbatch_key_transpose(graph, match, rewrite)
-    _rewrite_scale(graph, facts, match, rewrite)
-    for copy, count in (("context_noop", "reshapes_removed"), ("k_cache", "concats_removed"),
-                        ("v_cache", "concats_removed")):
-        if _has(match, copy):
-            replace_uses(match.node(copy).outputs[0], match.node(copy).inputs[0], graph)
-            rewrite.add(count)
+        result.counts["operands_reordered"] += put_first(match.node(f"{tag}_add"), match.node(f"{tag}_matmul").outputs[0])
+    _standard_key_transposes(graph, match, result)
+    _rewrite_scale(graph, facts, match, result)
+    for name, count in COPIES.items():
+        copy = match.get_node(name)
+        if copy is not None:
+            replace_uses(copy.outputs[0], copy.inputs[0], graph)
+            result.counts[count] += 1
 
 
-def _order_operands(node: gs.Node, first: gs.Tensor, rewrite: Rewrite) -> None:
-    """Computed operand first, as ATC's fusion patterns are written (Add(MatMul, bias), Mul(x, c))."""
-    if node.inputs[0] is not first:
-        _set_inputs(node, [first, node.inputs[0]])
-        rewrite.add("operands_reordered")
+def _standard_key_transposes(graph: gs.Graph, match: Match, result: PassResult) -> None:
+    """K's single Transpose (0, 2, 3, 1) split in two; SDPA's Reshape -> Transpose(0, 2, 1) -> Reshape becomes
+    the standard second Transpose (0, 1, 3, 2)."""
+    k_transpose, unmerge = match.node("k_transpose"), match.get_node("k_unmerge")
+    if list(k_transpose.attrs["perm"]) == SPLIT_KEY_PERM:
+        k_transpose.attrs["perm"] = list(HEAD_PERM)
+        insert_after(graph, k_transpose.outputs[0], "Transpose", attrs={"perm": list(KEY_PERM)})
+        result.counts["k_transposes_split"] += 1
+    if unmerge is not None:
+        swapped = add_node(graph, "Transpose", [k_transpose.outputs[0]], attrs={"perm": list(KEY_PERM)},
+                           dtype=k_transpose.outputs[0].dtype)
+        replace_uses(unmerge.outputs[0], swapped[0], graph)
+        result.counts["k_transposes_unbatched"] += 1
 
 
-def _split_key_transpose(graph: gs.Graph, match: Match, rewrite: Rewrite) -> None:
-    k_transpose = match.node("k_transpose")
-    if list(k_transpose.attrs["perm"]) != SPLIT_KEY_PERM:
-        return
-    k_transpose.attrs["perm"] = list(HEAD_PERM)
-    _insert_after(graph, k_transpose.outputs[0], "Transpose", attrs={"perm": list(KEY_PERM)})
-    rewrite.add("k_transposes_split")
-
-
-def _unbatch_key_transpose(graph: gs.Graph, match: Match, rewrite: Rewrite) -> None:
-    """SDPA's Reshape -> Transpose(0, 2, 1) -> Reshape becomes the standard second Transpose (0, 1, 3, 2)."""
-    if not _has(match, "k_unmerge"):
-        return
-    heads_first = match.node("k_transpose").outputs[0]
-    swapped = add_node(graph, "Transpose", [heads_first], attrs={"perm": list(KEY_PERM)}, dtype=heads_first.dtype)
-    replace_uses(match.node("k_unmerge").outputs[0], swapped[0], graph)
-    rewrite.add("k_transposes_unbatched")
-
-
-def _rewrite_scale(graph: gs.Graph, facts: ModelFacts, match: Match, rewrite: Rewrite) -> None:
+def _rewrite_scale(graph: gs.Graph, facts: ModelFacts, match: Match, result: PassResult) -> None:
     scores = match.node("scores")
     scale = np.array(1.0 / math.sqrt(facts.head_dim), dtype=np.dtype(scores.outputs[0].dtype or np.float32))
-    if _has(match, "q_scale"):
-        _unscale_operands(scores, match)
-        _insert_after(graph, scores.outputs[0], "Mul", extra=[make_constant(graph, "bert_scale", scale)],
-                      name=unique_name(graph, f"{SCALE_NAME_PREFIX}Mul"))
-        rewrite.add("scales_rewritten")
+    if match.get_node("q_scale") is not None:
+        # SDPA scales Q and K by sqrt(scale) each, XLM Q alone by the whole scale; the MatMul reads them
+        # unscaled instead ((q / s) k = (q k) / s) and one Mul scales its product
+        for index, node in enumerate(map(match.get_node, ("q_scale", "k_scale"))):
+            if node is not None:
+                scores.inputs[index] = node.inputs[0 if not isinstance(node.inputs[0], gs.Constant) else 1]
+        insert_after(graph, scores.outputs[0], "Mul", extra=[make_constant(graph, "bert_scale", scale)],
+                     name=unique_name(graph, f"{SCALE_NAME_PREFIX}Mul"))
+        result.counts["scales_rewritten"] += 1
         return
     node = match.node("scale")
     changed = node.op == "Div" or not scale_named_for_atc(node.name)
@@ -335,31 +187,11 @@ def _rewrite_scale(graph: gs.Graph, facts: ModelFacts, match: Match, rewrite: Re
         node.inputs[1] = make_constant(graph, "bert_scale", scale)
     if not scale_named_for_atc(node.name):
         node.name = unique_name(graph, f"{SCALE_NAME_PREFIX}Mul")
-    _order_operands(node, scores.outputs[0], rewrite)
-    rewrite.add("scales_rewritten", int(changed))
+    result.counts["operands_reordered"] += put_first(node, scores.outputs[0])
+    result.counts["scales_rewritten"] += int(changed)
 
 
-def _unscale_operands(scores: gs.Node, match: Match) -> None:
-    """SDPA scales Q and K by sqrt(scale) each, XLM Q alone by the whole scale; the MatMul reads them
-    unscaled instead ((q / s) k = (q k) / s)."""
-    for index, name in enumerate(("q_scale", "k_scale")):
-        if _has(match, name):
-            scores.inputs[index] = match.node(name).inputs[_computed_index(match.node(name))]
-
-
-def _computed_index(node: gs.Node) -> int:
-    return 0 if not isinstance(node.inputs[0], gs.Constant) else 1
-
-
-def _has(match: Match, name: str) -> bool:
-    try:
-        match.node(name)
-    except KeyError:
-        return False
-    return True
-
-
-def _expand_masks(graph: gs.Graph, facts: ModelFacts, matches: list[Match], rewrite: Rewrite) -> None:
+def _expand_masks(graph: gs.Graph, facts: ModelFacts, matches: list[Match], result: PassResult) -> None:
     """Point 5: each layer's mask Add reads an Expand to [batch, 1, seq, seq] of its own."""
     full = [facts.batch, 1, facts.seq, facts.seq]
     target = make_constant(graph, "bert_mask_shape", np.array(full, dtype=np.int64))
@@ -368,21 +200,21 @@ def _expand_masks(graph: gs.Graph, facts: ModelFacts, matches: list[Match], rewr
         scores = next(t for t in add.inputs if t is not mask)
         if list(mask.shape or []) != full:
             mask = add_node(graph, "Expand", [mask, target], dtype=mask.dtype, shape=full)[0]
-            rewrite.add("masks_expanded")
+            result.counts["masks_expanded"] += 1
         if list(add.inputs) != [scores, mask]:
-            _set_inputs(add, [scores, mask])
-            rewrite.add("operands_reordered")
+            set_inputs(add, [scores, mask])
+            result.counts["operands_reordered"] += 1
 
 
-def _residual_reads_block_input(match: Match, rewrite: Rewrite) -> None:
+def _residual_reads_block_input(match: Match, result: PassResult) -> None:
     """Point 2: the residual Add reads the block input itself, not a copy of it (the copy is dropped)."""
-    x, found = _block_input(match), _residual_operand(match)
+    x, found = block_input(match["x"]), residual_operand(match.node("context_reshape").outputs[0])
     if found is None:
         return
     residual, index = found
-    if residual.inputs[index] is not x and _is_copy_of(residual.inputs[index], x):
+    if residual.inputs[index] is not x and is_copy_of(residual.inputs[index], x):
         residual.inputs[index] = x
-        rewrite.add("residuals_rewired")
+        result.counts["residuals_rewired"] += 1
 
 
 def _too_few_readers(matches: list[Match]) -> list[str]:
@@ -390,229 +222,33 @@ def _too_few_readers(matches: list[Match]) -> list[str]:
     notes = []
     for layer, match in enumerate(matches):
         # what Q reads now: the first block's input may have become the encoder's 2-D Reshape
-        x, found = block_input(match.node("q_matmul").inputs[0]), _residual_operand(match)
+        x = block_input(match.node("q_matmul").inputs[0])
         if len(x.outputs) >= BLOCK_INPUT_READERS:
             continue
-        reads = "no residual Add follows the attention output projection"
-        if found is not None:
-            residual, index = found
-            reads = f"the residual Add '{residual.name}' reads '{residual.inputs[index].name}', not the block input"
+        found = residual_operand(match.node("context_reshape").outputs[0])
+        reads = (f"the residual Add '{found[0].name}' reads '{found[0].inputs[found[1]].name}', not the block input"
+                 if found is not None else "no residual Add follows the attention output projection")
         notes.append(f"layer {layer}: '{x.name}' has {len(x.outputs)} readers, ATC's LayerNorm+QKV kernel wants "
                      f"{BLOCK_INPUT_READERS}: {reads} (msit would add an Add(x, 0) that nothing reads, which the "
                      "pipeline's cleanup drops)")
     return notes
 
 
-def _residual_operand(match: Match) -> tuple[gs.Node, int] | None:
-    """The residual Add after the output projection Add(MatMul(context, Wo), bo), and its other input."""
-    tensor = match.node("context_reshape").outputs[0]
-    for op in ("MatMul", "Add", "Add"):
-        readers = [node for node in tensor.outputs if node.op == op]
-        if len(readers) != 1:
-            return None
-        projection, tensor = tensor, readers[0].outputs[0]
-    residual = readers[0]
-    index = next((i for i, t in enumerate(residual.inputs) if t is not projection), None)
-    return None if index is None else (residual, index)
-
-
-def _is_copy_of(tensor: gs.Tensor, source: gs.Tensor) -> bool:
-    """`tensor` is `source` handed on by nodes that keep its shape and type."""
-    while tensor is not source:
-        node = producer(tensor)
-        if node is None or node.op not in NO_OP_COPIES or not node.inputs:
-            return False
-        inner = node.inputs[0]
-        if inner.dtype != tensor.dtype or inner.shape is None or list(inner.shape) != list(tensor.shape or []):
-            return False
-        tensor = inner
-    return True
-
-
 # ----------------------------------------------------------------------------- the 2-D encoder
 
-def _make_encoder_2d(graph: gs.Graph, facts: ModelFacts, matches: list[Match], rewrite: Rewrite) -> bool:
+def _make_encoder_2d(graph: gs.Graph, facts: ModelFacts, matches: list[Match], result: PassResult) -> bool:
     """Points 1 and 6: tokens flattened from the first LayerNorm's input to the last LayerNorm."""
-    layernorms = layernorm_pattern().find_all(graph, allow_escape=True)
-    last_output = _last_layernorm_output(layernorms, _block_input(matches[-1]))
-    if last_output is None:
-        rewrite.notes.append("the 2-D encoder was not applied: cannot find the LayerNorm that ends the "
-                             f"last layer (after '{_block_input(matches[-1]).name}')")
+    span = encoder_span(graph, block_input(matches[0]["x"]), block_input(matches[-1]["x"]), facts)
+    if isinstance(span, str):
+        result.notes.append(f"the 2-D encoder was not applied: {span}")
         return False
-    source = _encoder_source(layernorms, _block_input(matches[0]))
-    region = _encoder_nodes(source, last_output)
-    operands, blocker = _token_operands(region, source, facts)
-    if blocker:
-        rewrite.notes.append(f"the 2-D encoder was not applied: {blocker}")
-        return False
-    _flatten_encoder_input(graph, facts, source, rewrite)
-    for node in region:
-        if is_token_flattening(node):
-            replace_uses(node.outputs[0], node.inputs[0], graph)
-            rewrite.add("reshapes_removed")
-    _flatten_token_operands(graph, facts, operands, rewrite)
+    for key, n in flatten_tokens(graph, span, facts).items():
+        result.counts[key] += n
     for match in matches:
-        _retarget_context(graph, facts, match, rewrite)
-    _unflatten_last_output(graph, facts, last_output, rewrite)
+        reshape = match.node("context_reshape")
+        if constant_value(reshape.inputs[1]).tolist() != [-1, facts.hidden]:
+            target = np.array([-1, facts.hidden], dtype=np.int64)
+            reshape.inputs[1] = make_constant(graph, "bert_context_shape", target)
+            result.counts["reshapes_2d"] += 1
+    result.counts["reshapes_2d"] += unflatten_output(graph, span, facts)
     return True
-
-
-def _block_input(match: Match) -> gs.Tensor:
-    return block_input(match["x"])
-
-
-def _encoder_source(layernorms: list[Match], first_input: gs.Tensor) -> gs.Tensor:
-    """Point 1: the first LayerNorm's input, else the first block's input (see the module docstring)."""
-    first = _first_layernorm(layernorms, first_input)
-    return first["x"] if first is not None else first_input
-
-
-def _flatten_encoder_input(graph: gs.Graph, facts: ModelFacts, source: gs.Tensor, rewrite: Rewrite) -> None:
-    """Point 1: Reshape [-1, width] on the encoder's source, which every former reader then reads."""
-    tokens = facts.batch * facts.seq
-    width = source.shape[-1] if source.shape else facts.hidden  # ALBERT normalises its embedding size
-    if list(source.shape or []) == [tokens, width]:
-        return
-    target = make_constant(graph, "bert_shape_2d", np.array([-1, width], dtype=np.int64))
-    rewrite.add("reshapes_2d")
-    _insert_after(graph, source, "Reshape", extra=[target], shape=[tokens, width])
-
-
-def _token_operands(region: list[gs.Node], source: gs.Tensor,
-                    facts: ModelFacts) -> tuple[list[tuple[gs.Node, int]], str | None]:
-    """Operands from outside the encoder that token-wise nodes inside it broadcast against [batch, seq, n]
-    (XLM multiplies each LayerNorm output by its padding mask [batch, seq, 1]): (node, input index) of
-    each, to flatten with the encoder, or why the encoder cannot be flattened."""
-    inside = {id(out) for node in region for out in node.outputs} | {id(source)}
-    tokens = [facts.batch, facts.seq]
-    found = []
-    for node in region:
-        if node.op not in BROADCASTING or not any(
-                id(t) in inside and list(t.shape or [])[:2] == tokens and len(t.shape) == 3 for t in node.inputs):
-            continue
-        for index, tensor in enumerate(node.inputs):
-            if id(tensor) in inside or len(tensor.shape or []) < 2:
-                continue
-            if len(tensor.shape) != 3 or list(tensor.shape[:2]) != tokens:
-                return [], (f"{node.op} '{node.name}' broadcasts '{tensor.name}' {list(tensor.shape)} against the "
-                            f"[batch, seq, n] tokens, which the 2-D encoder would break")
-            found.append((node, index))
-    return found, None
-
-
-def _flatten_token_operands(graph: gs.Graph, facts: ModelFacts, operands: list[tuple[gs.Node, int]],
-                            rewrite: Rewrite) -> None:
-    """Each operand `_token_operands` found, read as [batch*seq, n] (one Reshape per tensor)."""
-    flat: dict[int, gs.Tensor] = {}
-    for node, index in operands:
-        tensor = node.inputs[index]
-        if id(tensor) not in flat:
-            width = tensor.shape[-1]
-            target = make_constant(graph, "bert_shape_2d", np.array([-1, width], dtype=np.int64))
-            flat[id(tensor)] = add_node(graph, "Reshape", [tensor, target], dtype=tensor.dtype,
-                                        shape=[facts.batch * facts.seq, width])[0]
-            rewrite.add("reshapes_2d")
-        node.inputs[index] = flat[id(tensor)]
-
-
-def _first_layernorm(layernorms: list[Match], first_input: gs.Tensor) -> Match | None:
-    """The LayerNorm making the first block's input, else the one above it through a token-wise
-    MatMul + Add with constant weights (ALBERT's embedding projection)."""
-    by_output = {id(m.root.outputs[0]): m for m in layernorms}
-    tensor = first_input
-    for _node in range(EMBEDDING_PROJECTION_NODES):
-        if id(tensor) in by_output:
-            break
-        node = producer(tensor)
-        computed = [t for t in node.inputs if not isinstance(t, gs.Constant)] if node is not None else []
-        if node is None or node.op not in ("MatMul", "Add") or len(computed) != 1:
-            return None
-        tensor = computed[0]
-    return by_output.get(id(tensor))
-
-
-def _retarget_context(graph: gs.Graph, facts: ModelFacts, match: Match, rewrite: Rewrite) -> None:
-    reshape = match.node("context_reshape")
-    if constant_value(reshape.inputs[1]).tolist() != [-1, facts.hidden]:
-        target = np.array([-1, facts.hidden], dtype=np.int64)
-        reshape.inputs[1] = make_constant(graph, "bert_context_shape", target)
-        rewrite.add("reshapes_2d")
-
-
-def _unflatten_last_output(graph: gs.Graph, facts: ModelFacts, last: gs.Tensor, rewrite: Rewrite) -> None:
-    """Reshape back to [batch, seq, hidden] after the last LayerNorm, unless already there."""
-    full = [facts.batch, facts.seq, facts.hidden]
-    readers = last.outputs
-    if last not in graph.outputs and readers and all(_reshapes_to(node, full) for node in readers):
-        return
-    target = make_constant(graph, "bert_shape_3d", np.array(full, dtype=np.int64))
-    _insert_after(graph, last, "Reshape", extra=[target], shape=full)
-    rewrite.add("reshapes_2d")
-
-
-def _reshapes_to(node: gs.Node, shape: list[int]) -> bool:
-    value = constant_value(node.inputs[1]) if node.op == "Reshape" else None
-    return value is not None and value.tolist() == shape
-
-
-def _encoder_nodes(start: gs.Tensor, end: gs.Tensor) -> list[gs.Node]:
-    """Nodes on a path from `start` to `end`: downstream of one and upstream of the other."""
-    downstream = _reach(start, lambda t: t.outputs, lambda n: n.outputs, stop=end)
-    upstream = _reach(end, lambda t: t.inputs, lambda n: n.inputs, stop=start)
-    return [node for node in downstream.values() if id(node) in upstream]
-
-
-def _reach(tensor: gs.Tensor, nodes_of, tensors_of, stop: gs.Tensor) -> dict[int, gs.Node]:
-    seen: dict[int, gs.Node] = {}
-    frontier = [tensor]
-    while frontier:
-        current = frontier.pop()
-        if current is stop:
-            continue
-        for node in nodes_of(current):
-            if id(node) not in seen:
-                seen[id(node)] = node
-                frontier.extend(tensors_of(node))
-    return seen
-
-
-# ----------------------------------------------------------------------------- LayerNorm chain
-
-def _last_layernorm_output(layernorms: list[Match], last_input: gs.Tensor) -> gs.Tensor | None:
-    """The output of the LayerNorm that ends the last layer: LN(Add(LN(Add(x, attention)), ffn))."""
-    by_input = {id(m["x"]): m.root.outputs[0] for m in layernorms}
-    tensor = last_input
-    for _step in ("attention output LayerNorm", "layer output LayerNorm"):
-        tensor = next((by_input[id(add.outputs[0])] for add in tensor.outputs
-                       if add.op == "Add" and id(add.outputs[0]) in by_input), None)
-        if tensor is None:
-            return None
-    return tensor
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def _insert_after(graph: gs.Graph, tensor: gs.Tensor, op: str, *, extra: list[gs.Tensor] = (),
-                  attrs: dict | None = None, name: str | None = None, shape=None) -> gs.Node:
-    """A new node reading `tensor` (then `extra`); every former reader of `tensor` reads its output."""
-    output = add_node(graph, op, [tensor, *extra], name=name, attrs=attrs, dtype=tensor.dtype, shape=shape)[0]
-    node = output.inputs[0]
-    replace_uses(tensor, output, graph)
-    node.inputs[0] = tensor  # replace_uses redirected the new node too
-    return node
-
-
-def _set_inputs(node: gs.Node, tensors: list[gs.Tensor]) -> None:
-    """gs keeps consumer links in sync on clear/extend (its lists take no slice assignment)."""
-    node.inputs.clear()
-    node.inputs.extend(tensors)
-
-
-def _refresh_shapes(graph: gs.Graph) -> None:
-    """Shapes recorded before the rewrite are stale (2-D now); infer them afresh."""
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    inputs, outputs = {id(t) for t in graph.inputs}, {id(t) for t in graph.outputs}
-    for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Variable) and id(tensor) not in inputs and id(tensor) not in outputs:
-            tensor.shape = None
-    infer_shapes(graph)

@@ -27,10 +27,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from bertopt.ascend.layernorm import decomposed_layernorm_pattern, in_dtype, layernorm_pattern
+from bertopt.ascend.layernorm import decomposed_layernorm_pattern, in_dtype
 from bertopt.graph import make_constant, replace_uses
 from bertopt.graph.pattern import Match
 from bertopt.model.facts import ModelFacts
+from bertopt.model.forms import layernorm_pattern
 from bertopt.pipeline import PassOptions, PassResult, register_pass
 
 

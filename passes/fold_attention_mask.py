@@ -246,11 +246,11 @@ def _find_sites(graph: gs.Graph, free: set[int], mask_input: gs.Tensor | None) -
     for match in _add_pattern(free).find_all(graph, allow_escape=True):
         add = match.node("add")
         index = next(i for i, t in enumerate(add.inputs) if id(t) in free)
-        sites.append(Site("add", add, match.node("softmax"), index=index, cast=_optional(match, "cast")))
+        sites.append(Site("add", add, match.node("softmax"), index=index, cast=match.get_node("cast")))
     for match in _where_pattern(free).find_all(graph, allow_escape=True):
         where = match.node("where")
         sites.append(Site("where", where, match.node("softmax"), removes_when=_fill_index(where, free) == 1,
-                          cast=_optional(match, "cast")))
+                          cast=match.get_node("cast")))
     for match in _attention_pattern(free).find_all(graph, allow_escape=True):
         sites.append(Site("attention", match.root, None, index=3))
     seen = {id(site.softmax) for site in sites if site.softmax is not None}
@@ -260,13 +260,6 @@ def _find_sites(graph: gs.Graph, free: set[int], mask_input: gs.Tensor | None) -
         return sites, []
     notes = [f"{len(bare)} attention layer(s) read no mask; left them alone"] if bare and sites else []
     return sites, notes
-
-
-def _optional(match: Match, name: str) -> gs.Node | None:
-    try:
-        return match.node(name)
-    except KeyError:
-        return None
 
 
 def _nothing_found(graph: gs.Graph, mask_input: gs.Tensor | None, free: set[int]) -> str:

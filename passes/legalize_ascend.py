@@ -25,18 +25,11 @@ of each op it holds. In order:
 3. **Operator list.** Any op the version's list lacks (or any op outside the ONNX domain) is a
    BertoptError naming each one and the version: ATC would otherwise fail later, with a worse message.
 4. **Opset.** The highest opset inside the version's range and every op's own range, never above the
-   graph's (bertopt does not raise opsets). `onnx.version_converter` cannot do this for BERT exports
-   (measured with onnx 1.23.2: "No Adapter From Version $18 for Split" on a dynamo opset-18 export,
-   "No Previous Version of Gelu exists" on opset 20), so each node whose schema is newer than the
-   target is lowered by itself, per `onnx.defs` schema history: ``Reduce*-18`` get their constant axes
-   back as the attribute; ``Split-18`` loses ``num_outputs`` (Split-13 splits evenly by output count;
-   an uneven split gets Split-18's sizes as an input); ``Cast-19`` loses ``saturate`` (float8 only);
-   ``Reshape-14`` loses ``allowzero`` where that changes nothing (0, or a constant shape without
-   zeros); ``Shape-15``'s ``start``/``end`` become a Slice of the full shape. Any other newer op stays
-   only if its older schema takes the same inputs and attributes (Add/Sub/Mul/Div-14, Pow-15,
-   Where-16, Equal-19, Transpose/Squeeze/Unsqueeze-21... only added types); otherwise BertoptError
-   naming op, opset and version. The checker run after the pass then validates every node against the
-   target opset's schemas, types included.
+   graph's (bertopt does not raise opsets), each node newer than it lowered by itself
+   (`bertopt.graph.opset`, which says how and why not with `onnx.version_converter`); a node with no
+   lowering whose older schema means something else is refused, naming op, opset and version. The
+   checker run after the pass then validates every node against the target opset's schemas, types
+   included.
 5. **IR version** at most the version's (ONNX 1.8: 7, ONNX 1.12: 8). The newer IR versions added
    float8/4-bit types and function overloads, which a BERT graph at these opsets does not use.
 
@@ -46,26 +39,28 @@ the fp16 range (ATC compiles to fp16 on 310P, where they become inf).
 
 from __future__ import annotations
 
-import math
 from collections import Counter
-from typing import Callable
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from bertopt.ascend.cann import CannTarget
-from bertopt.ascend.layernorm import write_decomposed_layernorm
-from bertopt.ascend.legality import (LAYER_NORMALIZATION, ONNX_DOMAINS, fp16_unsafe_constants, onnx_op_types,
-                                     ops_outside_opset, opset_window, unsupported_ops)
+from bertopt.ascend.layernorm import decomposed_layernorm
+from bertopt.ascend.legality import (LAYER_NORMALIZATION, fp16_unsafe_constants, onnx_op_types, ops_outside_opset,
+                                     opset_window, unsupported_ops)
 from bertopt.errors import BertoptError, CheckFailed
-from bertopt.graph import constant_value, make_constant, unique_name
 from bertopt.graph.builder import Builder
-from bertopt.graph.pattern import Match
+from bertopt.graph.opset import in_onnx_domain, lower_opset, set_default_opset
+from bertopt.graph.pattern import Match, Op, Var
 from bertopt.graph.rules import Rule, apply_rules
 from bertopt.model.facts import ModelFacts
 from bertopt.model.forms import DECOMPOSED, ERF, TANH, atc_gelu, in_atc_form, whole_gelu_pattern
 from bertopt.pipeline import PassOptions, PassResult, register_pass
+
+
+# The ONNX op, its bias (an optional third input) read from the node; Mean and InvStdDev must be unread.
+LAYERNORM_OP = Op(LAYER_NORMALIZATION, Var("x"), Var("scale"), partial_inputs=True, outputs=None,
+                  where=(in_onnx_domain, "the ONNX op"))
 
 
 @register_pass("legalize-ascend", "lower to the run's CANN version (--cann): Gelu as ATC's erf subgraph (tanh "
@@ -78,8 +73,8 @@ def legalize_ascend(graph: gs.Graph, facts: ModelFacts, options: PassOptions) ->
     layernorms = decompose_layernorms_for(graph, target)
     check_atc_operators(graph, target)
     opset = target_opset(graph, target)
-    lowered = lower_opset(graph, opset, target)
-    pruned = _set_imports(graph, opset)
+    lowered = lower_opset(graph, opset, f"{target.label} needs opset {opset}")
+    pruned = set_default_opset(graph, opset)
     if not graph.ir_version or graph.ir_version > target.ir_version:
         graph.ir_version = target.ir_version
     counts = {"gelu_erf_written": gelus[ERF], "gelu_tanh_written": gelus[TANH],
@@ -124,25 +119,22 @@ def decompose_layernorms_for(graph: gs.Graph, target: CannTarget) -> int:
     low, high = opset_window(op_types, target)
     if target.layer_normalization and low <= min(high, int(graph.opset)):
         return 0
-    nodes = [n for n in graph.nodes if n.op == LAYER_NORMALIZATION and n.domain in ONNX_DOMAINS]
-    for node in nodes:
-        _decompose_layernorm(graph, node, target)
-    graph.cleanup(remove_unused_graph_inputs=False)
-    return len(nodes)
+    return apply_rules(graph, [Rule(LAYERNORM_OP, _decompose(target), name="layernorms")])["layernorms"]
 
 
-def _decompose_layernorm(graph: gs.Graph, node: gs.Node, target: CannTarget) -> None:
-    used_extras = [t.name for t in node.outputs[1:] if t.outputs or t in graph.outputs]
-    if used_extras:
-        raise BertoptError(f"LayerNormalization '{node.name}' has its Mean/InvStdDev output(s) {used_extras} "
-                           f"read; {target.label} has no LayerNormalization and bertopt decomposes only Y")
-    x, scale = node.inputs[0], node.inputs[1]
-    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    out = node.outputs[0]
-    node.inputs.clear()
-    node.outputs.clear()
-    write_decomposed_layernorm(graph, x, scale, bias, float(node.attrs.get("epsilon", 1e-5)),
-                               int(node.attrs.get("axis", -1)), out)
+def _decompose(target: CannTarget):
+    def rewrite(match: Match, b: Builder) -> list[gs.Tensor | None]:
+        node, graph = match.root, b.graph
+        used_extras = [t.name for t in node.outputs[1:] if t.outputs or t in graph.outputs]
+        if used_extras:
+            raise BertoptError(f"LayerNormalization '{node.name}' has its Mean/InvStdDev output(s) {used_extras} "
+                               f"read; {target.label} has no LayerNormalization and bertopt decomposes only Y")
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        y = decomposed_layernorm(b, match["x"], match["scale"], bias, float(node.attrs.get("epsilon", 1e-5)),
+                                 int(node.attrs.get("axis", -1)))
+        return [y] + [None] * (len(node.outputs) - 1)
+
+    return rewrite
 
 
 # ----------------------------------------------------------------------------- 3. operator list
@@ -157,11 +149,7 @@ def check_atc_operators(graph: gs.Graph, target: CannTarget) -> None:
                            "atc would reject this model")
 
 
-# ----------------------------------------------------------------------------- 4. opset
-
-# Rewrites one node into its older form in place; True when it had to change something.
-Lowering = Callable[[gs.Graph, gs.Node], bool]
-
+# ----------------------------------------------------------------------------- 4. opset and IR
 
 def target_opset(graph: gs.Graph, target: CannTarget) -> int:
     """The highest opset the target and every op in the graph accept, at most the graph's own."""
@@ -175,128 +163,6 @@ def target_opset(graph: gs.Graph, target: CannTarget) -> int:
                     f"a model's opset (this one is {graph.opset})")
         raise CheckFailed(f"no opset suits {target.label} for this graph: {why}")
     return opset
-
-
-def lower_opset(graph: gs.Graph, target: int, cann: CannTarget) -> Counter:
-    """Rewrite the default-domain nodes whose schema is newer than `target`; counts by op type."""
-    source = int(graph.opset)
-    lowered: Counter = Counter()
-    if source <= target:
-        return lowered
-    for node in [n for n in graph.nodes if n.domain in ONNX_DOMAINS]:
-        if onnx.defs.get_schema(node.op, source).since_version <= target:
-            continue
-        lowering = LOWERINGS.get(node.op)
-        if lowering is not None and lowering(graph, node):
-            lowered[node.op] += 1
-        _check_signature_at(node, source, target, cann)
-    return lowered
-
-
-def _check_signature_at(node: gs.Node, source: int, target: int, cann: CannTarget) -> None:
-    """The node's inputs and attributes must mean the same under the op's `target` schema."""
-    where = f"{node.op} '{node.name}' (opset {source})"
-    needed = f"{cann.label} needs opset {target}"
-    if not onnx.defs.has(node.op, target):
-        raise CheckFailed(f"{where} has no opset-{target} form; {needed}")
-    schema = onnx.defs.get_schema(node.op, target)
-    unknown = sorted(set(node.attrs) - set(schema.attributes))
-    if unknown:
-        raise CheckFailed(f"{where} uses attribute(s) {unknown} that opset {target} lacks; {needed} and "
-                           "bertopt has no lowering for it")
-    if len(node.inputs) > schema.max_input:
-        raise CheckFailed(f"{where} has {len(node.inputs)} inputs, opset {target} takes at most "
-                           f"{schema.max_input}; {needed} and bertopt has no lowering for it")
-
-
-def _axes_input_to_attribute(graph: gs.Graph, node: gs.Node) -> bool:
-    """Reduce*-18 -> 13: constant `axes` input -> `axes` attribute."""
-    noop_when_empty = node.attrs.pop("noop_with_empty_axes", 0)
-    axes_given = len(node.inputs) > 1 and node.inputs[1].name
-    if axes_given:
-        axes = constant_value(node.inputs[1])
-        if axes is None:
-            raise BertoptError(f"{node.op} '{node.name}' computes its axes at run time; "
-                               "opset 13 needs them constant")
-        if axes.size:
-            node.attrs["axes"] = [int(a) for a in axes.reshape(-1)]
-        node.inputs.pop(1)
-    if noop_when_empty and "axes" not in node.attrs:
-        raise BertoptError(f"{node.op} '{node.name}' with no axes and noop_with_empty_axes=1 is an "
-                           "identity opset 13 cannot express")
-    return True
-
-
-def _num_outputs_to_sizes(graph: gs.Graph, node: gs.Node) -> bool:
-    """Split-18 -> 13: drop `num_outputs`; an uneven split gets Split-18's sizes as an input."""
-    count = node.attrs.pop("num_outputs", None)
-    if count is None or (len(node.inputs) > 1 and node.inputs[1].name):
-        return count is not None
-    shape, axis = node.inputs[0].shape, node.attrs.get("axis", 0)
-    dim = shape[axis] if shape is not None else None
-    if not isinstance(dim, int):
-        raise BertoptError(f"Split '{node.name}' splits a dimension of unknown size into {count}; "
-                           "freeze shapes first")
-    if dim % count:
-        chunk = math.ceil(dim / count)
-        sizes = [chunk] * (count - 1) + [dim - chunk * (count - 1)]
-        node.inputs.append(make_constant(graph, f"{node.name}_split", np.array(sizes, dtype=np.int64)))
-    return True
-
-
-def _drop_saturate(graph: gs.Graph, node: gs.Node) -> bool:
-    """Cast-19 -> 13: `saturate` only applies to float8 targets, which opset 13 does not have."""
-    return node.attrs.pop("saturate", None) is not None
-
-
-def _drop_allowzero(graph: gs.Graph, node: gs.Node) -> bool:
-    """Reshape-14 -> 13: `allowzero` only matters for a 0 in the target shape (copied before 14)."""
-    if "allowzero" not in node.attrs:
-        return False
-    if node.attrs.pop("allowzero"):
-        shape = constant_value(node.inputs[1])
-        if shape is None or not shape.all():
-            raise BertoptError(f"Reshape '{node.name}' with allowzero=1 and a target shape that is not a "
-                               "constant without zeros has no opset-13 spelling")
-    return True
-
-
-def _slice_shape(graph: gs.Graph, node: gs.Node) -> bool:
-    """Shape-15 -> 13: `start`/`end` become a Slice of the full shape."""
-    start, end = node.attrs.pop("start", None), node.attrs.pop("end", None)
-    if start is None and end is None:
-        return False
-    sliced = node.outputs[0]
-    full = gs.Variable(unique_name(graph, f"{node.name}_full"), dtype=np.int64)
-    node.outputs = [full]
-    bounds = [make_constant(graph, f"{node.name}_{what}", np.array([value], np.int64))
-              for what, value in (("start", start or 0), ("end", np.iinfo(np.int64).max if end is None else end))]
-    graph.nodes.append(gs.Node("Slice", name=unique_name(graph, f"{node.name}_slice"), inputs=[full, *bounds],
-                               outputs=[sliced]))
-    return True
-
-
-LOWERINGS: dict[str, Lowering] = {
-    **{op: _axes_input_to_attribute for op in ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
-                                                "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd",
-                                                "ReduceSumSquare")},
-    "Split": _num_outputs_to_sizes,
-    "Cast": _drop_saturate,
-    "Reshape": _drop_allowzero,
-    "Shape": _slice_shape,
-}
-
-
-# ----------------------------------------------------------------------------- 5. imports and IR
-
-def _set_imports(graph: gs.Graph, opset: int) -> bool:
-    """Default domain at `opset`, other domains only while a node uses them; True if that changed."""
-    used = {n.domain for n in graph.nodes} - set(ONNX_DOMAINS)
-    before = [(d.domain, d.version) for d in graph.import_domains or []]
-    graph.opset = opset
-    graph.import_domains = [onnx.helper.make_opsetid("", opset)] + [
-        d for d in graph.import_domains or [] if d.domain in used]
-    return [(d.domain, d.version) for d in graph.import_domains] != before
 
 
 # ----------------------------------------------------------------------------- leftovers

@@ -47,3 +47,18 @@ def tiny_export(tmp_path_factory):
         return made[key]
 
     return export
+
+
+@pytest.fixture(scope="session")
+def onnxsim_export(tiny_export, tmp_path_factory):
+    """The seed's step 2: onnxsim with fixed input shapes (MatMul+Add become Reshape -> Gemm -> Reshape)."""
+    import onnx
+    import onnxsim
+
+    model = onnx.load(str(tiny_export("legacy14")))
+    shapes = {tensor.name: [TINY_BATCH, TINY_SEQ] for tensor in model.graph.input}
+    simplified, ok = onnxsim.simplify(model, overwrite_input_shapes=shapes)
+    assert ok
+    path = tmp_path_factory.mktemp("onnxsim") / "legacy14-sim.onnx"
+    onnx.save(simplified, str(path))
+    return path

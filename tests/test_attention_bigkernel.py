@@ -7,17 +7,16 @@ import math
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxsim
 import pytest
 from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
 from user_exports import user_export  # noqa: F401 (a fixture)
 
 from bertopt.ascend.check import check_ascend
 from bertopt.ascend.form import scale_named_for_atc
-from bertopt.ascend.layernorm import layernorm_pattern
 from bertopt.errors import BertoptError
 from bertopt.graph import load_graph, producer, save_graph, to_model, unique_name
 from bertopt.graph.golden import graph_text
+from bertopt.model.forms import layernorm_pattern
 from bertopt.pipeline import Instruments, PassManager, PassOptions
 from bertopt.testing import SpecResult, assert_graph_matches, assert_parity, run_spec
 
@@ -58,18 +57,6 @@ def residual_add(x: gs.Tensor) -> gs.Node:
     return next(n for n in x.outputs if n.op == "Add")
 
 
-@pytest.fixture(scope="module")
-def onnxsim_export(tiny_export, tmp_path_factory):
-    """The seed's step 2: onnxsim with fixed input shapes (MatMul+Add become Reshape -> Gemm -> Reshape)."""
-    model = onnx.load(str(tiny_export("legacy14")))
-    shapes = {tensor.name: [TINY_BATCH, TINY_SEQ] for tensor in model.graph.input}
-    simplified, ok = onnxsim.simplify(model, overwrite_input_shapes=shapes)
-    assert ok
-    path = tmp_path_factory.mktemp("onnxsim") / "legacy14-sim.onnx"
-    onnx.save(simplified, str(path))
-    return path
-
-
 @pytest.mark.golden
 @pytest.mark.parametrize("variant, scales_rewritten", [("legacy14", 0), ("legacy17", 0), ("dynamo18", 2)])
 def test_golden_and_parity_per_export(tiny_export, variant, scales_rewritten):
@@ -93,11 +80,12 @@ def test_golden_and_parity_per_export(tiny_export, variant, scales_rewritten):
 
 @pytest.mark.golden
 def test_golden_onnxsim_gemm_graph(onnxsim_export):
+    """onnxsim's Gemms are gemm-to-matmul's, which `default` runs just before this pass."""
     before = run_spec(onnxsim_export, "freeze-shapes", batch=TINY_BATCH, seq=TINY_SEQ)
-    after = run_pass(before)
+    after = run_pass(before, f"gemm-to-matmul,{PASS}")
     assert_graph_matches(after.graph, GOLDEN / "legacy14-onnxsim.after.txt")
+    assert after.record("gemm-to-matmul").counts["gemms_to_matmul"] == 13  # 6 per layer and the QA head
     counts = after.record(PASS).counts
-    assert counts["gemms_to_matmul"] == 13  # 6 per layer and the QA head
     assert counts["reshapes_removed"] == 8  # onnxsim's flatten/unflatten around each Gemm of the layers
     assert counts["blocks_rewritten"] == 2
     ops = {n.op for n in after.graph.nodes}

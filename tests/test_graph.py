@@ -77,6 +77,49 @@ def test_replace_uses_keeps_graph_output_names():
     assert graph.outputs[0].inputs[0].op == "Add"
 
 
+def test_insert_after_puts_a_node_between_a_tensor_and_all_its_readers():
+    graph = G.load_graph(small_model())
+    graph.inputs[0].shape = [3, 4]
+    G.infer_shapes(graph)
+    add, relu = graph.nodes
+    node = G.insert_after(graph, add.outputs[0], "Neg")
+    assert relu.inputs[0] is node.outputs[0] and node.inputs[0] is add.outputs[0]
+    tail = G.insert_after(graph, relu.outputs[0], "Neg")  # a graph output: the new node takes its name
+    assert [t.name for t in graph.outputs] == ["y"] and graph.outputs[0] is tail.outputs[0]
+    G.verify(graph.toposort())
+
+
+def test_put_first_and_set_inputs_keep_consumer_links():
+    graph = G.load_graph(small_model())
+    add = graph.nodes[0]
+    x, c = add.inputs
+    assert not G.put_first(add, x)
+    assert G.put_first(add, c) and list(add.inputs) == [c, x]
+    G.set_inputs(add, [x, x])
+    assert add in x.outputs and add not in c.outputs
+
+
+def test_copies_and_the_nodes_between_two_tensors():
+    graph = G.load_graph(small_model())
+    graph.inputs[0].shape = [3, 4]
+    G.infer_shapes(graph)
+    add, relu = graph.nodes
+    x = graph.inputs[0]
+    copy = G.insert_after(graph, x, "Identity", shape=[3, 4])
+    assert G.is_copy_of(copy.outputs[0], x) and not G.is_copy_of(add.outputs[0], x)
+    assert {n.op for n in G.nodes_between(x, relu.outputs[0])} == {"Identity", "Add", "Relu"}
+    assert G.nodes_between(add.outputs[0], x) == []
+
+
+def test_reinfer_shapes_forgets_stale_shapes():
+    graph = G.load_graph(small_model())
+    graph.inputs[0].shape = [3, 4]
+    G.infer_shapes(graph)
+    graph.nodes[0].outputs[0].shape = [99, 99]  # stale, as after a rewrite
+    G.reinfer_shapes(graph)
+    assert graph.nodes[0].outputs[0].shape == [3, 4]
+
+
 def test_infer_shapes_records_static_shapes():
     graph = G.load_graph(small_model())
     graph.inputs[0].shape = [3, 4]

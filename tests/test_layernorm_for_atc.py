@@ -14,9 +14,10 @@ from conftest import GOLDEN_DIR, TINY_BATCH, TINY_SEQ
 from user_exports import user_export  # noqa: F401 (a fixture)
 
 from bertopt.ascend.check import check_ascend
-from bertopt.ascend.layernorm import decomposed_layernorm_pattern, layernorm_pattern
+from bertopt.ascend.layernorm import decomposed_layernorm_pattern
 from bertopt.graph import load_graph, producer, to_model, unique_name
 from bertopt.graph.golden import graph_text
+from bertopt.model.forms import layernorm_pattern
 from bertopt.passes.canonicalize_layernorm import layernorm_for_atc
 from bertopt.pipeline import Instruments, PassManager, PassOptions
 from bertopt.testing import SpecResult, assert_graph_matches, assert_parity, run_spec

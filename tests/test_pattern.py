@@ -520,6 +520,17 @@ def test_get_and_in_for_names_an_alternative_may_not_bind():
     assert "relu" not in with_bias  # `in` and `get` look at tensors, like m[...]; nodes are m.node(...)
 
 
+def test_get_node_for_a_node_an_alternative_may_not_capture():
+    b = Builder()
+    x = b.input("x")
+    b.op("Relu", b.op("Add", x, b.const([1.0, 2.0, 3.0, 4.0])), name="with_bias")
+    b.op("Relu", x, name="plain")
+    pattern = Pattern(Op("Relu", OneOf(Op("Add", Var("x"), Var("bias"), name="add"), Var("x")), name="relu"))
+    with_bias, plain = (pattern.match(b.node(n)) for n in ("with_bias", "plain"))
+    assert with_bias.get_node("add") is with_bias.node("add") and with_bias.get_node("relu").name == "with_bias"
+    assert plain.get_node("add") is None and plain.get_node("add", "absent") == "absent"
+
+
 def scale_by_tag(labels=None) -> Pattern:
     s = Var("scores")
     scale = OneOf(Op("Div", s, 8.0), Op("Mul", s, 0.125), tag="scale", labels=labels)

@@ -10,8 +10,9 @@ the LayerNorm output [batch*seq, hidden]::
     p = Softmax(Add(Mul(MatMul(q, k), 1/sqrt(hd)) named *bert*, mask[b, 1, s, s]))
     context = Reshape(Transpose(MatMul(p, v), perm=[0, 2, 1, 3]), [-1, hidden])
 
-and x feeds exactly the three projections and the residual Add. The pattern helpers here
-(`projection`, `heads`) are shared with the attention-bigkernel pass, which rewrites to this form.
+and x feeds exactly the three projections and the residual Add. The sub-patterns (`projection`, `heads`,
+`transpose`) are the model's (`bertopt.model.forms`), shared with the attention-bigkernel pass, which
+rewrites to this form.
 Whether ATC's passes then fuse the block (its shapes, the chip, the CANN version, the LayerNorm and
 Gelu around it) is bertopt.ascend.gates' question, asked of the same located block (`locate_block`).
 
@@ -25,11 +26,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
+from bertopt.graph import producer
 from bertopt.graph.pattern import Const, Op, Pat, Pattern, Var, _
+from bertopt.model.encoder import is_token_flattening
 from bertopt.model.facts import ModelFacts
+from bertopt.model.forms import (CONTEXT_SEARCH_DEPTH, HEAD_PERM, KEY_PERM, context_reshape, heads, projection,
+                                 transpose)
 
 CONDITIONS = {
     "2d-encoder": "the LayerNorm output feeding Q/K/V is 2-D [batch*seq, hidden], read directly",
@@ -41,10 +45,6 @@ CONDITIONS = {
 }
 SCALE_NAME_PREFIX = "bert_"  # how the attention-bigkernel pass names the scale Muls it writes
 SCALE_NAME_MARK = "bert"  # what ATC's MulAddFusionPass looks for in the name
-HEAD_PERM = [0, 2, 1, 3]
-KEY_PERM = [0, 1, 3, 2]
-# How far from the Softmax the context Reshape is looked for (MatMul, [Reshape,] Transpose, Reshape).
-CONTEXT_SEARCH_DEPTH = 5
 # How far above the scores MatMul the Q projection may be looked for.
 PROJECTION_SEARCH_DEPTH = 6
 
@@ -73,27 +73,6 @@ class BlockReport:
 
 
 # ----------------------------------------------------------------------------- shared patterns
-
-def projection(x: Pat, tag: str) -> Op:
-    """`Add(MatMul(x, W), b)` with constant W and b (either Add operand order)."""
-    return Op("Add", Op("MatMul", x, Const(name=f"{tag}_weight"), name=f"{tag}_matmul"),
-              Const(name=f"{tag}_bias"), name=f"{tag}_add")
-
-
-def heads(source: Pat, facts: ModelFacts, tag: str) -> Op:
-    """The Reshape of a projection to [batch, seq, heads, head_dim] (heads may be spelled -1)."""
-    def splits_heads(values: np.ndarray) -> bool:
-        flat = values.reshape(-1)
-        return flat.size == 4 and int(flat[3]) == facts.head_dim and int(flat[2]) in (facts.heads, -1)
-
-    described = f"[batch, seq, {facts.heads}, {facts.head_dim}]"
-    target = Const(name=f"{tag}_shape", where=(splits_heads, described))
-    return Op("Reshape", source, target, name=f"{tag}_reshape")
-
-
-def transpose(source: Pat, perm: list[int], name: str) -> Op:
-    return Op("Transpose", source, attrs={"perm": perm}, name=name)
-
 
 def standard_head(x: Pat, facts: ModelFacts, tag: str) -> Op:
     return transpose(heads(projection(x, tag), facts, tag), HEAD_PERM, f"{tag}_transpose")
@@ -164,13 +143,13 @@ def check_blocks(graph: gs.Graph, facts: ModelFacts) -> list[BlockReport]:
 def locate_block(softmax: gs.Node) -> BlockNodes:
     """The block around `softmax`: scores, mask, scores MatMul, Q projection input, block input."""
     block = BlockNodes(softmax)
-    producer = _producer(softmax.inputs[0])
-    if producer is None or producer.op != "Add":
+    add = producer(softmax.inputs[0])
+    if add is None or add.op != "Add":
         return block
-    for index, operand in enumerate(producer.inputs):
+    for index, operand in enumerate(add.inputs):
         matmul = _scores_matmul(operand)
         if matmul is not None:
-            block.scores, block.mask = operand, producer.inputs[1 - index]
+            block.scores, block.mask = operand, add.inputs[1 - index]
             block.scores_matmul = matmul
             break
     if block.scores_matmul is not None:
@@ -180,13 +159,9 @@ def locate_block(softmax: gs.Node) -> BlockNodes:
     return block
 
 
-def _producer(tensor: gs.Tensor) -> gs.Node | None:
-    return tensor.inputs[0] if tensor.inputs else None
-
-
 def _scores_matmul(tensor: gs.Tensor, depth: int = 3) -> gs.Node | None:
     """The MatMul of two computed tensors (Q and K) that `tensor` is, or is a scaling of."""
-    node = _producer(tensor)
+    node = producer(tensor)
     if node is None or depth == 0:
         return None
     if node.op == "MatMul" and not any(isinstance(t, gs.Constant) for t in node.inputs):
@@ -203,7 +178,7 @@ def _projection_input(scores_matmul: gs.Node) -> gs.Tensor | None:
     for _depth in range(PROJECTION_SEARCH_DEPTH):
         parents = []
         for tensor in frontier:
-            node = _producer(tensor)
+            node = producer(tensor)
             if node is None:
                 continue
             if node.op in ("MatMul", "Gemm") and isinstance(node.inputs[1], gs.Constant):
@@ -213,15 +188,6 @@ def _projection_input(scores_matmul: gs.Node) -> gs.Tensor | None:
     return None
 
 
-def is_token_flattening(node: gs.Node) -> bool:
-    """A Reshape between [batch, seq, n] and [batch*seq, n]: it moves tokens, never features."""
-    if node.op != "Reshape":
-        return False
-    before, after = node.inputs[0].shape, node.outputs[0].shape
-    return (before is not None and after is not None and {len(before), len(after)} <= {2, 3}
-            and len(before) != len(after) and before[-1] == after[-1] and isinstance(before[-1], int))
-
-
 def block_input(projection_input: gs.Tensor) -> gs.Tensor:
     """The block's input as the residual Add sees it, given what the Q projection reads.
 
@@ -229,7 +195,7 @@ def block_input(projection_input: gs.Tensor) -> gs.Tensor:
     while the residual Add reads x: then x is the block input. A Reshape that is x's only reader
     is the one the standard form puts after a LayerNormalization op, and its output is the input.
     """
-    node = _producer(projection_input)
+    node = producer(projection_input)
     if node is not None and is_token_flattening(node) and len(node.inputs[0].outputs) > 1:
         return node.inputs[0]
     return projection_input
@@ -294,7 +260,7 @@ def _context_matmul(softmax: gs.Node) -> gs.Node | None:
 def _check_scale(block: BlockNodes, facts: ModelFacts, graph: gs.Graph) -> Check:
     name = "scale-mul"
     want = 1.0 / math.sqrt(facts.head_dim)
-    node = _producer(block.scores) if block.scores is not None else None
+    node = producer(block.scores) if block.scores is not None else None
     if node is None:
         return Check(name, False, f"cannot find the scores added to the mask before Softmax "
                                   f"'{block.softmax.name}'")
@@ -302,7 +268,7 @@ def _check_scale(block: BlockNodes, facts: ModelFacts, graph: gs.Graph) -> Check
         return Check(name, False, f"the scale is Div '{node.name}'; ATC wants a Mul by {want:.6g} whose name "
                                   f"contains '{SCALE_NAME_MARK}'")
     if node.op == "MatMul":
-        scaled = any(p is not None and p.op in ("Mul", "Div") for p in map(_producer, node.inputs))
+        scaled = any(p is not None and p.op in ("Mul", "Div") for p in map(producer, node.inputs))
         found = "Q and K are scaled before the scores MatMul" if scaled else "the scores are not scaled"
         return Check(name, False, f"{found}; ATC wants one Mul by {want:.6g} after the MatMul")
     pattern = standard_scale(facts)
@@ -337,18 +303,6 @@ def _check_context(block: BlockNodes, facts: ModelFacts, graph: gs.Graph) -> Che
     if match["probs"] is not block.softmax.outputs[0]:
         return Check(name, False, f"the context MatMul reads '{match['probs'].name}', not the Softmax")
     return Check(name, True, f"Reshape '{reshape.name}' to [-1, {facts.hidden}]")
-
-
-def context_reshape(softmax: gs.Node) -> gs.Node | None:
-    """The Reshape merging the heads after `softmax`: the nearest one reading a Transpose, else the
-    nearest one (SDPA exports put a Reshape to the same shape between the MatMul and the Transpose)."""
-    reshapes, frontier = [], [softmax.outputs[0]]
-    for _depth in range(CONTEXT_SEARCH_DEPTH):
-        nodes = [node for t in frontier for node in t.outputs]
-        reshapes += [node for node in nodes if node.op == "Reshape"]
-        frontier = [out for node in nodes for out in node.outputs]
-    merging = [n for n in reshapes if n.inputs[0].inputs and n.inputs[0].inputs[0].op == "Transpose"]
-    return (merging or reshapes or [None])[0]
 
 
 def _shape(tensor: gs.Tensor) -> str:

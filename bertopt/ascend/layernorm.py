@@ -12,8 +12,8 @@ with epsilon a constant scalar <= 0.1 on either input of its Add, gamma on input
 beta on input 1 of the last Add (both constants shaped like x's normalised dims), and every other
 intermediate read by exactly one node (`CheckEdges`, `CheckValue`, `GetScalarFromOp`, `CheckShape`).
 
-Exporters also write spellings of the same LayerNorm that this pass does not match, found here by
-`layernorm_pattern` (and rewritten by the `layernorm-for-atc` pass):
+Exporters also write spellings of the same LayerNorm that this pass does not match, found by
+`bertopt.model.forms.layernorm_pattern` (and rewritten by the `layernorm-for-atc` pass):
 
 - the variance as `Mul(d, d)`: torch.onnx (legacy at opset 14 and dynamo at 18, torch 2.13) writes it
   for a hand-written LayerNorm `((x - u) * (x - u)).mean(-1, keepdim=True)`, checked by exporting one;
@@ -54,8 +54,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from bertopt.errors import BertoptError
-from bertopt.graph import add_node, make_constant, unique_name
-from bertopt.graph.pattern import Const, OneOf, Op, Pattern, Var, _
+from bertopt.graph import make_constant, unique_name
+from bertopt.graph.builder import Builder
+from bertopt.graph.pattern import Const, OneOf, Op, Pattern, Var
 
 # ONNX 18 moved ReduceMean's `axes` from an attribute to an input.
 AXES_AS_INPUT_SINCE = 18
@@ -65,9 +66,9 @@ MAX_FUSED_EPSILON = 0.1
 FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
-def write_decomposed_layernorm(graph: gs.Graph, x: gs.Tensor, scale: gs.Tensor, bias: gs.Tensor | None,
-                               epsilon: float, axis: int, out: gs.Tensor) -> None:
-    """Compute LayerNormalization(x, scale, bias) into `out` in the spelling ATC fuses.
+def decomposed_layernorm(b: Builder, x: gs.Tensor, scale: gs.Tensor, bias: gs.Tensor | None, epsilon: float,
+                         axis: int) -> gs.Variable:
+    """LayerNormalization(x, scale, bias) in the spelling ATC fuses, written with `b`; its output.
 
     Written at the graph's opset (ReduceMean axes as an attribute before 18, as an input from 18).
     A missing bias becomes a zero constant, since the fusion needs the Mul and the Add both. Float32
@@ -82,22 +83,18 @@ def write_decomposed_layernorm(graph: gs.Graph, x: gs.Tensor, scale: gs.Tensor, 
     if dtype not in FUSED_DTYPES:
         raise BertoptError(f"LayerNormalization on {dtype} input '{x.name}': bertopt writes the decomposed "
                            "form for float32 and float16 only, the types ATC's LayerNorm fusion reads")
-    axes = _normalised_axes(x, axis)
+    graph, axes = b.graph, _normalised_axes(x, axis)
     if bias is None:
         bias = make_constant(graph, "bertopt_ln_zero_bias", np.zeros(scale.shape, dtype))
     like = {"dtype": x.dtype, "shape": x.shape}
-    mean = _reduce_mean(graph, x, axes)
-    centred = add_node(graph, "Sub", [x, mean], **like)[0]
-    two = make_constant(graph, "bertopt_ln_two", np.array(2.0, dtype))
-    squared = add_node(graph, "Pow", [centred, two], **like)[0]
-    variance = _reduce_mean(graph, squared, axes)
+    mean = _reduce_mean(b, x, axes)
+    centred = b.Sub(x, mean, **like)
+    squared = b.Pow(centred, make_constant(graph, "bertopt_ln_two", np.array(2.0, dtype)), **like)
+    variance = _reduce_mean(b, squared, axes)
     eps = make_constant(graph, "bertopt_ln_epsilon", in_dtype(np.array(epsilon), dtype))
-    shifted = add_node(graph, "Add", [variance, eps], dtype=x.dtype)[0]
-    deviation = add_node(graph, "Sqrt", [shifted], dtype=x.dtype)[0]
-    normalised = add_node(graph, "Div", [centred, deviation], **like)[0]
-    scaled = add_node(graph, "Mul", [normalised, scale], **like)[0]
-    graph.nodes.append(gs.Node("Add", name=unique_name(graph, "bertopt_ln_beta"), inputs=[scaled, bias],
-                               outputs=[out]))
+    deviation = b.Sqrt(b.Add(variance, eps, dtype=x.dtype), dtype=x.dtype)
+    scaled = b.Mul(b.Div(centred, deviation, **like), scale, **like)
+    return b.Add(scaled, bias, name=unique_name(graph, "bertopt_ln_beta"))
 
 
 def in_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -126,30 +123,6 @@ def decomposed_layernorm_pattern() -> Pattern:
     return Pattern(Op("Add", scaled, Const(name="bias"), commute=False))
 
 
-def layernorm_pattern() -> Pattern:
-    """Any LayerNorm, bound to its input x: a LayerNormalization op (node `layernorm`), or the decomposed
-    form in any spelling above (nodes `mean`, `centred` read by the variance, `square` (`Pow(d, 2)` or
-    `Mul(d, d)`), `centred_twin` when the Div reads a second Sub, `upcast`/`downcast` for torch's
-    float16 Casts, `variance`, `shifted_variance`, `deviation`, `normalised`, `scaled`, `shifted`).
-
-    Operands of the Mul by gamma and the Add of beta may come in either order. Of the constants only
-    the Pow exponent is read: gamma and beta may stay lazily loaded.
-    """
-    x = Var("x")
-    mean = Op("ReduceMean", x, name="mean", partial_inputs=True)
-    centred = Op("Sub", x, mean, name="centred")
-    wide = OneOf(Op("Cast", centred, name="upcast"), centred)
-    square = OneOf(Op("Pow", wide, Const(2.0), name="square"), Op("Mul", wide, wide, name="square"))
-    variance = Op("ReduceMean", square, partial_inputs=True, name="variance")
-    numerator = OneOf(wide, centred, Op("Sub", x, mean, name="centred_twin"))
-    deviation = Op("Sqrt", Op("Add", variance, Const(), name="shifted_variance"), name="deviation")
-    normalised = Op("Div", numerator, deviation, name="normalised")
-    scaled = Op("Mul", OneOf(Op("Cast", normalised, name="downcast"), normalised), Const(), name="scaled")
-    decomposed = Op("Add", scaled, Const(), name="shifted")
-    op = Op("LayerNormalization", x, _, partial_inputs=True, outputs=None, name="layernorm")
-    return Pattern(OneOf(op, decomposed))
-
-
 def _normalised_axes(x: gs.Tensor, axis: int) -> list[int]:
     """The axes LayerNormalization normalises: [axis, ..., rank - 1] (negative: [axis, ..., -1])."""
     if axis < 0:
@@ -159,11 +132,11 @@ def _normalised_axes(x: gs.Tensor, axis: int) -> list[int]:
     return list(range(axis, len(x.shape)))
 
 
-def _reduce_mean(graph: gs.Graph, data: gs.Tensor, axes: list[int]) -> gs.Tensor:
-    if int(graph.opset) >= AXES_AS_INPUT_SINCE:
-        axes_input = make_constant(graph, "bertopt_ln_axes", np.array(axes, np.int64))
-        return add_node(graph, "ReduceMean", [data, axes_input], attrs={"keepdims": 1}, dtype=data.dtype)[0]
-    return add_node(graph, "ReduceMean", [data], attrs={"axes": axes, "keepdims": 1}, dtype=data.dtype)[0]
+def _reduce_mean(b: Builder, data: gs.Tensor, axes: list[int]) -> gs.Tensor:
+    if int(b.graph.opset) >= AXES_AS_INPUT_SINCE:
+        axes_input = make_constant(b.graph, "bertopt_ln_axes", np.array(axes, np.int64))
+        return b.ReduceMean(data, axes_input, keepdims=1, dtype=data.dtype)
+    return b.ReduceMean(data, axes=axes, keepdims=1, dtype=data.dtype)
 
 
 def _keeps_type(node: gs.Node) -> bool:

@@ -19,21 +19,21 @@ import onnx_graphsurgeon as gs
 from bertopt.ascend.cann import DEFAULT_VERSION, CannTarget, cann_target
 from bertopt.ascend.form import Check
 from bertopt.graph import FP16_MAX, constant_exceeds_fp16
+from bertopt.graph.opset import in_onnx_domain
 
-ONNX_DOMAINS = ("", "ai.onnx", None)
 LAYER_NORMALIZATION = "LayerNormalization"
 
 
 def onnx_op_types(graph: gs.Graph) -> set[str]:
     """The default-domain op types the graph holds."""
-    return {node.op for node in graph.nodes if node.domain in ONNX_DOMAINS}
+    return {node.op for node in graph.nodes if in_onnx_domain(node)}
 
 
 def unsupported_ops(graph: gs.Graph, target: CannTarget) -> Counter[str]:
     """How many nodes of each op type the target's ONNX parser does not take (any op outside the ONNX domain)."""
-    return Counter(node.op if node.domain in ONNX_DOMAINS else f"{node.domain}.{node.op}"
+    return Counter(node.op if in_onnx_domain(node) else f"{node.domain}.{node.op}"
                    for node in graph.nodes
-                   if node.domain not in ONNX_DOMAINS or node.op not in target.operators)
+                   if not in_onnx_domain(node) or node.op not in target.operators)
 
 
 def opset_window(op_types: set[str], target: CannTarget) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Editing a gs graph: rewiring uses, adding nodes and constants under unique names.
+"""Editing a gs graph: rewiring uses, inserting nodes, adding nodes and constants under unique names;
+the walks passes share.
 
 gs keeps producer/consumer links on each tensor (``tensor.inputs`` are its producers,
 ``tensor.outputs`` its consumers), so walking the graph is O(1) per step and no pass needs an index
@@ -7,15 +8,52 @@ of its own or touches protobuf by hand.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+# Nodes that hand their input on unchanged when they keep its shape and type.
+NO_OP_COPIES = frozenset({"Identity", "Cast", "Reshape"})
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if tensor.inputs else None
 
+
+def is_copy_of(tensor: gs.Tensor, source: gs.Tensor) -> bool:
+    """`tensor` is `source` handed on by nodes that keep its shape and type (NO_OP_COPIES)."""
+    while tensor is not source:
+        node = producer(tensor)
+        if node is None or node.op not in NO_OP_COPIES or not node.inputs:
+            return False
+        inner = node.inputs[0]
+        if inner.dtype != tensor.dtype or inner.shape is None or list(inner.shape) != list(tensor.shape or []):
+            return False
+        tensor = inner
+    return True
+
+
+def nodes_between(start: gs.Tensor, end: gs.Tensor) -> list[gs.Node]:
+    """Nodes on a path from `start` to `end`: downstream of one and upstream of the other."""
+    downstream = _reach(start, lambda t: t.outputs, lambda n: n.outputs, stop=end)
+    upstream = _reach(end, lambda t: t.inputs, lambda n: n.inputs, stop=start)
+    return [node for node in downstream.values() if id(node) in upstream]
+
+
+def _reach(tensor: gs.Tensor, nodes_of: Callable[[gs.Tensor], Iterable[gs.Node]],
+           tensors_of: Callable[[gs.Node], Iterable[gs.Tensor]], stop: gs.Tensor) -> dict[int, gs.Node]:
+    seen: dict[int, gs.Node] = {}
+    frontier = [tensor]
+    while frontier:
+        current = frontier.pop()
+        if current is stop:
+            continue
+        for node in nodes_of(current):
+            if id(node) not in seen:
+                seen[id(node)] = node
+                frontier.extend(tensors_of(node))
+    return seen
 
 
 def replace_uses(old: gs.Tensor, new: gs.Tensor, graph: gs.Graph | None = None) -> None:
@@ -37,6 +75,31 @@ def _replace_graph_output(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> No
         new.dtype = new.dtype or dtype
         new.shape = new.shape or shape
     graph.outputs = [new if t is old else t for t in graph.outputs]
+
+
+def insert_after(graph: gs.Graph, tensor: gs.Tensor, op: str, *, extra: Sequence[gs.Tensor] = (),
+                 attrs: dict | None = None, name: str | None = None, shape=None) -> gs.Node:
+    """A new node reading `tensor` (then `extra`); every former reader of `tensor`, and the graph output it
+    was, reads the new node's output instead."""
+    output = add_node(graph, op, [tensor, *extra], name=name, attrs=attrs, dtype=tensor.dtype, shape=shape)[0]
+    node = output.inputs[0]
+    replace_uses(tensor, output, graph)
+    node.inputs[0] = tensor  # replace_uses redirected the new node too
+    return node
+
+
+def set_inputs(node: gs.Node, tensors: Sequence[gs.Tensor]) -> None:
+    """gs keeps consumer links in sync on clear/extend (its lists take no slice assignment)."""
+    node.inputs.clear()
+    node.inputs.extend(tensors)
+
+
+def put_first(node: gs.Node, tensor: gs.Tensor) -> bool:
+    """Swap a two-input node's operands so that `tensor` comes first; True when they were swapped."""
+    if node.inputs[0] is tensor:
+        return False
+    set_inputs(node, [tensor, node.inputs[0]])
+    return True
 
 
 def splice_out(node: gs.Node, graph: gs.Graph | None = None) -> None:

@@ -276,6 +276,10 @@ class Match:
     def node(self, name: str) -> gs.Node:
         return self._lookup("node", name)
 
+    def get_node(self, name: str, default=None) -> gs.Node | None:
+        """The node captured as `name`, or `default` when this match captured none (an alternative without it)."""
+        return self._state.get(("node", name), default)
+
     def tag(self, name: str):
         """Which alternative of the OneOf tagged `name` matched: its index, or its label."""
         return self._lookup("tag", name)

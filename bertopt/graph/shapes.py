@@ -7,6 +7,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
 
+from bertopt.graph.opset import in_onnx_domain
+
 # Constants up to this many elements stay in the skeleton: shape inference needs their values
 # (Reshape targets, axes); larger ones are weights, whose type and shape are enough.
 SKELETON_VALUE_LIMIT = 64
@@ -52,7 +54,7 @@ def _skeleton_node(node: gs.Node) -> onnx.NodeProto:
 
 def _custom_op_value_info(graph: gs.Graph) -> list[onnx.ValueInfoProto]:
     """Types of the outputs of other ops outside the ONNX domain, so inference carries on past them."""
-    outputs = [out for node in graph.nodes if node.domain not in ("", "ai.onnx", None)
+    outputs = [out for node in graph.nodes if not in_onnx_domain(node)
                and (node.domain, node.op) not in SHAPE_PRESERVING_CUSTOM_OPS
                for out in node.outputs if isinstance(out, gs.Variable) and out.dtype is not None]
     return [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in outputs]
@@ -76,6 +78,17 @@ def infer_shapes(graph: gs.Graph) -> None:
             if tensor_type.HasField("shape"):
                 tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                 for d in tensor_type.shape.dim]
+
+
+def reinfer_shapes(graph: gs.Graph) -> None:
+    """Shapes inferred afresh after a rewrite made the recorded ones stale (tokens flattened to 2-D, say):
+    the graph cleaned up and sorted, every shape but the graph inputs' and outputs' forgotten, then inferred."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    inputs, outputs = {id(t) for t in graph.inputs}, {id(t) for t in graph.outputs}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and id(tensor) not in inputs and id(tensor) not in outputs:
+            tensor.shape = None
+    infer_shapes(graph)
 
 
 def is_static(tensor: gs.Tensor) -> bool:

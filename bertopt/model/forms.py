@@ -1,6 +1,6 @@
 """Model forms: the subgraphs a BERT export writes, and the ones bertopt writes back, each spelt once.
 
-For now the Gelu, which fuse-gelu, legalize-ascend, legalize-ort and the Ascend checker all read or write:
+The Gelu, which fuse-gelu, legalize-ascend, legalize-ort and the Ascend checker all read or write:
 
 - its decomposed spellings (`erf_gelu_pattern`, `tanh_gelu_pattern`, every association exporters write,
   see fuse-gelu's docstring) and the whole-node Gelus (`gelu_kind`: the ONNX op, ORT's contrib ops);
@@ -12,6 +12,14 @@ For now the Gelu, which fuse-gelu, legalize-ascend, legalize-ort and the Ascend 
   ``Mul(Mul(x, 0.5), Add(Tanh(Mul(Add(x, Mul(Pow(x, 3), 0.044715)), 0.7978846)), 1))``, which keeps x's type.
 
 The two functions are never exchanged: erf and tanh Gelu differ by up to ~1e-3.
+
+The LayerNorm in every spelling exporters write (`layernorm_pattern`; the one ATC fuses is
+`bertopt.ascend.layernorm`'s).
+
+Attention: its sub-patterns (`projection`, `heads`, `transpose`, shared with ATC's standard form in
+`bertopt.ascend.form`), one block as the exporters write it (`attention_block_pattern`, found per Softmax
+by `attention_blocks`, which attention-bigkernel rewrites), the Reshape merging the heads after a Softmax
+(`context_reshape`), and the residual Add after the block (`residual_operand`).
 """
 
 from __future__ import annotations
@@ -23,8 +31,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from bertopt.graph.builder import Builder
-from bertopt.graph.pattern import Const, Match, OneOf, Op, Pattern, Var
+from bertopt.graph.opset import in_onnx_domain
+from bertopt.graph.pattern import Const, Match, OneOf, Op, Pat, Pattern, Var, _
 from bertopt.graph.rules import Check, Rule
+from bertopt.model.facts import ModelFacts
 
 SQRT2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -40,7 +50,6 @@ ERF, TANH = "erf", "tanh"
 # com.microsoft op -> function; BiasGelu is Gelu(x + bias), as ORT's own optimizer writes it.
 MS_GELU_KINDS = {"Gelu": ERF, "BiasGelu": ERF, "FastGelu": TANH}
 ONNX_APPROXIMATE = {"none": ERF, "tanh": TANH}
-ONNX_DOMAINS = ("", "ai.onnx", None)
 
 
 # ----------------------------------------------------------------------------- what exporters write
@@ -78,7 +87,7 @@ def gelu_kind(node: gs.Node) -> str | None:
     """ERF or TANH for a node that is a whole Gelu (ONNX op or ORT contrib op), else None."""
     if node.domain == MS_DOMAIN:
         return MS_GELU_KINDS.get(node.op)
-    if node.op == "Gelu" and node.domain in ONNX_DOMAINS:
+    if node.op == "Gelu" and in_onnx_domain(node):
         return ONNX_APPROXIMATE.get(node.attrs.get("approximate", "none"))
     return None
 
@@ -171,3 +180,181 @@ def in_atc_form(kind: str) -> Check:
         return "already in the subgraph ATC takes" if canonical.match(match.root, match.graph) else None
 
     return check
+
+
+# ----------------------------------------------------------------------------- LayerNorm
+
+def layernorm_pattern() -> Pattern:
+    """Any LayerNorm, bound to its input x: a LayerNormalization op (node `layernorm`), or the decomposed
+    form in any spelling exporters write (`bertopt.ascend.layernorm` lists them; nodes `mean`, `centred`
+    read by the variance, `square` (`Pow(d, 2)` or `Mul(d, d)`), `centred_twin` when the Div reads a second
+    Sub, `upcast`/`downcast` for torch's float16 Casts, `variance`, `shifted_variance`, `deviation`,
+    `normalised`, `scaled`, `shifted`).
+
+    Operands of the Mul by gamma and the Add of beta may come in either order. Of the constants only
+    the Pow exponent is read: gamma and beta may stay lazily loaded.
+    """
+    x = Var("x")
+    mean = Op("ReduceMean", x, name="mean", partial_inputs=True)
+    centred = Op("Sub", x, mean, name="centred")
+    wide = OneOf(Op("Cast", centred, name="upcast"), centred)
+    square = OneOf(Op("Pow", wide, Const(2.0), name="square"), Op("Mul", wide, wide, name="square"))
+    variance = Op("ReduceMean", square, partial_inputs=True, name="variance")
+    numerator = OneOf(wide, centred, Op("Sub", x, mean, name="centred_twin"))
+    deviation = Op("Sqrt", Op("Add", variance, Const(), name="shifted_variance"), name="deviation")
+    normalised = Op("Div", numerator, deviation, name="normalised")
+    scaled = Op("Mul", OneOf(Op("Cast", normalised, name="downcast"), normalised), Const(), name="scaled")
+    decomposed = Op("Add", scaled, Const(), name="shifted")
+    op = Op("LayerNormalization", x, _, partial_inputs=True, outputs=None, name="layernorm")
+    return Pattern(OneOf(op, decomposed))
+
+
+# ----------------------------------------------------------------------------- attention
+
+HEAD_PERM = [0, 2, 1, 3]  # [batch, seq, heads, head_dim] <-> [batch, heads, seq, head_dim]
+KEY_PERM = [0, 1, 3, 2]  # K's last two axes swapped: [batch, heads, head_dim, seq]
+SPLIT_KEY_PERM = [0, 2, 3, 1]  # both at once, from [batch, seq, heads, head_dim]
+BATCHED_KEY_PERM = [0, 2, 1]  # SDPA's swap of [batch*heads, seq, head_dim]
+# Exporters write the scale as 1/sqrt(head_dim), sqrt(head_dim) or the square root of either.
+SCALE_RTOL = 1e-4
+# How far from the Softmax the context Reshape is looked for (MatMul, [Reshape,] Transpose, Reshape).
+CONTEXT_SEARCH_DEPTH = 5
+
+
+def projection(x: Pat, tag: str) -> Op:
+    """`Add(MatMul(x, W), b)` with constant W and b (either Add operand order)."""
+    return Op("Add", Op("MatMul", x, Const(name=f"{tag}_weight"), name=f"{tag}_matmul"),
+              Const(name=f"{tag}_bias"), name=f"{tag}_add")
+
+
+def heads(source: Pat, facts: ModelFacts, tag: str) -> Op:
+    """The Reshape of a projection to [batch, seq, heads, head_dim] (heads may be spelled -1)."""
+    def splits_heads(values: np.ndarray) -> bool:
+        flat = values.reshape(-1)
+        return flat.size == 4 and int(flat[3]) == facts.head_dim and int(flat[2]) in (facts.heads, -1)
+
+    described = f"[batch, seq, {facts.heads}, {facts.head_dim}]"
+    target = Const(name=f"{tag}_shape", where=(splits_heads, described))
+    return Op("Reshape", source, target, name=f"{tag}_reshape")
+
+
+def transpose(source: Pat, perm: list[int], name: str) -> Op:
+    return Op("Transpose", source, attrs={"perm": perm}, name=name)
+
+
+def attention_block_pattern(facts: ModelFacts) -> Pattern:
+    """One attention block, rooted at its context Reshape, in every form the exporters write.
+
+    Q, K, V projected from `x` (nodes `{q,k,v}_matmul`, `{q,k,v}_add`, `{q,k,v}_reshape`, `{q,v}_transpose`);
+    K transposed by `_key_spellings`; the scale after the scores (`scale`: Mul or Div) or before them (SDPA's
+    `q_scale` and `k_scale`, XLM's `q_scale` alone); `mask_add` of `mask`, `softmax`, `context_matmul`, SDPA's
+    `context_noop` Reshape, `context_transpose`, `context_reshape`; XLM's one-input cache Concats `k_cache`,
+    `v_cache`.
+    """
+    x = Var("x")
+    query = transpose(heads(projection(x, "q"), facts, "q"), HEAD_PERM, "q_transpose")
+    key = _key_spellings(heads(projection(x, "k"), facts, "k"), facts)
+    value = _uncached(transpose(heads(projection(x, "v"), facts, "v"), HEAD_PERM, "v_transpose"), "v")
+    scale = 1.0 / math.sqrt(facts.head_dim)
+    scores = Op("MatMul", query, key, name="scores")
+    half = Const(math.sqrt(scale), rtol=SCALE_RTOL)
+    query_alone = OneOf(Op("Div", query, Const(1.0 / scale, rtol=SCALE_RTOL), name="q_scale"),
+                        Op("Mul", query, Const(scale, rtol=SCALE_RTOL), name="q_scale"))
+    scaled = OneOf(
+        Op("Mul", scores, Const(scale, rtol=SCALE_RTOL), name="scale"),
+        Op("Div", scores, Const(1.0 / scale, rtol=SCALE_RTOL), name="scale"),
+        Op("MatMul", Op("Mul", query, half, name="q_scale"), Op("Mul", key, half, name="k_scale"),
+           name="scores"),
+        Op("MatMul", query_alone, key, name="scores"))
+    probs = Op("Softmax", Op("Add", scaled, Var("mask"), name="mask_add"), name="softmax",
+               where=(_last_axis, "a softmax over the last axis"))
+    context = Op("MatMul", probs, value, name="context_matmul")
+    # SDPA exports reshape the context to the shape it already has before the Transpose.
+    context = OneOf(context, Op("Reshape", context, Const(), name="context_noop",
+                                where=(_keeps_shape, "a Reshape to the shape it already has")))
+    merged = transpose(context, HEAD_PERM, "context_transpose")
+    return Pattern(Op("Reshape", merged, Const(name="context_shape"), name="context_reshape"))
+
+
+def attention_blocks(graph: gs.Graph, facts: ModelFacts,
+                     softmaxes: list[gs.Node]) -> tuple[list[Match], dict[int, str]]:
+    """The blocks `attention_block_pattern` matches, in the order of their `softmaxes`, and for the index of
+    each Softmax no block holds, why not: the matcher's reason at its context Reshape."""
+    pattern = attention_block_pattern(facts)
+    matches = pattern.find_all(graph)
+    found = {id(m.node("softmax")) for m in matches}
+    misses = {layer: _why_not(pattern, graph, softmax) for layer, softmax in enumerate(softmaxes)
+              if id(softmax) not in found}
+    order = {id(node): i for i, node in enumerate(softmaxes)}
+    return sorted(matches, key=lambda m: order[id(m.node("softmax"))]), misses
+
+
+def _why_not(pattern: Pattern, graph: gs.Graph, softmax: gs.Node) -> str:
+    reshape = context_reshape(softmax)
+    if reshape is None:
+        return f"no context Reshape within {CONTEXT_SEARCH_DEPTH} nodes after it"
+    return pattern.explain(reshape, graph)
+
+
+def context_reshape(softmax: gs.Node) -> gs.Node | None:
+    """The Reshape merging the heads after `softmax`: the nearest one reading a Transpose, else the
+    nearest one (SDPA exports put a Reshape to the same shape between the MatMul and the Transpose)."""
+    reshapes, frontier = [], [softmax.outputs[0]]
+    for _depth in range(CONTEXT_SEARCH_DEPTH):
+        nodes = [node for t in frontier for node in t.outputs]
+        reshapes += [node for node in nodes if node.op == "Reshape"]
+        frontier = [out for node in nodes for out in node.outputs]
+    merging = [n for n in reshapes if n.inputs[0].inputs and n.inputs[0].inputs[0].op == "Transpose"]
+    return (merging or reshapes or [None])[0]
+
+
+def _key_spellings(key_heads: Op, facts: ModelFacts) -> OneOf:
+    """K transposed to [batch, heads, head_dim, seq]: the standard two Transposes, the single
+    (0, 2, 3, 1) one, or SDPA's from the dynamo exporter, which swaps the last two axes of
+    [batch*heads, seq, head_dim]: Reshape -> Transpose(0, 2, 1) -> Reshape."""
+    heads_first = transpose(key_heads, HEAD_PERM, "k_transpose")
+    merged = [facts.batch * facts.heads, facts.seq, facts.head_dim]
+    split = [facts.batch, facts.heads, facts.head_dim, facts.seq]
+    batched = Op("Reshape", Op("Transpose", Op("Reshape", heads_first, Const(), name="k_merge",
+                                               where=_reshapes_into(merged)),
+                               attrs={"perm": BATCHED_KEY_PERM}),
+                 Const(), name="k_unmerge", where=_reshapes_into(split))
+    return OneOf(transpose(_uncached(heads_first, "k"), KEY_PERM, "k_transpose2"),
+                 transpose(key_heads, SPLIT_KEY_PERM, "k_transpose"),
+                 batched)
+
+
+def _uncached(heads_first: Op, tag: str) -> OneOf:
+    """XLM's key/value cache Concat, which the legacy exporter writes with one input (no cache): a copy."""
+    return OneOf(heads_first, Op("Concat", heads_first, name=f"{tag}_cache"))
+
+
+def _reshapes_into(shape: list[int]) -> tuple:
+    def reshapes(node: gs.Node) -> bool:
+        return list(node.outputs[0].shape or []) == shape
+
+    return reshapes, f"a Reshape to {shape}"
+
+
+def _keeps_shape(node: gs.Node) -> bool:
+    before, after = node.inputs[0].shape, node.outputs[0].shape
+    return before is not None and list(before) == list(after or [])
+
+
+def _last_axis(node: gs.Node) -> bool:
+    rank = len(node.inputs[0].shape or [None] * 4)
+    return node.attrs.get("axis", -1) in (-1, rank - 1)
+
+
+def residual_operand(context: gs.Tensor) -> tuple[gs.Node, int] | None:
+    """The residual Add after a block's output projection Add(MatMul(context, Wo), bo), and the index of
+    its other input (what the residual reads); None where the block is not followed so."""
+    tensor = context
+    for op in ("MatMul", "Add", "Add"):
+        readers = [node for node in tensor.outputs if node.op == op]
+        if len(readers) != 1:
+            return None
+        projected, tensor = tensor, readers[0].outputs[0]
+    residual = readers[0]
+    index = next((i for i, t in enumerate(residual.inputs) if t is not projected), None)
+    return None if index is None else (residual, index)

@@ -42,6 +42,7 @@ import onnx_graphsurgeon as gs
 from bertopt.graph import ModelSource, constant_bytes, load_graph
 from bertopt.graph.golden import (SMALL_CONSTANT, attr_text, constant_text, parse_graph_text, structural_hashes,
                                   topological_order, type_text)
+from bertopt.graph.opset import in_onnx_domain
 from bertopt.graph.pattern import COMMUTATIVE
 from bertopt.model.regions import layer_of, node_regions, region_rank
 
@@ -474,7 +475,7 @@ def _histogram(old: DiffSide, new: DiffSide) -> dict[str, tuple[int, int]]:
 
 
 def _qualified_op(node: gs.Node) -> str:
-    return f"{node.domain}.{node.op}" if node.domain not in (None, "", "ai.onnx") else node.op
+    return node.op if in_onnx_domain(node) else f"{node.domain}.{node.op}"
 
 
 def _signature_changes(old: DiffSide, new: DiffSide) -> list[str]:

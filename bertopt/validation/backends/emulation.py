@@ -73,9 +73,9 @@ from bertopt.ascend.kernels import GeluKernel, gelu_kernel, kernel_gelu
 from bertopt.graph import (FP16_MAX, ModelSource, add_node, exceeds_fp16, infer_shapes, load_graph, peek_values,
                            producer, save_graph, to_model)
 from bertopt.graph.builder import Builder
+from bertopt.graph.opset import in_onnx_domain
 from bertopt.graph.pattern import Const, Match, OneOf, Op, Var
 from bertopt.graph.rules import Rule, apply_rules
-from bertopt.model.forms import ONNX_DOMAINS
 from bertopt.validation.backends.ort import OrtBackend
 
 DEFAULT_GELU = "high_performance"  # the seed's --op_select_implmode
@@ -166,7 +166,7 @@ def emulate_ascend(model: ModelSource, *, gelu: str = DEFAULT_GELU, precision: s
 
 def _collapse_gelus(graph: gs.Graph) -> tuple[int, int]:
     """Each Gelu ATC computes as one op becomes one placeholder node; returns how many, and the Erfs left."""
-    onnx_gelu = Op("Gelu", Var("x"), where=(lambda node: node.domain in ONNX_DOMAINS, "the ONNX op"))
+    onnx_gelu = Op("Gelu", Var("x"), where=(in_onnx_domain, "the ONNX op"))
     placeholder = Rule(OneOf(onnx_gelu, _atc_erf_gelu()),
                        lambda match, b: b.Gelu(match["x"], domain=PLACEHOLDER_DOMAIN), name="gelu")
     collapsed = apply_rules(graph, [placeholder])["gelu"]
