@@ -73,8 +73,8 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from bertopt.ascend.form import (SCALE_NAME_PREFIX, BlockReport, attention_softmaxes, block_input, check_blocks,
-                                 scale_named_for_atc)
+from bertopt.ascend.form import (BLOCK_INPUT_READERS, SCALE_NAME_PREFIX, attention_softmaxes, block_input,
+                                 check_blocks, newly_conforming, scale_named_for_atc)
 from bertopt.graph import (add_node, constant_value, infer_shapes, insert_after, is_copy_of, make_constant, put_first,
                            reinfer_shapes, replace_uses, set_inputs, unique_name)
 from bertopt.graph.pattern import Match
@@ -86,8 +86,6 @@ from bertopt.pipeline import PassOptions, PassResult, register_pass
 COUNTS = ("blocks_rewritten", "blocks_total", "k_transposes_split", "k_transposes_unbatched", "scales_rewritten",
           "masks_expanded", "reshapes_2d", "reshapes_removed", "concats_removed", "operands_reordered",
           "residuals_rewired")
-# Q, K, V MatMuls and the residual Add: what ZAttentionLnQKVONNXFusionPass wants reading the LayerNorm.
-BLOCK_INPUT_READERS = 4
 # Copies in a block that change nothing once it is in the standard form, and what removing each counts as.
 COPIES = {"context_noop": "reshapes_removed", "k_cache": "concats_removed", "v_cache": "concats_removed"}
 
@@ -123,7 +121,7 @@ def attention_bigkernel(graph: gs.Graph, facts: ModelFacts, options: PassOptions
     reinfer_shapes(graph)  # the shapes recorded before the rewrite are stale (2-D now)
     if encoder_2d:  # the block inputs' readers count once Q, K, V read them directly
         result.notes += _too_few_readers(matches)
-    result.counts["blocks_rewritten"] = _newly_conforming(before, check_blocks(graph, facts))
+    result.counts["blocks_rewritten"] = newly_conforming(before, check_blocks(graph, facts))
     if not any(n for key, n in result.counts.items() if key != "blocks_total"):
         return PassResult.no_change("; ".join(result.notes) or "nothing to rewrite")
     result.notes.insert(0, f"{result.counts['blocks_rewritten']} of {len(softmaxes)} attention blocks "
@@ -132,17 +130,13 @@ def attention_bigkernel(graph: gs.Graph, facts: ModelFacts, options: PassOptions
     return result
 
 
-def _newly_conforming(before: list[BlockReport], after: list[BlockReport]) -> int:
-    was = {block.softmax: block.conforming for block in before}
-    return sum(1 for block in after if block.conforming and not was.get(block.softmax, False))
-
-
 # ----------------------------------------------------------------------------- per block
 
 def _rewrite_block(graph: gs.Graph, facts: ModelFacts, match: Match, result: PassResult) -> None:
     """Points 3 and 4; the computed operand first, as ATC's fusion patterns are written (Add(MatMul, bias))."""
     for tag in ("q", "k", "v"):
-        result.counts["operands_reordered"] += put_first(match.node(f"{tag}_add"), match.node(f"{tag}_matmul").outputs[0])
+        add, product = match.node(f"{tag}_add"), match.node(f"{tag}_matmul").outputs[0]
+        result.counts["operands_reordered"] += put_first(add, product)
     _standard_key_transposes(graph, match, result)
     _rewrite_scale(graph, facts, match, result)
     for name, count in COPIES.items():

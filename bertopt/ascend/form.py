@@ -47,6 +47,8 @@ SCALE_NAME_PREFIX = "bert_"  # how the attention-bigkernel pass names the scale 
 SCALE_NAME_MARK = "bert"  # what ATC's MulAddFusionPass looks for in the name
 # How far above the scores MatMul the Q projection may be looked for.
 PROJECTION_SEARCH_DEPTH = 6
+# Q, K, V MatMuls and the residual Add: what ZAttentionLnQKVONNXFusionPass wants reading the LayerNorm.
+BLOCK_INPUT_READERS = 4
 
 
 @dataclass
@@ -70,6 +72,12 @@ class BlockReport:
 
     def failing(self) -> list[str]:
         return [check.name for check in self.checks if check.ok is False]
+
+
+def newly_conforming(before: list[BlockReport], after: list[BlockReport]) -> int:
+    """How many blocks conform in `after` that did not in `before` (blocks known by their Softmax's name)."""
+    was = {block.softmax: block.conforming for block in before}
+    return sum(1 for block in after if block.conforming and not was.get(block.softmax, False))
 
 
 # ----------------------------------------------------------------------------- shared patterns
@@ -227,7 +235,7 @@ def _check_consumers(block: BlockNodes) -> Check:
     listed = ", ".join(ops)
     if ops == ["Add", "MatMul", "MatMul", "MatMul"]:
         return Check(name, True, f"'{x.name}' feeds {listed}")
-    return Check(name, False, f"'{x.name}' has {len(ops)} consumer(s) ({listed}); ATC wants 4: "
+    return Check(name, False, f"'{x.name}' has {len(ops)} consumer(s) ({listed}); ATC wants {BLOCK_INPUT_READERS}: "
                               "the Q, K, V MatMuls and the residual Add")
 
 
