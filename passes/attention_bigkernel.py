@@ -76,7 +76,8 @@ from bertopt.ascend.form import (CONTEXT_SEARCH_DEPTH, HEAD_PERM, KEY_PERM, SCAL
                                  attention_softmaxes, block_input, check_blocks, context_reshape, heads,
                                  is_token_flattening, projection, scale_named_for_atc, transpose)
 from bertopt.ascend.layernorm import layernorm_pattern
-from bertopt.graph import add_node, constant_value, infer_shapes, make_constant, producer, replace_uses, unique_name
+from bertopt.graph import (add_node, constant_value, infer_shapes, make_constant, producer, remove_noop_casts, replace_uses,
+                           unique_name)
 from bertopt.graph.pattern import Const, Match, OneOf, Op, Pattern, Var
 from bertopt.model.facts import ModelFacts
 from bertopt.pipeline import PassOptions, PassResult, register_pass
@@ -129,7 +130,10 @@ def attention_bigkernel(graph: gs.Graph, facts: ModelFacts, options: PassOptions
     rewrite = Rewrite()
     rewrite.counts["blocks_total"] = len(softmaxes)
     rewrite.add("gemms_to_matmul", _gemms_to_matmul(graph))
-    if rewrite.counts["gemms_to_matmul"]:
+    casts = remove_noop_casts(graph, after=("Softmax",))  # ViT's, CLIP's, Whisper's eager attention
+    if casts:
+        rewrite.counts["noop_casts_removed"] = casts
+    if rewrite.counts["gemms_to_matmul"] or casts:
         infer_shapes(graph)
     matches = _match_blocks(graph, facts, softmaxes, rewrite)
     for match in matches:

@@ -11,7 +11,7 @@
 The names passes use most are re-exported here (``from bertopt.graph import load_graph, add_node``).
 """
 
-from bertopt.graph.edit import (GraphSnapshot, add_node, make_constant, producer, replace_uses, splice_out, toposort,
+from bertopt.graph.edit import (GraphSnapshot, add_node, make_constant, producer, replace_uses, remove_noop_casts, splice_out, toposort,
                                 unique_name)
 from bertopt.graph.io import (EXTERNAL_DATA_THRESHOLD, FileValues, ModelSource, fits_protobuf, lift_constant_nodes,
                               load_graph, load_model, save_graph, save_model, scan_file, tensor_nbytes, to_model)
@@ -23,4 +23,4 @@ __all__ = ["EXTERNAL_DATA_THRESHOLD", "FP16_MAX", "FileValues", "GraphSnapshot",
            "constant_bytes", "constant_exceeds_fp16", "constant_value", "exceeds_fp16", "fits_protobuf",
            "infer_shapes", "is_static", "lift_constant_nodes", "load_graph", "load_model", "make_constant",
            "peek_values", "producer", "replace_uses", "save_graph", "save_model", "scan_file", "skeleton_model",
-           "splice_out", "tensor_nbytes", "to_model", "toposort", "unique_name", "value_chunks", "verify"]
+           "remove_noop_casts", "splice_out", "tensor_nbytes", "to_model", "toposort", "unique_name", "value_chunks", "verify"]

@@ -720,7 +720,7 @@ def family_of(graph: gs.Graph, roles: dict[str, str], attention: str, relative: 
     return "bert"
 
 
-QUICK_GELU_ALPHA = 1.702
+QUICK_GELU_ALPHA = 1.702  # bertopt.model.forms.quick_gelu_pattern (forms imports the pattern layer facts does not)
 
 
 def _is_quick_gelu(sigmoid: gs.Node) -> bool:
