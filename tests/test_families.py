@@ -10,6 +10,8 @@ integration test.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import GOLDEN_DIR
@@ -191,3 +193,18 @@ def test_base_sizes_run_legal_and_exact(family_export, preset):
     if preset == "vit-base":  # hidden 768, 12 heads of 64: the tokens are what the kernel refuses
         score = prediction.blocks[0].verdict("attention-score")
         assert any("seq = 197 is not a multiple of 32" in reason for reason in score.reasons)
+    # README's table says what every block gets, fusion by fusion
+    family, tokens, *cells = README_ROWS[preset]
+    assert (result.facts.family, int(tokens)) == (family, seq)
+    for block in prediction.blocks:
+        assert [v.verdict for v in block.verdicts] == [cell.split(":")[0] for cell in cells], block.layer
+
+
+def _readme_rows() -> dict[str, list[str]]:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text[text.index("<!-- family_table:begin -->"):text.index("<!-- family_table:end -->")]
+    rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+README_ROWS = _readme_rows()
