@@ -108,10 +108,8 @@ def attention_bigkernel(graph: gs.Graph, facts: ModelFacts, options: PassOptions
                                     "ATC fuses")
     result = PassResult(changed=False, counts=dict.fromkeys(COUNTS, 0))
     result.counts["blocks_total"] = len(softmaxes)
-    casts = remove_noop_casts(graph, after=("Softmax",))  # ViT's, CLIP's, Whisper's eager attention
-    if casts:
+    if casts := remove_noop_casts(graph, after=("Softmax",)):  # ViT's, CLIP's, Whisper's eager attention
         result.counts["noop_casts_removed"] = casts
-        infer_shapes(graph)
     matches, misses = attention_blocks(graph, facts, softmaxes)
     result.notes += [f"layer {layer} (Softmax '{softmaxes[layer].name}') left unchanged: {why}"
                      for layer, why in misses.items()]
