@@ -25,20 +25,22 @@ PathLike = str | os.PathLike
 
 def optimize(model: PathLike, output: PathLike, passes: str = "default", *, batch: int = 1, seq: int = 384,
              target: str = "ascend", cann: str | None = None, force: bool = False,
-             progress: Progress | None = None) -> Optimized:
+             progress: Progress | None = None, image_size: int | None = None,
+             frames: int | None = None) -> Optimized:
     """Load the ONNX file `model`, run the pipeline `passes` at a static (batch, seq), write `output`.
 
     Nothing else: no export, atc or validation (`bertopt optimize`). `passes` is a spec as `--passes`
     takes it (`default`, `a,b,c`, `default,-name`, `default,my-pass`); passes from a file or module are
     registered first with `bertopt.load_passes`. `target` is ascend or ort; `cann` the CANN version whose
-    ATC the ascend target is (default: the installed toolkit's, else 6.0). The input is never modified;
+    ATC the ascend target is (default: the installed toolkit's, else 6.0). Image and audio models freeze at
+    `image_size` / `frames` (default: the static size of the model's input). The input is never modified;
     an existing `output` is refused unless `force`. Returns the facts, one record per pass, and why the
     output is not legal for the CANN version's ATC (`illegal`, empty when it is).
     """
     from bertopt.flow.run import optimize as optimize_file
 
     return optimize_file(Path(model), Path(output), passes, batch=batch, seq=seq, target=target, cann=cann,
-                         force=force, progress=progress or _quiet)
+                         force=force, progress=progress or _quiet, image_size=image_size, frames=frames)
 
 
 def run(model: PathLike = "bert-base", *, progress: Progress | None = None, echo: Progress | None = None,
@@ -47,7 +49,7 @@ def run(model: PathLike = "bert-base", *, progress: Progress | None = None, echo
     every candidate against the original, write report.json (and report.html with `report="html"`).
 
     `options` are the fields of `bertopt.flow.run.RunConfig`, named like the command's options: `passes`,
-    `batch`, `seq`, `output`, `target`, `force`, `exporter`, `opset`, `attention`, `dtype`, `mask`,
+    `batch`, `seq`, `image_size`, `frames`, `output`, `target`, `force`, `exporter`, `opset`, `attention`, `dtype`, `mask`,
     `dump_dir`, `check_each_pass`, `samples`, `atol`, `rtol`, `soc`, `cann`, `gelu_impl`,
     `require_fusion`, `atc_args`, `device`, `evaluations` (e.g.
     `bertopt.squad.check.SquadEvaluation("dev-v1.1.json")`), `report`. `progress` receives a line per step,

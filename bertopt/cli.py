@@ -55,6 +55,10 @@ def run(
     passes_from: list[str] = _passes_from_option(),
     batch: int = typer.Option(1, "--batch", help="static batch size"),
     seq: int = typer.Option(384, "--seq", help="static sequence length"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="image models: square image size "
+                                             "(default: the model's static size)"),
+    frames: Optional[int] = typer.Option(None, "--frames", help="audio models: input frames (default: the "
+                                         "model's static count)"),
     output: Optional[Path] = typer.Option(None, "--output", help="folder (default bertopt-out/<model>-bs<B>-seq<S>)"),
     target: str = typer.Option("ascend", "--target", help="ascend | ort"),
     force: bool = typer.Option(False, "--force", help="overwrite results already in the output folder"),
@@ -91,7 +95,8 @@ def run(
     _load_passes(passes_from)
     with _progress() as progress:
         report = run_model(model, progress=progress, echo=lambda line: err.print(f"atc| {line}", markup=False),
-                           passes=passes, batch=batch, seq=seq, output=output, target=target, force=force,
+                           passes=passes, batch=batch, seq=seq, image_size=image_size, frames=frames,
+                           output=output, target=target, force=force,
                            exporter=exporter, opset=opset, attention=attention, dtype=dtype, mask=mask,
                            dump_dir=dump_dir, check_each_pass=check_each_pass, soc=soc, cann=cann,
                            gelu_impl=gelu_impl, require_fusion=require_fusion, atc_args=tuple(atc_arg),
@@ -100,7 +105,8 @@ def run(
     out.print(_facts_line(report.facts))
     out.print(_pass_table(report.passes))
     out.print(_atc_lines(report))
-    out.print(_validation_table(report.validation, f"validation vs original (ONNX Runtime fp32, bs{batch} seq{seq})"))
+    shape = f"bs{batch} seq{seq}" if report.facts.modality == "text" else f"bs{batch}, {report.facts.seq} tokens"
+    out.print(_validation_table(report.validation, f"validation vs original (ONNX Runtime fp32, {shape})"))
     _print_candidate_notes(report.validation)
     if "squad" in report.evaluations:
         out.print(_squad_table(report.evaluations["squad"], batch, seq))
@@ -176,9 +182,12 @@ def _print_candidate_notes(candidates) -> None:
 
 def _facts_line(facts) -> str:
     roles = ", ".join(f"{name}={role}" for name, role in facts.roles.items())
+    reads = f"vocab {facts.vocab_size}" if facts.modality == "text" else (
+        f"{facts.modality} {'x'.join(map(str, facts.image_size)) if facts.image_size else facts.frames}, "
+        f"{facts.seq} tokens")
     return (f"{facts.family}: {facts.num_layers} layers, hidden {facts.hidden}, {facts.heads} heads x "
-            f"{facts.head_dim}, vocab {facts.vocab_size}, opset {facts.opset}, IR {facts.ir_version}; "
-            f"inputs {roles}")
+            f"{facts.head_dim}, {reads}, {facts.norm_position}-{facts.norm}, {facts.attention_kind} attention, "
+            f"opset {facts.opset}, IR {facts.ir_version}; inputs {roles}")
 
 
 def _pass_table(records) -> Table:
@@ -206,6 +215,10 @@ def optimize(
     passes_from: list[str] = _passes_from_option(),
     batch: int = typer.Option(1, "--batch", help="static batch size"),
     seq: int = typer.Option(384, "--seq", help="static sequence length"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="image models: square image size "
+                                             "(default: the model's static size)"),
+    frames: Optional[int] = typer.Option(None, "--frames", help="audio models: input frames (default: the "
+                                         "model's static count)"),
     target: str = typer.Option("ascend", "--target", help="ascend | ort"),
     cann: Optional[str] = typer.Option(None, "--cann", help=CANN_HELP),
     force: bool = typer.Option(False, "--force", help="overwrite --output if it exists"),
@@ -219,7 +232,7 @@ def optimize(
     _load_passes(passes_from)
     with _progress() as progress:
         result = optimize_model(model, output, passes, batch=batch, seq=seq, target=target, cann=cann,
-                                force=force, progress=progress)
+                                force=force, progress=progress, image_size=image_size, frames=frames)
     out.print(_facts_line(result.facts))
     out.print(_pass_table(result.passes))
     out.print(f"optimized model: {output}")

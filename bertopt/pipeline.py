@@ -72,6 +72,8 @@ class PassOptions:
 
     batch: int = 1
     seq: int = 384
+    image_size: int | None = None  # freeze-shapes: square images of this size; None: the model's static size
+    frames: int | None = None  # freeze-shapes: audio frames; None: the model's static count
     target: str = "ascend"
     mask_value: float = -10000.0
     cann: CannTarget = field(default_factory=lambda: cann_target(DEFAULT_VERSION))  # legalize-ascend's target

@@ -76,7 +76,7 @@ import onnx_graphsurgeon as gs
 from bertopt.ascend.form import (BLOCK_INPUT_READERS, SCALE_NAME_PREFIX, attention_softmaxes, block_input,
                                  check_blocks, newly_conforming, scale_named_for_atc)
 from bertopt.graph import (add_node, constant_value, infer_shapes, insert_after, is_copy_of, make_constant, put_first,
-                           reinfer_shapes, replace_uses, set_inputs, unique_name)
+                           reinfer_shapes, remove_noop_casts, replace_uses, set_inputs, unique_name)
 from bertopt.graph.pattern import Match
 from bertopt.model.encoder import encoder_span, flatten_tokens, unflatten_output
 from bertopt.model.facts import ModelFacts
@@ -106,6 +106,8 @@ def attention_bigkernel(graph: gs.Graph, facts: ModelFacts, options: PassOptions
                                     "ATC fuses")
     result = PassResult(changed=False, counts=dict.fromkeys(COUNTS, 0))
     result.counts["blocks_total"] = len(softmaxes)
+    if casts := remove_noop_casts(graph, after=("Softmax",)):  # ViT's, CLIP's, Whisper's eager attention
+        result.counts["noop_casts_removed"] = casts
     matches, misses = attention_blocks(graph, facts, softmaxes)
     result.notes += [f"layer {layer} (Softmax '{softmaxes[layer].name}') left unchanged: {why}"
                      for layer, why in misses.items()]

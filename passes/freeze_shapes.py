@@ -33,16 +33,17 @@ MAX_ROUNDS = 8
 ort.set_default_logger_severity(3)
 
 
-@register_pass("freeze-shapes", "set static batch/seq on the inputs and fold the shape arithmetic "
-               "(keeps MatMul+Add, unlike onnxsim)")
+@register_pass("freeze-shapes", "set static batch/seq (images: batch and --image-size, audio: batch and --frames) "
+               "on the inputs and fold the shape arithmetic (keeps MatMul+Add, unlike onnxsim)")
 def freeze_shapes(graph: gs.Graph, facts: ModelFacts, options: PassOptions) -> PassResult:
     check_shape(facts, options.batch, options.seq)
     ops_before = Counter(node.op for node in graph.nodes)
-    inputs_set = _set_input_shapes(graph, facts, options.batch, options.seq)
+    inputs_set = _set_input_shapes(graph, facts, options)
     rounds = _fold_until_stable(graph)
     removed = ops_before - Counter(node.op for node in graph.nodes)
     if not inputs_set and not removed:
-        return PassResult.no_change(f"inputs already static at batch {options.batch}, seq {options.seq} "
+        shape = f"seq {options.seq}" if facts.modality == "text" else f"its {facts.modality} size"
+        return PassResult.no_change(f"inputs already static at batch {options.batch}, {shape} "
                                     "and nothing left to fold")
     result = PassResult(changed=True, counts={"inputs_frozen": inputs_set,
                                               "nodes_folded": sum(removed.values()),
@@ -54,18 +55,49 @@ def freeze_shapes(graph: gs.Graph, facts: ModelFacts, options: PassOptions) -> P
     return result
 
 
-def _set_input_shapes(graph: gs.Graph, facts: ModelFacts, batch: int, seq: int) -> int:
-    """Fix every role-carrying [batch, seq] input; returns how many inputs changed."""
+def _set_input_shapes(graph: gs.Graph, facts: ModelFacts, options: PassOptions) -> int:
+    """Fix every role-carrying input: token inputs at [batch, seq], images at [batch, channels, height,
+    width] and audio features at [batch, mel bins, frames]; returns how many inputs changed."""
     changed = 0
     for tensor in graph.inputs:
-        if tensor.name not in facts.roles:
+        role = facts.roles.get(tensor.name)
+        if role is None:
             continue
-        if tensor.shape is None or len(tensor.shape) != 2:
-            raise BertoptError(f"input {tensor.name} has shape {tensor.shape}, expected [batch, seq]")
-        if list(tensor.shape) != [batch, seq]:
-            tensor.shape = [batch, seq]
+        shape = _frozen_shape(tensor, role, options)
+        if list(tensor.shape) != shape:
+            tensor.shape = shape
             changed += 1
     return changed
+
+
+def _frozen_shape(tensor: gs.Tensor, role: str, options: PassOptions) -> list[int]:
+    dims = list(tensor.shape or [])
+    if role == "pixel_values" and len(dims) == 4:
+        size = [options.image_size] * 2 if options.image_size else dims[2:4]
+        _check_content_size(tensor, dims[2:4], size, "--image-size")
+        return [options.batch, _static(dims[1], tensor, "channels", "the channel count"), *size]
+    if role == "input_features" and len(dims) == 3:
+        frames = options.frames or dims[2]
+        _check_content_size(tensor, dims[2:], [frames], "--frames")
+        return [options.batch, _static(dims[1], tensor, "mel bins", "the mel bin count"), frames]
+    if len(dims) != 2:
+        raise BertoptError(f"input {tensor.name} has shape {tensor.shape}, expected [batch, seq]")
+    return [options.batch, options.seq]
+
+
+def _check_content_size(tensor: gs.Tensor, model: list, wanted: list, flag: str) -> None:
+    """Vision and audio models fix their size in their position embeddings: a static size is the only one."""
+    if not all(isinstance(d, int) and d > 0 for d in wanted):
+        raise BertoptError(f"input {tensor.name} has a dynamic size {tensor.shape}: give {flag}")
+    if all(isinstance(d, int) for d in model) and list(model) != list(wanted):
+        raise BertoptError(f"{flag} {wanted[-1]}: input {tensor.name} is static at {tensor.shape} (its position "
+                           f"embeddings fix the size; export the model at that size)")
+
+
+def _static(dim, tensor: gs.Tensor, name: str, described: str) -> int:
+    if not isinstance(dim, int) or dim <= 0:
+        raise BertoptError(f"input {tensor.name} has no static {name} ({tensor.shape}): {described} must be static")
+    return dim
 
 
 def _fold_until_stable(graph: gs.Graph) -> int:

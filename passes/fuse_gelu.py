@@ -29,7 +29,9 @@ The spellings, the fused node and the rules that write it live in `bertopt.model
 legalize-ort; this pass adds the counts and, for the ascend target, leaves ATC's form alone.
 
 Counts: ``gelu_erf`` and ``gelu_tanh`` (subgraphs fused by this run), ``gelu_op`` (Gelu already
-one node: the ONNX op, or a node an earlier run fused) and ``gelu_sites`` (all of them). ATC fuses
+one node: the ONNX op, or a node an earlier run fused) and ``gelu_sites`` (all of them); CLIP's
+quick_gelu, ``x * sigmoid(1.702 x)``, is another function and stays as it is, counted as
+``quick_gelu_kept`` (why: `bertopt.model.forms.quick_gelu_pattern`). ATC fuses
 the erf sites into its own Gelu op, which ``--optypelist_for_implmode=Gelu`` then selects.
 """
 
@@ -41,7 +43,7 @@ import onnx_graphsurgeon as gs
 
 from bertopt.graph.rules import apply_rules
 from bertopt.model.facts import ModelFacts
-from bertopt.model.forms import ERF, TANH, fusion_rules, gelu_kind
+from bertopt.model.forms import ERF, TANH, fusion_rules, gelu_kind, quick_gelu_pattern
 from bertopt.pipeline import PassOptions, PassResult, register_pass
 
 LOOKED_FOR = "no Gelu found (looked for the erf form, the tanh approximation and the Gelu op)"
@@ -52,22 +54,35 @@ def fuse_gelu(graph: gs.Graph, facts: ModelFacts, options: PassOptions) -> PassR
     """For the ascend target, a Gelu already in the subgraph legalize-ascend writes for ATC is left as it is
     (`gelu_atc_form`): fusing it would only have legalize write it back, and `default` would never settle."""
     existing = Counter(kind for kind in map(gelu_kind, graph.nodes) if kind)
+    quick = len(quick_gelu_pattern().find_all(graph))
     result = apply_rules(graph, fusion_rules(keep_atc_form=options.target == "ascend"))
     fused, kept = result.applied, sum(result.declined.values())
     counts = {"gelu_erf": fused[ERF], "gelu_tanh": fused[TANH], "gelu_op": sum(existing.values()),
               "gelu_atc_form": kept}
     counts["gelu_sites"] = sum(counts.values())
+    if quick:
+        counts["quick_gelu_kept"] = quick
     if not counts["gelu_sites"]:
+        if quick:
+            return PassResult(changed=False, counts=counts, notes=[_quick_gelu_note(quick)])
         return PassResult.no_change(_nothing_found(graph, result.why_not))
     by_function = fused + existing
     notes = [f"{by_function[ERF]} erf Gelu site(s) fused (ATC fuses the erf form into its Gelu op, which "
              f"--optypelist_for_implmode=Gelu selects), {by_function[TANH]} tanh-approximation site(s)"]
     if kept:
         notes.append(f"{kept} Gelu site(s) already in the subgraph ATC takes, left as they are")
+    if quick:
+        notes.append(_quick_gelu_note(quick))
     if not result.changed:
         notes.insert(0, f"no Gelu to fuse: {counts['gelu_op']} Gelu op(s) already one node, {kept} already in "
                         "ATC's form")
     return PassResult(changed=result.changed, counts=counts, notes=notes)
+
+
+def _quick_gelu_note(count: int) -> str:
+    return (f"{count} quick_gelu site(s), x * sigmoid(1.702 x) (CLIP), kept as they are: another function than "
+            "Gelu, legal for ATC as Mul and Sigmoid, which no ONNX fusion pass of ATC is known to fuse and the "
+            "Gelu implmode flags do not touch")
 
 
 def _nothing_found(graph: gs.Graph, why_not: str | None) -> str:

@@ -124,7 +124,7 @@ def test_non_bert_model_is_a_clear_error(tmp_path):
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
     onnx.save(helper.make_model(graph), str(tmp_path / "mlp.onnx"))
-    with pytest.raises(BertoptError, match="not a BERT-family encoder"):
+    with pytest.raises(BertoptError, match="not a transformer bertopt knows"):
         check_ascend(tmp_path / "mlp.onnx")
 
 

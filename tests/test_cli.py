@@ -53,7 +53,7 @@ def test_not_a_bert_encoder(tmp_path):
     path = tmp_path / "cnn.onnx"
     onnx.save(small_cnn(), str(path))
     assert_one_line_error(bertopt("run", str(path), "--output", str(tmp_path / "o")), 2,
-                          "not a BERT-family encoder")
+                          "not a transformer bertopt knows")
 
 
 def test_unknown_pass(tmp_path, tiny_export):

@@ -57,8 +57,8 @@ def small_cnn() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
 
 
-def test_a_cnn_is_not_a_bert_family_encoder():
-    with pytest.raises(BertoptError, match="not a BERT-family encoder"):
+def test_a_cnn_without_attention_is_not_a_transformer():
+    with pytest.raises(BertoptError, match="not a transformer bertopt knows"):
         detect_facts(load_graph(small_cnn()))
 
 

@@ -202,7 +202,10 @@ def test_attention_score_skips_tapes_and_quantised_graphs_by_name(bertopt_output
         reshape = context.outputs[0].outputs[0].outputs[0].outputs[0]
         reshape.outputs[0].outputs[0].name = "bert/Quant_dense"
     score = verdict(predict(graph), 0, "attention-score")
-    assert score.verdict == FORM and score.reasons == [reason]
+    assert score.verdict == FORM and score.reasons[0] == reason
+    # the tiny model's shape fails the kernel too, and a form verdict still says so
+    assert score.reasons[1:] and all(r.startswith("in form, still not at this shape: ") for r in score.reasons[1:])
+    assert "in form, still not at this shape: heads = 2 is not 12 or 16" in score.reasons
 
 
 def test_failures_group_blocks_with_the_same_verdict(bertopt_output):

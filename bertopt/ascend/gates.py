@@ -49,7 +49,7 @@ from bertopt.ascend.layernorm import decomposed_layernorm_pattern
 from bertopt.errors import BertoptError
 from bertopt.graph.pattern import Const, OneOf, Op, Pattern, Var, _
 from bertopt.model.facts import ModelFacts
-from bertopt.model.forms import TANH, erf_gelu_pattern, gelu_kind, tanh_gelu_pattern
+from bertopt.model.forms import TANH, erf_gelu_pattern, gelu_kind, quick_gelu_pattern, tanh_gelu_pattern
 
 FUSES, SHAPE, FORM = "fuses", "shape", "form"
 FUSIONS = ("layer-norm", "ln-qkv", "mul-add", "attention-score", "gelu")
@@ -307,10 +307,11 @@ def predict_fusion(graph: gs.Graph, facts: ModelFacts, blocks: list[BlockReport]
 
 
 def _verdict(fusion: str, gates: FusionGates, form: list[str], shape: list[str]) -> FusionVerdict:
-    """Form problems first: a kernel's shape gates only matter once its pattern is there."""
+    """Form problems first: a kernel's shape gates only matter once its pattern is there. The shape gates
+    that would fail anyway follow them (ViT-B/16's 197 tokens fail AttentionScore whatever the form)."""
     name = gates.pass_name(fusion)
     if form:
-        return FusionVerdict(fusion, name, FORM, form)
+        return FusionVerdict(fusion, name, FORM, form + [f"in form, still not at this shape: {r}" for r in shape])
     if shape:
         return FusionVerdict(fusion, name, SHAPE, shape)
     return FusionVerdict(fusion, name, FUSES)
@@ -461,6 +462,11 @@ def _gelu_verdict(graph: gs.Graph, sites: list[tuple[gs.Node, str]], softmax: gs
     mine = sorted(((node, kind) for node, kind in sites if start < order[id(node)] < end),
                   key=lambda site: order[id(site[0])])
     if not mine:
+        quick = [m.root for m in quick_gelu_pattern().find_all(graph)
+                 if start < order.get(id(m.root), -1) < end]
+        if quick:
+            return _verdict("gelu", gates, [f"quick_gelu x * sigmoid(1.702 x) at '{quick[0].name}' (CLIP): not a "
+                                            "Gelu; ATC compiles its Mul and Sigmoid as they are"], [])
         return _verdict("gelu", gates, ["no Gelu between this block's Softmax and the next"], [])
     node, kind = mine[0]
     if gelu_kind(node):

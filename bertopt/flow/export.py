@@ -1,4 +1,12 @@
-"""Export BERT-family models to ONNX with dynamic batch/seq axes: presets or HF checkpoint folders.
+"""Export transformers to ONNX with dynamic batch (and, for text, seq) axes: presets or HF checkpoint folders.
+
+Text encoders export with a task head (`head`: QA or classification). Other families export as users
+deploy them (`KINDS`): ViT and DeiT with their image-classification head (logits), CLIP as one ONNX file
+per tower (the vision tower's image_embeds, the text tower's text_embeds: a CLIP checkpoint folder gives
+its vision tower, a folder saved from `CLIPTextModelWithProjection` its text tower), Whisper and T5 as
+their encoders (last_hidden_state), GPT-2 like the text encoders. Image and audio inputs keep the static
+size the model's position embeddings fix (`image_size`, the frames of `max_source_positions`); a
+random-weight preset may be exported at another size (`image_size=`, `max_source_positions=`).
 
 Two exporters, as torch 2.13 offers them: ``legacy`` (TorchScript, ``dynamo=False``, opset 11-17) and
 ``dynamo`` (torch.export, opset 18+). Exports are cached by content: the key hashes the model's
@@ -26,7 +34,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+from transformers import (AutoConfig, AutoModelForImageClassification, AutoModelForQuestionAnswering,
+                          AutoModelForSequenceClassification)
 
 from bertopt.errors import BertoptError, first_line
 
@@ -43,10 +52,80 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MASKS = ("int", "float", "additive", "none")
 SEED = 0
 # Bump when the way random weights are made changes, so cached exports are not reused.
-WEIGHTS_RECIPE = 1
+# 2: RMSNorm weights (T5) are perturbed too.
+WEIGHTS_RECIPE = 2
 TRACE_BATCH, TRACE_SEQ = 2, 16
 
 ModelBuilder = Callable[[str, str], torch.nn.Module]  # (attention, head) -> model in eval mode
+
+
+def _image_classifier(config, attention: str, pretrained: Path | None = None):
+    return _built(AutoModelForImageClassification, config, attention, pretrained)
+
+
+def _deit_classifier(config, attention: str, pretrained: Path | None = None):
+    """DeiT as its distilled checkpoints ship: class and distillation heads averaged."""
+    from transformers import DeiTForImageClassificationWithTeacher
+
+    return _built(DeiTForImageClassificationWithTeacher, config, attention, pretrained)
+
+
+def _clip_tower(tower: str):
+    def build(config, attention: str, pretrained: Path | None = None):
+        from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+        cls = CLIPTextModelWithProjection if tower == "text" else CLIPVisionModelWithProjection
+        return _built(cls, config, attention, pretrained)
+    return build
+
+
+def _whisper_encoder(config, attention: str, pretrained: Path | None = None):
+    from transformers import WhisperModel
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    if pretrained is not None:
+        return _built(WhisperModel, config, attention, pretrained).get_encoder()
+    config._attn_implementation = attention
+    return WhisperEncoder(config)
+
+
+def _t5_encoder(config, attention: str, pretrained: Path | None = None):
+    from transformers import T5EncoderModel
+
+    return _built(T5EncoderModel, config, attention, pretrained)
+
+
+def _built(cls, config, attention: str, pretrained: Path | None):
+    if pretrained is not None:
+        return cls.from_pretrained(str(pretrained), attn_implementation=attention, local_files_only=True)
+    make = cls.from_config if hasattr(cls, "from_config") else cls._from_config  # Auto classes, model classes
+    return make(config, attn_implementation=attention)
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """A family exported as users deploy it rather than with a text task head: how it is built (from a
+    config, or from a checkpoint folder), what it reads and what it returns."""
+
+    build: Callable  # (config, attention, pretrained folder or None) -> torch model
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    config_type: str  # the transformers config (model_type) its random presets are made from
+
+
+_IMAGE = ("pixel_values",)
+_TOKENS = ("input_ids", "attention_mask")
+KINDS: dict[str, ModelKind] = {
+    "vit": ModelKind(_image_classifier, _IMAGE, ("logits",), "vit"),
+    "deit": ModelKind(_deit_classifier, _IMAGE, ("logits",), "deit"),
+    "clip_vision_model": ModelKind(_clip_tower("vision"), _IMAGE, ("image_embeds",), "clip_vision_model"),
+    "clip": ModelKind(_clip_tower("vision"), _IMAGE, ("image_embeds",), "clip_vision_model"),
+    "clip_text_model": ModelKind(_clip_tower("text"), _TOKENS, ("text_embeds",), "clip_text_model"),
+    "whisper": ModelKind(_whisper_encoder, ("input_features",), ("last_hidden_state",), "whisper"),
+    "t5": ModelKind(_t5_encoder, _TOKENS, ("last_hidden_state",), "t5"),
+}
+# Outputs whose axis 1 is the sequence of a text model (the others keep batch only dynamic).
+_SEQUENCE_OUTPUTS = {"start_logits", "end_logits", "last_hidden_state"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +157,15 @@ _ALBERT = dict(vocab_size=30000, max_position_embeddings=512, type_vocab_size=2,
 _ALBERT_TINY = dict(vocab_size=1000, max_position_embeddings=128, type_vocab_size=2, embedding_size=16,
                     **_BERT_TINY)
 
+# Whisper's special ids sit past a tiny vocabulary; the encoder never reads them, the config checks them.
+_WHISPER_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+_WHISPER_BASE = dict(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048,
+                     decoder_layers=6, decoder_attention_heads=8, decoder_ffn_dim=2048, num_mel_bins=80,
+                     max_source_positions=1500)
+_WHISPER_TINY = dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
+                     decoder_attention_heads=2, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=32,
+                     vocab_size=1000, **_WHISPER_IDS)
+
 PRESETS: dict[str, Preset] = {
     "bert-base": Preset("BERT-Base uncased architecture (12x768), RANDOM weights", "bert",
                         dict(_BERT, **_BERT_BASE)),
@@ -96,6 +184,43 @@ PRESETS: dict[str, Preset] = {
     "albert-base": Preset("ALBERT-Base v2 architecture (12x768 shared, embeddings 128), RANDOM weights",
                           "albert", _ALBERT),
     "albert-tiny": Preset("tiny ALBERT (2x32 shared, embeddings 16), RANDOM weights", "albert", _ALBERT_TINY),
+    "vit-base": Preset("ViT-Base/16 at 224x224 (12x768, 197 tokens), RANDOM weights", "vit",
+                       dict(_BERT_BASE, image_size=224, patch_size=16, num_labels=1000)),
+    "vit-tiny": Preset("tiny ViT (2x32, 32x32 images of 8x8 patches: 17 tokens), RANDOM weights", "vit",
+                       dict(_BERT_TINY, image_size=32, patch_size=8, num_labels=10)),
+    "deit-small": Preset("DeiT-Small/16 distilled at 224x224 (12x384, 6 heads, 198 tokens), RANDOM weights", "deit",
+                         dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                              image_size=224, patch_size=16, num_labels=1000)),
+    "deit-tiny": Preset("tiny DeiT (2x32, 32x32 images of 8x8 patches: 18 tokens), RANDOM weights", "deit",
+                        dict(_BERT_TINY, image_size=32, patch_size=8, num_labels=10)),
+    "clip-vit-b32": Preset("CLIP ViT-B/32 vision tower at 224x224 (12x768, 50 tokens, image_embeds 512), "
+                           "RANDOM weights", "clip_vision_model",
+                           dict(_BERT_BASE, image_size=224, patch_size=32, projection_dim=512)),
+    "clip-vit-b32-text": Preset("CLIP ViT-B/32 text tower (12x512, 8 heads, 77 positions, text_embeds 512), "
+                                "RANDOM weights", "clip_text_model",
+                                dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
+                                     intermediate_size=2048, max_position_embeddings=77, vocab_size=49408,
+                                     projection_dim=512, pad_token_id=1, bos_token_id=49406, eos_token_id=49407)),
+    "clip-vit-tiny": Preset("tiny CLIP vision tower (2x32, 32x32 images of 8x8 patches: 17 tokens), RANDOM weights",
+                            "clip_vision_model", dict(_BERT_TINY, image_size=32, patch_size=8, projection_dim=16)),
+    "clip-vit-tiny-text": Preset("tiny CLIP text tower (2x32, 64 positions, vocab 1000), RANDOM weights",
+                                 "clip_text_model", dict(_BERT_TINY, max_position_embeddings=64, vocab_size=1000,
+                                                         projection_dim=16, pad_token_id=1, bos_token_id=2,
+                                                         eos_token_id=3)),
+    "whisper-base-encoder": Preset("Whisper-Base encoder (6x512, 8 heads, 80 mel bins x 3000 frames: 1500 tokens), "
+                                   "RANDOM weights", "whisper", _WHISPER_BASE),
+    "whisper-tiny-encoder": Preset("tiny Whisper encoder (2x32, 16 mel bins x 64 frames: 32 tokens), RANDOM weights",
+                                   "whisper", _WHISPER_TINY),
+    "t5-small-encoder": Preset("T5-Small encoder (6x512, 8 heads of 64, ReLU, relative position bias), RANDOM weights",
+                               "t5", dict(d_model=512, d_kv=64, num_heads=8, num_layers=6, d_ff=2048,
+                                          vocab_size=32128, relative_attention_num_buckets=32)),
+    "t5-tiny-encoder": Preset("tiny T5 encoder (2x32, 2 heads of 16), RANDOM weights", "t5",
+                              dict(d_model=32, d_kv=16, num_heads=2, num_layers=2, d_ff=64, vocab_size=1000)),
+    "gpt2": Preset("GPT-2 small architecture (12x768, causal, 1024 positions; QA head), RANDOM weights", "gpt2",
+                   dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)),
+    "gpt2-tiny": Preset("tiny GPT-2 (2x32, causal; QA head), RANDOM weights", "gpt2",
+                        dict(n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=1000, bos_token_id=2,
+                             eos_token_id=3)),
 }
 
 
@@ -172,9 +297,13 @@ def _folder_source(folder: Path, description: str) -> ExportSource:
 
 
 def _random_model(model_type: str, config: dict, attention: str, head: str):
-    hf_config = AutoConfig.for_model(model_type, **config)
+    kind = KINDS.get(model_type)
+    hf_config = AutoConfig.for_model(kind.config_type if kind else model_type, **config)
     torch.manual_seed(SEED)
-    model = _head_class(head).from_config(hf_config, attn_implementation=attention)
+    if kind is not None:
+        model = kind.build(hf_config, attention)
+    else:
+        model = _head_class(head).from_config(hf_config, attn_implementation=attention)
     perturb_affine_parameters(model, seed=SEED)
     return model.eval()
 
@@ -182,11 +311,30 @@ def _random_model(model_type: str, config: dict, attention: str, head: str):
 def _pretrained_model(folder: Path, attention: str, head: str):
     torch.manual_seed(SEED)  # a head the checkpoint lacks is initialised the same way every time
     try:
-        model = _head_class(head).from_pretrained(str(folder), attn_implementation=attention,
-                                                  local_files_only=True)
+        kind = KINDS.get(_folder_model_type(folder))
+        if kind is not None:
+            model = kind.build(None, attention, folder)
+        else:
+            model = _head_class(head).from_pretrained(str(folder), attn_implementation=attention,
+                                                      local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise BertoptError(f"{folder}: cannot load the checkpoint ({first_line(exc)})") from None
     return model.eval()
+
+
+def _folder_model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def model_kind(model) -> ModelKind | None:
+    """The kind a built model exports as (None: a text model with a task head)."""
+    model_type = model.config.model_type
+    if model_type == "clip_text_model" or type(model).__name__.startswith("CLIPText"):
+        return KINDS["clip_text_model"]
+    return KINDS.get(model_type)
 
 
 def _head_class(head: str):
@@ -198,7 +346,8 @@ def perturb_affine_parameters(model, *, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            is_norm = isinstance(module, torch.nn.LayerNorm)
+            # RMSNorms (T5LayerNorm) are modules of their own, with a weight and no bias
+            is_norm = isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith(("RMSNorm", "T5LayerNorm"))
             if is_norm and module.weight is not None:
                 module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=generator))
             bias = getattr(module, "bias", None)
@@ -287,9 +436,9 @@ def _export_to(source: ExportSource, path: Path, exporter: str, opset: int, atte
 def _export_legacy(wrapper, path: Path, opset: int) -> None:
 
     names = wrapper.input_names
-    axes = {name: {0: "batch", 1: "seq"} for name in names}
-    axes.update({name: {0: "batch", 1: "seq"} if name != "logits" else {0: "batch"}
-                 for name in wrapper.output_names})
+    axes = {name: _dynamic_axes(name) for name in names}
+    axes.update({name: {0: "batch", 1: "seq"} if name in _SEQUENCE_OUTPUTS and wrapper.modality == "text"
+                 else {0: "batch"} for name in wrapper.output_names})
     torch.onnx.export(wrapper, wrapper.trace_inputs(), str(path), input_names=list(names),
                       output_names=list(wrapper.output_names), dynamic_axes=axes,
                       opset_version=opset, do_constant_folding=True, dynamo=False)
@@ -297,12 +446,18 @@ def _export_legacy(wrapper, path: Path, opset: int) -> None:
 
 def _export_dynamo(wrapper, path: Path, opset: int) -> None:
 
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    shapes = tuple({0: batch, 1: seq} for _ in wrapper.input_names)
+    dims = {"batch": torch.export.Dim("batch"), "seq": torch.export.Dim("seq")}
+    shapes = tuple({axis: dims[name] for axis, name in _dynamic_axes(input_name).items()}
+                   for input_name in wrapper.input_names)
     program = torch.onnx.export(wrapper, wrapper.trace_inputs(), input_names=list(wrapper.input_names),
                                 output_names=list(wrapper.output_names), dynamic_shapes=(shapes,),
                                 opset_version=opset, dynamo=True, optimize=True, verbose=False)
     program.save(str(path), external_data=False)
+
+
+def _dynamic_axes(input_name: str) -> dict[int, str]:
+    """Token inputs are [batch, seq]; image and audio inputs keep their size static (position embeddings)."""
+    return {0: "batch"} if input_name in ("pixel_values", "input_features") else {0: "batch", 1: "seq"}
 
 
 class ExportWrapper(torch.nn.Module):
@@ -312,8 +467,14 @@ class ExportWrapper(torch.nn.Module):
         super().__init__()
         self.model = model
         self.mask = mask
-        self.input_names = model_input_names(model, with_mask=mask != "none")
-        self.output_names = HEADS[head]
+        kind = model_kind(model)
+        if kind is None:
+            self.input_names = model_input_names(model, with_mask=mask != "none")
+            self.output_names = HEADS[head]
+        else:
+            self.input_names = tuple(n for n in kind.inputs if n != "attention_mask" or mask != "none")
+            self.output_names = kind.outputs
+        self.modality = {"pixel_values": "image", "input_features": "audio"}.get(self.input_names[0], "text")
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = dict(zip(self.input_names, tensors))
@@ -324,7 +485,21 @@ class ExportWrapper(torch.nn.Module):
 
     def trace_inputs(self) -> tuple[torch.Tensor, ...]:
         dtype = next(self.model.parameters()).dtype
-        return trace_inputs(self.input_names, self.model.config.vocab_size, mask=self.mask, dtype=dtype)
+        config = self.model.config
+        if self.modality != "text":
+            return (content_trace_input(config, self.modality, dtype),)
+        return trace_inputs(self.input_names, config.vocab_size, mask=self.mask, dtype=dtype)
+
+
+def content_trace_input(config, modality: str, dtype: torch.dtype) -> torch.Tensor:
+    """A batch of images at the config's size, or of log-mel frames as many as Whisper's encoder takes
+    (two per position: its second Conv has stride 2)."""
+    generator = torch.Generator().manual_seed(SEED)
+    if modality == "image":
+        shape = (TRACE_BATCH, config.num_channels, config.image_size, config.image_size)
+    else:
+        shape = (TRACE_BATCH, config.num_mel_bins, 2 * config.max_source_positions)
+    return torch.randn(shape, generator=generator).to(dtype)
 
 
 def model_input_names(model, *, with_mask: bool = True) -> tuple[str, ...]:

@@ -45,6 +45,8 @@ class RunConfig:
     passes: str = "default"
     batch: int = 1
     seq: int = 384
+    image_size: int | None = None  # image models: square images of this size (None: the model's static size)
+    frames: int | None = None  # audio models: input frames (None: the model's static count)
     output: Path | None = None
     target: str = "ascend"
     force: bool = False
@@ -319,7 +321,8 @@ class Optimized:
 
 def optimize(source: Path, output: Path, spec: str, *, batch: int, seq: int, target: str = "ascend",
              cann: str | None = None, force: bool = False,
-             progress: Progress = lambda message: None) -> Optimized:
+             progress: Progress = lambda message: None, image_size: int | None = None,
+             frames: int | None = None) -> Optimized:
     """`bertopt optimize`: an ONNX file in, the optimized ONNX file out; no export, atc or validation."""
     source, output = Path(source), Path(output)
     if output.resolve() == source.resolve():
@@ -329,7 +332,8 @@ def optimize(source: Path, output: Path, spec: str, *, batch: int, seq: int, tar
     check_writable_folder(output.parent, "--output")
     _check_target(target)
     target_cann = resolve_cann(cann)[0] if target == "ascend" else None
-    options = PassOptions(batch=batch, seq=seq, target=target, **({"cann": target_cann} if target_cann else {}))
+    options = PassOptions(batch=batch, seq=seq, target=target, image_size=image_size, frames=frames,
+                          **({"cann": target_cann} if target_cann else {}))
     instruments = Instruments(reproducer_dir=output.parent / f"{output.stem}.reproducer", progress=progress)
     graph, facts, records = optimize_file(source, output, PassManager(spec, options, instruments), progress)
     illegal = [] if target_cann is None else [
@@ -372,7 +376,9 @@ def _with_input_shape(options: AtcOptions, graph: gs.Graph, config: RunConfig) -
     """A graph that still has dynamic inputs (no freeze-shapes) needs atc's --input_shape."""
     if all(is_static(tensor) for tensor in graph.inputs):
         return options
-    shapes = {tensor.name: (config.batch, config.seq) for tensor in graph.inputs}
+    # image and audio inputs keep the static size of their other dims (their position embeddings fix it)
+    shapes = {tensor.name: (config.batch, config.seq) if len(tensor.shape or ()) == 2
+              else (config.batch, *tensor.shape[1:]) for tensor in graph.inputs}
     return replace(options, input_shape=shapes)
 
 
@@ -386,9 +392,10 @@ def _candidates(config: RunConfig, optimized: Path, output_names: list[str], atc
 
 
 def _pass_options(config: RunConfig, ascend: AscendSetup | None) -> PassOptions:
+    sizes = dict(batch=config.batch, seq=config.seq, image_size=config.image_size, frames=config.frames)
     if ascend is None:
-        return PassOptions(batch=config.batch, seq=config.seq, target=config.target)
-    return PassOptions(batch=config.batch, seq=config.seq, target=config.target, cann=ascend.cann)
+        return PassOptions(target=config.target, **sizes)
+    return PassOptions(target=config.target, cann=ascend.cann, **sizes)
 
 
 def _instruments(config: RunConfig, out_dir: Path, original: Path, pictures: PassPictures | None,

@@ -13,7 +13,8 @@ The names passes use most are re-exported here (``from bertopt.graph import load
 """
 
 from bertopt.graph.edit import (GraphSnapshot, add_node, insert_after, is_copy_of, make_constant, nodes_between,
-                                producer, put_first, replace_uses, set_inputs, splice_out, toposort, unique_name)
+                                producer, put_first, remove_noop_casts, replace_uses, set_inputs, splice_out, toposort,
+                                unique_name)
 from bertopt.graph.io import (EXTERNAL_DATA_THRESHOLD, FileValues, ModelSource, fits_protobuf, lift_constant_nodes,
                               load_graph, load_model, save_graph, save_model, scan_file, tensor_nbytes, to_model)
 from bertopt.graph.shapes import infer_shapes, is_static, reinfer_shapes, skeleton_model, static_dim, verify
@@ -24,5 +25,6 @@ __all__ = ["EXTERNAL_DATA_THRESHOLD", "FP16_MAX", "FileValues", "GraphSnapshot",
            "constant_bytes", "constant_exceeds_fp16", "constant_value", "exceeds_fp16", "fits_protobuf",
            "infer_shapes", "insert_after", "is_copy_of", "is_static", "lift_constant_nodes", "load_graph",
            "load_model", "make_constant", "nodes_between", "peek_values", "producer", "put_first", "reinfer_shapes",
-           "replace_uses", "save_graph", "save_model", "scan_file", "set_inputs", "skeleton_model", "splice_out",
-           "static_dim", "tensor_nbytes", "to_model", "toposort", "unique_name", "value_chunks", "verify"]
+           "remove_noop_casts", "replace_uses", "save_graph", "save_model", "scan_file", "set_inputs",
+           "skeleton_model", "splice_out", "static_dim", "tensor_nbytes", "to_model", "toposort", "unique_name",
+           "value_chunks", "verify"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 # Nodes that hand their input on unchanged when they keep its shape and type.
@@ -107,6 +108,20 @@ def splice_out(node: gs.Node, graph: gs.Graph | None = None) -> None:
     replace_uses(node.outputs[0], node.inputs[0], graph)
     node.inputs.clear()
     node.outputs.clear()
+
+
+def remove_noop_casts(graph: gs.Graph, after: tuple[str, ...]) -> int:
+    """Remove the Casts to the type their input already has that read an `after` op's output (transformers 5's
+    eager attention casts the float32 Softmax to the query's float32 type); returns how many went."""
+    removed = 0
+    for node in list(graph.nodes):
+        source = node.inputs[0] if node.op == "Cast" and node.inputs else None
+        if (source is not None and source.inputs and source.inputs[0].op in after and source.dtype is not None
+                and onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]) == np.dtype(source.dtype)):
+            splice_out(node, graph)
+            graph.nodes.remove(node)
+            removed += 1
+    return removed
 
 
 class GraphSnapshot:

@@ -1,11 +1,26 @@
 """ModelFacts: what the passes need to know about a model, detected once from its graph.
 
-Sizes and input roles come from the graph's structure, not from names. Two facts come from
-evaluating a small part of the graph (bertopt.graph.evaluate), since exporters spell them in many ways:
+Sizes and input roles come from the graph's structure, not from names. A model is a transformer when
+it has attention blocks (Softmax probabilities weighting the values, or ONNX Attention ops); its
+inputs get their roles by use:
+
+- `input_ids`: the indices of a Gather into the largest float embedding table; `token_type_ids`: a
+  graph input indexing a table of at most 16 rows; `position_ids`: one indexing any other table;
+- `pixel_values`: a 4-D float input read by a Conv (ViT's, DeiT's and CLIP's patch embedding);
+  `input_features`: a 3-D float input read by a Conv (Whisper's Conv1d front end, exported as Conv);
+- `attention_mask`: the remaining integer or float input that reaches attention.
+
+The family is named by structure (`family_of`): vision models by their prepended tokens (DeiT has a
+class and a distillation token) and CLIP's quick_gelu or pre-encoder LayerNorm; Whisper's encoder by
+its audio front end; T5's encoder by RMSNorm and its relative position bias; causal models as CLIP's
+text tower (quick_gelu, end-of-text pooling by ArgMax) or GPT-2; every other text encoder as "bert".
+
+Two facts come from evaluating a small part of the graph (bertopt.graph.evaluate), since exporters
+spell them in many ways:
 
 - `attention`: "causal" when the first attention layer, with every token kept by the attention
-  mask, still removes exactly the positions after each query (a GPT-2-style decoder; `family` is
-  then "gpt2"), else "bidirectional" (`family` "bert");
+  mask, still removes exactly the positions after each query (GPT-2, CLIP's text tower), else
+  "bidirectional";
 - `mask_kind`: "binary" when the attention-mask input keeps a token with 1 and removes it with 0
   (integer or float), "additive" when a float input is added to the scores as it is (0 keeps, a very
   negative value removes): its values reach the scores through reshaping ops and casts to float only.
@@ -27,7 +42,11 @@ from bertopt.errors import BertoptError
 from bertopt.graph import static_dim
 from bertopt.graph.evaluate import SubgraphEvaluator, input_dtype, value_dependents
 
-ROLES = ("input_ids", "attention_mask", "token_type_ids")
+ROLES = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "input_features")
+TOKEN_ROLES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")  # [batch, seq] inputs
+# What a model reads, by the role of its content input.
+MODALITIES = {"pixel_values": "image", "input_features": "audio"}
+FAMILIES = ("bert", "gpt2", "clip-text", "t5-encoder", "vit", "deit", "clip-vision", "whisper-encoder")
 
 
 @dataclass(frozen=True)
@@ -41,7 +60,7 @@ class ModelFacts:
     hidden: int
     heads: int
     head_dim: int
-    vocab_size: int
+    vocab_size: int | None  # None for models without token inputs (images, audio)
     max_positions: int | None
     type_vocab_size: int | None
     roles: dict[str, str] = field(default_factory=dict)  # graph input name -> role in ROLES
@@ -52,6 +71,16 @@ class ModelFacts:
     mask_kind: str | None = None  # "binary" or "additive"; None without an attention-mask input
     attention: str = "bidirectional"  # or "causal"
     dtype: str = "float32"  # what the weights are stored in (the word embeddings'): "float16" after model.half()
+    norm: str = "layernorm"  # or "rmsnorm" (T5: no mean subtracted, no beta)
+    norm_position: str = "post"  # "pre": each block normalises its input and adds the residual unnormalised
+    attention_kind: str = "standard"  # "causal", or "relative-bias" (T5: a learned bias by relative position)
+    image_size: tuple[int, int] | None = None  # [height, width] of pixel_values where static
+    frames: int | None = None  # the frames of input_features where static
+
+    @property
+    def modality(self) -> str:
+        """"text", "image" or "audio": what the model's content input is."""
+        return next((MODALITIES[r] for r in self.roles.values() if r in MODALITIES), "text")
 
     def input_for(self, role: str) -> str | None:
         """The graph input that plays `role`, or None when the model has no such input."""
@@ -66,8 +95,9 @@ class ModelFacts:
 
     def refreshed(self, graph: gs.Graph) -> "ModelFacts":
         """Passes change shapes and opsets, never the architecture: re-read only those."""
-        batch, seq = static_dims(graph.inputs)
-        return replace(self, batch=batch, seq=seq, opset=int(graph.opset),
+        batch, seq = static_batch_seq(graph, self.roles)
+        image_size, frames = content_dims(graph, self.roles)
+        return replace(self, batch=batch, seq=seq, opset=int(graph.opset), image_size=image_size, frames=frames,
                        ir_version=int(graph.ir_version or self.ir_version))
 
 
@@ -80,36 +110,46 @@ _MAX_TYPE_VOCAB = 16  # token-type tables are tiny (BERT: 2); word tables have t
 def detect_facts(graph: gs.Graph) -> ModelFacts:
     """Detect what the passes need from the graph's structure (not from tensor names).
 
-    Raises BertoptError when the graph is not a BERT-family encoder.
+    Raises BertoptError when the graph is not a transformer bertopt can rewrite.
     """
     lookups = _embedding_lookups(graph)
     from_inputs = [(table, inp) for table, inp in lookups if inp is not None]
-    if not from_inputs:
-        raise BertoptError("not a BERT-family encoder: no embedding lookup reads a graph input")
-    word_table, ids = max(from_inputs, key=lambda pair: pair[0].shape[0])
-    roles = {ids.name: "input_ids"}
-    type_table = _token_type_table(from_inputs, ids, roles)
+    roles = _content_roles(graph)
+    word_table = type_table = None
+    if from_inputs:
+        word_table, ids = max(from_inputs, key=lambda pair: pair[0].shape[0])
+        roles[ids.name] = "input_ids"
+        type_table = _token_type_table(from_inputs, ids, roles)
+        _position_roles(from_inputs, roles)
+    elif not roles:
+        raise BertoptError("not a transformer bertopt knows: no embedding lookup reads a graph input, and no "
+                           "Conv reads image (pixel_values) or audio (input_features) inputs")
     softmaxes = attention_layer_softmaxes(graph)
-    obstacle = architecture_obstacle(graph, softmaxes)
+    obstacle = architecture_obstacle(graph, softmaxes, roles)
     if obstacle:
         raise BertoptError(f"unsupported attention: {obstacle}")
     layers, heads_attr = _attention_layers(graph, softmaxes)
     if layers == 0:
-        raise BertoptError("not a BERT-family encoder: no attention Softmax or Attention op found")
+        raise BertoptError("not a transformer bertopt knows: no attention Softmax or Attention op found")
+    _refuse_cache_inputs(graph, roles)
     _assign_mask_role(graph, roles)
-    hidden = _attention_width(graph) or int(word_table.shape[1])
+    hidden = _attention_width(graph) or _embedding_width(graph, word_table)
     head_dim = _head_dim(graph, hidden, heads_attr)
-    batch, seq = static_dims(graph.inputs)
+    batch, seq = static_batch_seq(graph, roles, softmaxes)
     mask = next((t for t in graph.inputs if roles.get(t.name) == "attention_mask"), None)
-    max_positions = _max_positions(graph, lookups, int(word_table.shape[1]))
+    max_positions = _max_positions(graph, lookups, int(word_table.shape[1])) if word_table is not None else None
     attention = _attention_kind(graph, softmaxes, mask, roles, batch, seq, max_positions)
+    heads = hidden // head_dim
+    relative = _relative_position_bias(lookups, heads, softmaxes)
+    norm, position = norm_placement(graph, softmaxes)
+    image_size, frames = content_dims(graph, roles)
     return ModelFacts(
-        family="gpt2" if attention == "causal" else "bert",
+        family=family_of(graph, roles, attention, relative, norm, position),
         num_layers=layers,
         hidden=hidden,
-        heads=hidden // head_dim,
+        heads=heads,
         head_dim=head_dim,
-        vocab_size=int(word_table.shape[0]),
+        vocab_size=int(word_table.shape[0]) if word_table is not None else None,
         max_positions=max_positions,
         type_vocab_size=int(type_table.shape[0]) if type_table is not None else None,
         roles=roles,
@@ -119,8 +159,81 @@ def detect_facts(graph: gs.Graph) -> ModelFacts:
         ir_version=int(graph.ir_version or 0),
         mask_kind=_mask_kind(mask) if mask is not None else None,
         attention=attention,
-        dtype=np.dtype(word_table.dtype).name,
+        dtype=_weights_dtype(graph, word_table),
+        norm=norm,
+        norm_position=position,
+        attention_kind="relative-bias" if relative else "causal" if attention == "causal" else "standard",
+        image_size=image_size,
+        frames=frames,
     )
+
+
+# --------------------------------------------------------------------------- inputs by use
+
+_CONTENT_RANKS = {4: "pixel_values", 3: "input_features"}  # Conv2d over images, Conv1d over log-mel frames
+
+
+def _content_roles(graph: gs.Graph) -> dict[str, str]:
+    """Float inputs a Conv reads as its data: images ([batch, channels, height, width]) or audio
+    features ([batch, mel bins, frames])."""
+    roles = {}
+    for tensor in graph.inputs:
+        if tensor.dtype is None or np.dtype(tensor.dtype).kind != "f" or tensor.shape is None:
+            continue
+        role = _CONTENT_RANKS.get(len(tensor.shape))
+        if role and any(_reads_as_data(node, tensor) for node in tensor.outputs):
+            roles[tensor.name] = role
+    return roles
+
+
+def _reads_as_data(node: gs.Node, tensor: gs.Tensor, depth: int = 3) -> bool:
+    if node.op == "Conv":
+        return node.inputs[0] is tensor
+    if depth and node.op in ("Cast", "Identity"):
+        return any(_reads_as_data(reader, node.outputs[0], depth - 1) for reader in node.outputs[0].outputs)
+    return False
+
+
+def content_dims(graph: gs.Graph, roles: dict[str, str]) -> tuple[tuple[int, int] | None, int | None]:
+    """(image [height, width], audio frames) of the content input, where static."""
+    for tensor in graph.inputs:
+        role = roles.get(tensor.name)
+        dims = list(tensor.shape or [])
+        if role == "pixel_values" and all(isinstance(d, int) and d > 0 for d in dims[2:4]):
+            return (int(dims[2]), int(dims[3])), None
+        if role == "input_features" and isinstance(dims[-1], int) and dims[-1] > 0:
+            return None, int(dims[-1])
+    return None, None
+
+
+def _position_roles(from_inputs, roles: dict[str, str]) -> None:
+    """A graph input indexing any other table holds positions (users' exports with position_ids)."""
+    for _, source in from_inputs:
+        roles.setdefault(source.name, "position_ids")
+
+
+def _refuse_cache_inputs(graph: gs.Graph, roles: dict[str, str]) -> None:
+    """Float inputs of rank 4 beside token ids are a decoder's key/value cache: not something to freeze."""
+    for tensor in graph.inputs:
+        if (tensor.name not in roles and tensor.dtype is not None and np.dtype(tensor.dtype).kind == "f"
+                and tensor.shape is not None and len(tensor.shape) == 4):
+            raise BertoptError(f"input {tensor.name} is a key/value cache (past_key_values): export the model "
+                               "without its cache (use_cache=False)")
+
+
+def _embedding_width(graph: gs.Graph, word_table: gs.Constant | None) -> int:
+    if word_table is not None:
+        return int(word_table.shape[1])
+    conv = next(n for n in graph.nodes if n.op == "Conv")
+    return int(conv.inputs[1].shape[0])
+
+
+def _weights_dtype(graph: gs.Graph, word_table: gs.Constant | None) -> str:
+    """The word embeddings' dtype, or the first Conv's weights' for image and audio models."""
+    if word_table is None:
+        conv = next(n for n in graph.nodes if n.op == "Conv")
+        return np.dtype(conv.inputs[1].dtype).name
+    return np.dtype(word_table.dtype).name
 
 
 def _embedding_lookups(graph: gs.Graph) -> list[tuple[gs.Constant, gs.Variable | None]]:
@@ -341,12 +454,14 @@ def where_fill(where: gs.Node, is_scores: Callable[[gs.Tensor], bool]) -> int | 
 
 # --------------------------------------------------------------------------- what bertopt cannot rewrite
 
-def architecture_obstacle(graph: gs.Graph, softmaxes: list[gs.Node]) -> str | None:
+def architecture_obstacle(graph: gs.Graph, softmaxes: list[gs.Node], roles: dict[str, str] | None = None) -> str | None:
     """The mechanism that puts a model's attention outside the form bertopt rewrites, or None.
 
-    Each is recognised by the ops it needs, which plain BERT-family encoders never contain.
+    Each is recognised by the ops it needs, which plain BERT-family encoders never contain. The Convs
+    of an image or audio front end (those reached from its input before any MatMul) are no obstacle.
     """
-    ops = {node.op for node in graph.nodes}
+    front_end = _front_end(graph, roles or {})
+    ops = {node.op for node in graph.nodes if id(node) not in front_end}
     if ops & {"AveragePool", "MaxPool"}:
         return ("pooling between layers (Funnel Transformer): the sequence is pooled from block to block, "
                 "so attention layers differ in length")
@@ -363,6 +478,18 @@ def architecture_obstacle(graph: gs.Graph, softmaxes: list[gs.Node]) -> str | No
         return ("rotary position embeddings (Q and K rotated by sin/cos before the scores)"
                 + (" and a fused Wqkv projection split into Q, K and V" if "Split" in ops else ""))
     return None
+
+
+def _front_end(graph: gs.Graph, roles: dict[str, str]) -> set[int]:
+    """The nodes between a content input (pixel_values, input_features) and the first MatMul."""
+    frontier = [t for t in graph.inputs if roles.get(t.name) in MODALITIES]
+    seen: set[int] = set()
+    while frontier:
+        for node in frontier.pop().outputs:
+            if node.op not in ("MatMul", "Gemm", "Softmax") and id(node) not in seen:
+                seen.add(id(node))
+                frontier.extend(node.outputs)
+    return seen
 
 
 def _scores_matmuls(softmax: gs.Node, depth: int = 4) -> list[gs.Node]:
@@ -434,7 +561,7 @@ def _head_dim(graph: gs.Graph, hidden: int, heads_attr: int | None) -> int:
             dims = _reshape_target(node.inputs[0])
             if dims and dims[-1] > 0 and hidden % dims[-1] == 0:
                 return int(dims[-1])
-    raise BertoptError("not a BERT-family encoder: cannot find the attention head reshape")
+    raise BertoptError("not a transformer bertopt knows: cannot find the attention head reshape")
 
 
 def _reshape_target(tensor: gs.Tensor) -> list[int] | None:
@@ -460,12 +587,185 @@ def static_dims(inputs: list[gs.Tensor]) -> tuple[int | None, int | None]:
     return (batch, seq) if static else (None, None)
 
 
+def static_batch_seq(graph: gs.Graph, roles: dict[str, str],
+                     softmaxes: list[gs.Node] | None = None) -> tuple[int | None, int | None]:
+    """(batch, seq) of a static model: token models from their [batch, seq] inputs; image and audio models
+    take batch from their content input and seq (the tokens attention sees: ViT-B/16 at 224 has 197) from
+    the attention probabilities' inferred shape."""
+    if not any(role in MODALITIES for role in roles.values()):
+        return static_dims([t for t in graph.inputs if t.name in roles])
+    content = next(t for t in graph.inputs if roles.get(t.name) in MODALITIES)
+    batch = content.shape[0] if content.shape else None
+    if not isinstance(batch, int) or batch <= 0 or not all(isinstance(d, int) for d in content.shape):
+        return None, None
+    probabilities = [s.outputs[0].shape for s in (softmaxes if softmaxes is not None
+                                                   else attention_layer_softmaxes(graph))]
+    seq = probabilities[0][-1] if probabilities and probabilities[0] else None
+    return (batch, int(seq)) if isinstance(seq, int) and seq > 0 else (batch, None)
+
+
 def check_shape(facts: ModelFacts, batch: int, seq: int) -> None:
-    """Refuse shapes the model cannot run at (one clear line, before any work is done)."""
+    """Refuse shapes the model cannot run at (one clear line, before any work is done).
+
+    Image and audio models take their tokens from the image or the frames: `seq` does not apply to them.
+    """
     if batch <= 0 or seq <= 0:
         raise BertoptError(f"batch and seq must be positive (got batch {batch}, seq {seq})")
+    if facts.modality != "text":
+        if facts.is_static and facts.batch != batch:
+            raise BertoptError(f"the model is already static at batch {facts.batch}; it cannot be frozen at "
+                               f"batch {batch} (give the dynamic export)")
+        return
     if facts.max_positions is not None and seq > facts.max_positions:
         raise BertoptError(f"seq {seq} exceeds the model's {facts.max_positions} position embeddings")
     if facts.is_static and (facts.batch, facts.seq) != (batch, seq):
         raise BertoptError(f"the model is already static at batch {facts.batch}, seq {facts.seq}; "
                            f"it cannot be frozen at batch {batch}, seq {seq} (give the dynamic export)")
+
+
+# --------------------------------------------------------------------------- norms, bias, family
+
+# Ops a normalisation is made of, walked up from its output; a residual Add (two computed operands) ends it.
+_NORM_OPS = {"Add", "Mul", "Div", "Sqrt", "Pow", "ReduceMean", "Sub", "Cast", "Reciprocal"}
+_WHOLE_NORMS = {"LayerNormalization": "layernorm", "SimplifiedLayerNormalization": "rmsnorm",
+                "RMSNormalization": "rmsnorm", "SkipLayerNormalization": "layernorm",
+                "SkipSimplifiedLayerNormalization": "rmsnorm"}
+# Ops between a projection and the attention scores: heads split, scaled, biased, a fused QKV split.
+_TO_PROJECTION = {"Transpose", "Reshape", "Mul", "Div", "Add", "Split", "Slice", "Squeeze", "Unsqueeze", "Cast",
+                  "Identity", "Gather"}
+
+
+def norm_kind(tensor: gs.Tensor, depth: int = 12) -> str | None:
+    """"layernorm" or "rmsnorm" when `tensor` is a normalisation's output (a whole op, or decomposed:
+    a mean of squares, with the mean subtracted first for LayerNorm), else None."""
+    frontier, ops = [tensor], set()
+    for _ in range(depth):
+        nodes = [t.inputs[0] for t in frontier if t.inputs]
+        for node in nodes:
+            if node.op in _WHOLE_NORMS:
+                return _WHOLE_NORMS[node.op]
+        nodes = [n for n in nodes if n.op in _NORM_OPS and not _is_residual_add(n)]
+        ops |= {n.op for n in nodes}
+        frontier = [t for n in nodes for t in n.inputs if not _constant_like(t)]
+    if "ReduceMean" not in ops:
+        return None
+    return "layernorm" if "Sub" in ops else "rmsnorm"
+
+
+def _is_residual_add(node: gs.Node) -> bool:
+    return node.op == "Add" and not any(_constant_like(t) for t in node.inputs)
+
+
+def _projection_input(softmax: gs.Node) -> gs.Tensor | None:
+    """What the first block's query projection reads: up from its scores through head reshapes, scales,
+    biases and a fused QKV split to the first MatMul/Gemm with a constant weight."""
+    matmuls = _scores_matmuls(softmax)
+    frontier = [matmuls[0].inputs[0]] if matmuls else []
+    for _ in range(10):
+        nodes = [t.inputs[0] for t in frontier if t.inputs]
+        for node in nodes:
+            if node.op in ("MatMul", "Gemm") and any(_constant_like(t) for t in node.inputs[1:]):
+                return _unflattened(node.inputs[0])
+        frontier = [t for n in nodes if n.op in _TO_PROJECTION for t in n.inputs if not _constant_like(t)]
+    return None
+
+
+def _unflattened(tensor: gs.Tensor) -> gs.Tensor:
+    """Above the Reshape to [tokens, hidden] that GPT-2's Conv1D (a Gemm) and 2-D encoders read through."""
+    while tensor.inputs and tensor.inputs[0].op in ("Reshape", "Flatten", "Identity", "Cast"):
+        tensor = tensor.inputs[0].inputs[0]
+    return tensor
+
+
+def _constant_like(tensor: gs.Tensor) -> bool:
+    """A constant, or the legacy exporter's Identity of one (weights shared or renamed)."""
+    while tensor.inputs and tensor.inputs[0].op == "Identity":
+        tensor = tensor.inputs[0].inputs[0]
+    return isinstance(tensor, gs.Constant)
+
+
+def norm_placement(graph: gs.Graph, softmaxes: list[gs.Node]) -> tuple[str, str]:
+    """(norm kind, "pre" or "post") from the first attention block: post-norm blocks (BERT) read a
+    normalised stream that the residual Add reads too; pre-norm blocks (ViT, GPT-2, T5) normalise a
+    copy of the stream for attention and add the residual to the stream itself."""
+    x = _projection_input(softmaxes[0]) if softmaxes else None
+    kind = norm_kind(x) if x is not None else None
+    if x is None or kind is None:
+        return "layernorm", "post"
+    residual = any(_is_residual_add(reader) for reader in x.outputs)
+    return kind, "post" if residual else "pre"
+
+
+def _relative_position_bias(lookups, heads: int, softmaxes: list[gs.Node]) -> bool:
+    """T5's bias: a [buckets, heads] table looked up by computed relative positions, added to the scores."""
+    return bool(softmaxes) and any(source is None and len(table.shape) == 2 and table.shape[1] == heads
+                                   and table.shape[0] != heads for table, source in lookups)
+
+
+def family_of(graph: gs.Graph, roles: dict[str, str], attention: str, relative: bool, norm: str,
+              position: str) -> str:
+    """The family, named by what the graph is made of (module docstring), never by tensor names."""
+    ops = {node.op for node in graph.nodes}
+    quick_gelu = "Sigmoid" in ops and any(_is_quick_gelu(node) for node in graph.nodes if node.op == "Sigmoid")
+    modality = next((MODALITIES[r] for r in roles.values() if r in MODALITIES), "text")
+    if modality == "audio":
+        return "whisper-encoder"
+    if modality == "image":
+        if _prepended_tokens(graph) >= 2:
+            return "deit"
+        return "clip-vision" if quick_gelu or _normalised_before_blocks(graph) else "vit"
+    if relative or norm == "rmsnorm":
+        return "t5-encoder"
+    if attention == "causal":
+        return "clip-text" if quick_gelu or "ArgMax" in ops else "gpt2"
+    return "bert"
+
+
+QUICK_GELU_ALPHA = 1.702  # bertopt.model.forms.quick_gelu_pattern (forms imports the pattern layer facts does not)
+
+
+def _is_quick_gelu(sigmoid: gs.Node) -> bool:
+    """x * sigmoid(1.702 x) (CLIP's quick_gelu): the Sigmoid reads Mul(x, 1.702) and is multiplied by x."""
+    scaled = sigmoid.inputs[0].inputs[0] if sigmoid.inputs[0].inputs else None
+    if scaled is None or scaled.op != "Mul":
+        return False
+    constants = [t for t in scaled.inputs if isinstance(t, gs.Constant) and t.values.size == 1]
+    if not constants or abs(float(constants[0].values.reshape(-1)[0]) - QUICK_GELU_ALPHA) > 1e-3:
+        return False
+    x = next((t for t in scaled.inputs if not isinstance(t, gs.Constant)), None)
+    return any(reader.op == "Mul" and x in reader.inputs for reader in sigmoid.outputs[0].outputs)
+
+
+def _prepended_tokens(graph: gs.Graph) -> int:
+    """Tokens concatenated before the patches (ViT, CLIP: a class token; DeiT: class and distillation)."""
+    for node in graph.nodes:
+        # the token axis of [batch, tokens, hidden] (shape arithmetic concatenates on axis 0)
+        if node.op == "Concat" and node.attrs.get("axis") in (1, -2) and any(
+                _computed_by(t, "Conv", depth=4) for t in node.inputs):
+            return sum(not _computed_by(t, "Conv", depth=4) for t in node.inputs)
+    return 0
+
+
+def _normalised_before_blocks(graph: gs.Graph) -> bool:
+    """CLIP's vision tower normalises the embeddings (pre_layrnorm) before its first pre-norm block."""
+    softmaxes = attention_layer_softmaxes(graph)
+    x = _projection_input(softmaxes[0]) if softmaxes else None
+    if x is None or not x.inputs:
+        return False
+    stream = _norm_input(x)
+    return stream is not None and norm_kind(stream) is not None
+
+
+def _norm_input(output: gs.Tensor, depth: int = 12) -> gs.Tensor | None:
+    """The tensor a decomposed or whole norm normalises: the input of its first ReduceMean (or the op)."""
+    frontier = [output]
+    for _ in range(depth):
+        nodes = [t.inputs[0] for t in frontier if t.inputs]
+        for node in nodes:
+            if node.op in _WHOLE_NORMS or node.op == "ReduceMean":
+                source = node.inputs[0]
+                while source.inputs and source.inputs[0].op in ("Cast", "Pow"):
+                    source = source.inputs[0].inputs[0]
+                return source
+        frontier = [t for n in nodes if n.op in _NORM_OPS for t in n.inputs if not _constant_like(t)]
+    return None

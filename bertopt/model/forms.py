@@ -82,6 +82,19 @@ def tanh_gelu_pattern() -> Pattern:
 
 DECOMPOSED = {ERF: erf_gelu_pattern, TANH: tanh_gelu_pattern}
 
+QUICK_GELU_ALPHA = 1.702
+
+
+def quick_gelu_pattern() -> Pattern:
+    """CLIP's quick_gelu, x * sigmoid(1.702 x): a function of its own (up to ~2e-2 from Gelu), never
+    rewritten into a Gelu. ATC's FastGelu computes exactly it (x / (1 + exp(-1.702 |x|)) * exp(0.851 (x - |x|)),
+    hicann/ops-nn activation/fast_gelu/README.md), but ATC's ONNX parser reaches that op only from the custom
+    op NPUFastGelu (activation/fast_gelu/framework/npu_fast_gelu_onnx_plugin.cpp, 2025 source), which ONNX
+    Runtime cannot run and no 2022 CANN source shows; no ONNX fusion pass for the Sigmoid form is known, so
+    ATC compiles its Mul and Sigmoid as they are (both in every version's operator list)."""
+    x = Var("x")
+    return Pattern(Op("Mul", x, Op("Sigmoid", Op("Mul", x, Const(QUICK_GELU_ALPHA, rtol=CONSTANT_RTOL))), name="out"))
+
 
 def gelu_kind(node: gs.Node) -> str | None:
     """ERF or TANH for a node that is a whole Gelu (ONNX op or ORT contrib op), else None."""

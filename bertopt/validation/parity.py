@@ -112,6 +112,8 @@ def realistic_feeds(facts: ModelFacts, input_specs: InputSpecs | None = None, *,
     """
     if batch < 1 or seq < 1 or count < 1:
         raise BertoptError(f"batch, seq and count must be >= 1 (got {batch}, {seq}, {count})")
+    if facts.modality != "text":
+        return content_feeds(facts, input_specs, batch=batch, seed=seed, count=count)
     if input_specs is None:
         input_specs = {name: (np.dtype(np.int64), (batch, seq)) for name in facts.roles}
     _check_specs(facts, input_specs, batch, seq)
@@ -127,6 +129,76 @@ def realistic_feeds(facts: ModelFacts, input_specs: InputSpecs | None = None, *,
         feeds.append({name: _as_input(by_role[facts.roles[name]], facts.roles[name], facts, dtype)
                       for name, (dtype, _) in input_specs.items()})
     return feeds
+
+
+# The processors' normalisation (transformers.image_utils): ViT's checkpoints use IMAGENET_STANDARD (0.5, 0.5),
+# DeiT's IMAGENET_DEFAULT, CLIP's OPENAI_CLIP; each channel is (pixel / 255 - mean) / std.
+IMAGE_NORMALISATION = {
+    "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "deit": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "clip-vision": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
+# Whisper's feature extractor: log10 of a mel power spectrogram, floored at 8 below its maximum, then
+# (x + 4) / 4 (WhisperFeatureExtractor._np_extract_fbank_features); a clip shorter than 30 s is padded
+# with silence, whose frames hold the floor.
+LOG_MEL_RANGE = 8.0
+
+
+def content_feeds(facts: ModelFacts, input_specs: InputSpecs | None, *, batch: int, seed: int = 0,
+                  count: int = 1) -> list[dict[str, np.ndarray]]:
+    """Feeds for image and audio models: images in the processor's normalised range (smooth random scenes
+    of 8-bit pixels, normalised as the family's processor does), or log-mel-like features (a random
+    spectrum over a random length, the rest silence at the floor, scaled as Whisper's extractor does).
+
+    The content input's dims other than batch come from `input_specs` where static, else from the facts
+    (`image_size`, `frames`); raises BertoptError when neither gives them.
+    """
+    [(name, role)] = [(n, r) for n, r in facts.roles.items() if r in ("pixel_values", "input_features")]
+    dtype, shape = (input_specs or {}).get(name, (np.dtype(np.float32), ()))
+    dims = _content_dims(facts, role, shape, batch)
+    rng = np.random.default_rng(seed)
+    make = _images if role == "pixel_values" else _log_mel
+    return [{name: make(rng, dims, facts).astype(dtype)} for _ in range(count)]
+
+
+def _content_dims(facts: ModelFacts, role: str, shape: tuple, batch: int) -> tuple[int, ...]:
+    if shape and isinstance(shape[0], int) and shape[0] != batch:
+        raise BertoptError(f"the {role} input has batch {shape[0]}; cannot feed batch {batch}")
+    if role == "pixel_values":
+        channels = shape[1] if len(shape) == 4 and isinstance(shape[1], int) else 3
+        size = tuple(shape[2:4]) if len(shape) == 4 and all(isinstance(d, int) for d in shape[2:4]) \
+            else facts.image_size
+        if size is None:
+            raise BertoptError("the image size is not static in the model: give --image-size")
+        return (batch, channels, *size)
+    if len(shape) == 3 and all(isinstance(d, int) for d in shape[1:]):
+        return (batch, *shape[1:])
+    raise BertoptError("the audio input's mel bins and frames are not static in the model: give --frames")
+
+
+def _images(rng: np.random.Generator, dims: tuple[int, ...], facts: ModelFacts) -> np.ndarray:
+    """Smooth scenes (a coarse random grid upsampled, plus pixel noise) of 8-bit values, normalised."""
+    batch, channels, height, width = dims
+    coarse = rng.uniform(0, 255, size=(batch, channels, max(height // 8, 1), max(width // 8, 1)))
+    image = np.repeat(np.repeat(coarse, 8, axis=2), 8, axis=3)[:, :, :height, :width]
+    image = np.pad(image, ((0, 0), (0, 0), (0, height - image.shape[2]), (0, width - image.shape[3])), mode="edge")
+    pixels = np.clip(np.round(image + rng.normal(0, 12, size=image.shape)), 0, 255) / 255.0
+    mean, std = IMAGE_NORMALISATION.get(facts.family, IMAGE_NORMALISATION["vit"])
+    mean = np.resize(np.array(mean), channels)[None, :, None, None]
+    std = np.resize(np.array(std), channels)[None, :, None, None]
+    return (pixels - mean) / std
+
+
+def _log_mel(rng: np.random.Generator, dims: tuple[int, ...], facts: ModelFacts) -> np.ndarray:
+    batch, bins, frames = dims
+    # a spectral envelope falling with frequency, modulated over time, over exponential noise
+    envelope = np.linspace(0.0, -3.0, bins)[None, :, None]
+    power = 10.0 ** (envelope + rng.normal(0, 0.5, size=(batch, 1, frames))) * rng.exponential(1.0, (batch, bins, frames))
+    log = np.log10(np.maximum(power, 1e-10))
+    for row, length in enumerate(_valid_lengths(rng, batch, frames)):
+        log[row, :, length:] = -10.0  # silence: floored below
+    log = np.maximum(log, log.max(axis=(1, 2), keepdims=True) - LOG_MEL_RANGE)
+    return (log + 4.0) / 4.0
 
 
 def _as_input(values: np.ndarray, role: str, facts: ModelFacts, dtype: np.dtype) -> np.ndarray:
