@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from bertopt.errors import BertoptError
-from bertopt.graph import infer_shapes, is_static, replace_uses, toposort
+from bertopt.graph import infer_shapes, is_static, replace_uses, static_dim, toposort
 from bertopt.model.facts import ModelFacts, check_shape
 from bertopt.pipeline import PassOptions, PassResult, register_pass
 
@@ -87,15 +87,15 @@ def _frozen_shape(tensor: gs.Tensor, role: str, options: PassOptions) -> list[in
 
 def _check_content_size(tensor: gs.Tensor, model: list, wanted: list, flag: str) -> None:
     """Vision and audio models fix their size in their position embeddings: a static size is the only one."""
-    if not all(isinstance(d, int) and d > 0 for d in wanted):
+    if not all(static_dim(d) and d > 0 for d in wanted):
         raise BertoptError(f"input {tensor.name} has a dynamic size {tensor.shape}: give {flag}")
-    if all(isinstance(d, int) for d in model) and list(model) != list(wanted):
+    if all(map(static_dim, model)) and list(model) != list(wanted):
         raise BertoptError(f"{flag} {wanted[-1]}: input {tensor.name} is static at {tensor.shape} (its position "
                            f"embeddings fix the size; export the model at that size)")
 
 
 def _static(dim, tensor: gs.Tensor, name: str, described: str) -> int:
-    if not isinstance(dim, int) or dim <= 0:
+    if not static_dim(dim) or dim <= 0:
         raise BertoptError(f"input {tensor.name} has no static {name} ({tensor.shape}): {described} must be static")
     return dim
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from bertopt.graph import add_node, constant_value, insert_after, make_constant, nodes_between, producer, replace_uses
+from bertopt.graph import (add_node, constant_value, insert_after, make_constant, nodes_between, producer, replace_uses,
+                           static_dim)
 from bertopt.graph.pattern import Match
 from bertopt.model.facts import ModelFacts
 from bertopt.model.forms import layernorm_pattern
@@ -111,7 +112,7 @@ def is_token_flattening(node: gs.Node) -> bool:
         return False
     before, after = node.inputs[0].shape, node.outputs[0].shape
     return (before is not None and after is not None and {len(before), len(after)} <= {2, 3}
-            and len(before) != len(after) and before[-1] == after[-1] and isinstance(before[-1], int))
+            and len(before) != len(after) and before[-1] == after[-1] and static_dim(before[-1]))
 
 
 def flatten_tokens(graph: gs.Graph, span: EncoderSpan, facts: ModelFacts) -> Counter:

@@ -39,7 +39,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from bertopt.errors import BertoptError
-from bertopt.graph import static_dim
+from bertopt.graph import is_static, static_dim
 from bertopt.graph.evaluate import SubgraphEvaluator, input_dtype, value_dependents
 
 ROLES = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "input_features")
@@ -199,9 +199,9 @@ def content_dims(graph: gs.Graph, roles: dict[str, str]) -> tuple[tuple[int, int
     for tensor in graph.inputs:
         role = roles.get(tensor.name)
         dims = list(tensor.shape or [])
-        if role == "pixel_values" and all(isinstance(d, int) and d > 0 for d in dims[2:4]):
+        if role == "pixel_values" and all(static_dim(d) and d > 0 for d in dims[2:4]):
             return (int(dims[2]), int(dims[3])), None
-        if role == "input_features" and isinstance(dims[-1], int) and dims[-1] > 0:
+        if role == "input_features" and static_dim(dims[-1]) and dims[-1] > 0:
             return None, int(dims[-1])
     return None, None
 
@@ -596,12 +596,12 @@ def static_batch_seq(graph: gs.Graph, roles: dict[str, str],
         return static_dims([t for t in graph.inputs if t.name in roles])
     content = next(t for t in graph.inputs if roles.get(t.name) in MODALITIES)
     batch = content.shape[0] if content.shape else None
-    if not isinstance(batch, int) or batch <= 0 or not all(isinstance(d, int) for d in content.shape):
+    if not static_dim(batch) or batch <= 0 or not is_static(content):
         return None, None
     probabilities = [s.outputs[0].shape for s in (softmaxes if softmaxes is not None
                                                    else attention_layer_softmaxes(graph))]
     seq = probabilities[0][-1] if probabilities and probabilities[0] else None
-    return (batch, int(seq)) if isinstance(seq, int) and seq > 0 else (batch, None)
+    return (batch, int(seq)) if static_dim(seq) and seq > 0 else (batch, None)
 
 
 def check_shape(facts: ModelFacts, batch: int, seq: int) -> None:

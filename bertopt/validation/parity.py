@@ -29,7 +29,7 @@ import onnx
 import onnxruntime as ort
 
 from bertopt.errors import BertoptError, first_line
-from bertopt.graph import fits_protobuf, save_model, scan_file
+from bertopt.graph import fits_protobuf, save_model, scan_file, static_dim
 from bertopt.model.facts import ModelFacts
 
 # The tolerances, all of them here (atol and rtol alike: an element fails where it is off by more than both).
@@ -162,16 +162,16 @@ def content_feeds(facts: ModelFacts, input_specs: InputSpecs | None, *, batch: i
 
 
 def _content_dims(facts: ModelFacts, role: str, shape: tuple, batch: int) -> tuple[int, ...]:
-    if shape and isinstance(shape[0], int) and shape[0] != batch:
+    if shape and static_dim(shape[0]) and shape[0] != batch:
         raise BertoptError(f"the {role} input has batch {shape[0]}; cannot feed batch {batch}")
     if role == "pixel_values":
-        channels = shape[1] if len(shape) == 4 and isinstance(shape[1], int) else 3
-        size = tuple(shape[2:4]) if len(shape) == 4 and all(isinstance(d, int) for d in shape[2:4]) \
+        channels = shape[1] if len(shape) == 4 and static_dim(shape[1]) else 3
+        size = tuple(shape[2:4]) if len(shape) == 4 and all(map(static_dim, shape[2:4])) \
             else facts.image_size
         if size is None:
             raise BertoptError("the image size is not static in the model: give --image-size")
         return (batch, channels, *size)
-    if len(shape) == 3 and all(isinstance(d, int) for d in shape[1:]):
+    if len(shape) == 3 and all(map(static_dim, shape[1:])):
         return (batch, *shape[1:])
     raise BertoptError("the audio input's mel bins and frames are not static in the model: give --frames")
 
