@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from bertopt.errors import BertoptError
 from bertopt.graph import infer_shapes, is_static, replace_uses, static_dim, toposort
+from bertopt.graph.shapes import element_count
 from bertopt.model.facts import ModelFacts, check_shape
 from bertopt.pipeline import PassOptions, PassResult, register_pass
 
@@ -147,12 +148,8 @@ def _broadcasts_float_data(node: gs.Node) -> bool:
     out = node.outputs[0] if node.outputs else None
     if out is None or out.dtype is None or np.dtype(out.dtype).kind != "f" or not is_static(out):
         return False
-    largest = max((_elements(t) for t in node.inputs if t.shape is not None and is_static(t)), default=0)
-    return _elements(out) > largest
-
-
-def _elements(tensor: gs.Tensor) -> int:
-    return int(np.prod(tensor.shape, dtype=np.int64))
+    largest = max((element_count(t) for t in node.inputs if t.shape is not None and is_static(t)), default=0)
+    return element_count(out) > largest
 
 
 def _fold_static_shape_ops(graph: gs.Graph) -> None:

@@ -12,7 +12,6 @@ embeddings pulls in) and nothing is serialised. Small constants stay initializer
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import onnx
@@ -21,7 +20,7 @@ import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
 
 from bertopt.errors import BertoptError, first_line
-from bertopt.graph.shapes import SKELETON_VALUE_LIMIT, is_static
+from bertopt.graph.shapes import SKELETON_VALUE_LIMIT, element_count, is_static
 from bertopt.graph.values import peek_values
 
 # Ops whose output depends on their input's shape only, never on its values.
@@ -106,7 +105,7 @@ def _probe_shape(tensor: gs.Tensor, batch: int, seq: int) -> tuple[int, ...]:
 def _weights(nodes: list[gs.Node]) -> list[gs.Constant]:
     """The constants `nodes` read that are weights, not the small values ORT should see (and fold)."""
     constants = {id(t): t for node in nodes for t in node.inputs if isinstance(t, gs.Constant)}
-    return [t for t in constants.values() if math.prod(t.shape) > SKELETON_VALUE_LIMIT]
+    return [t for t in constants.values() if element_count(t) > SKELETON_VALUE_LIMIT]
 
 
 def _session(graph: gs.Graph, nodes: list[gs.Node], names: list[str], dtypes: dict[str, np.dtype],

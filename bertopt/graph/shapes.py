@@ -23,7 +23,7 @@ def skeleton_model(graph: gs.Graph) -> onnx.ModelProto:
     small, large = [], []
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant):
-            (small if _element_count(tensor) <= SKELETON_VALUE_LIMIT else large).append(tensor)
+            (small if element_count(tensor) <= SKELETON_VALUE_LIMIT else large).append(tensor)
     inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=True) for t in graph.inputs + large]
     outputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs]
     onnx_graph = onnx.helper.make_graph(
@@ -60,8 +60,9 @@ def _custom_op_value_info(graph: gs.Graph) -> list[onnx.ValueInfoProto]:
     return [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in outputs]
 
 
-def _element_count(tensor: gs.Constant) -> int:
-    """From the shape: reading `.values` would load a lazily imported weight into memory."""
+def element_count(tensor: gs.Tensor) -> int:
+    """A tensor's element count from its (static) shape: reading a constant's `.values` would load a lazily
+    imported weight into memory."""
     return int(np.prod(tensor.shape, dtype=np.int64))
 
 
