@@ -297,7 +297,8 @@ def test_candidates_run_one_session_at_a_time(models, sessions):
     before = len(sessions.alive_at_creation)
     reports = validate_candidates(original, candidates, facts, batch=BATCH, seq=SEQ)
     assert [r.passed for r in reports] == [True, True, None]
-    assert sessions.alive_at_creation[before:] == [1, 1, 1], "reference, optimized, emulation: each alone"
+    # reference, optimized, emulation (and the loader's checks of each file): each alone
+    assert len(sessions.alive_at_creation[before:]) >= 3 and set(sessions.alive_at_creation[before:]) == {1}
     assert len(sessions.alive) == 0, "every session is released once its candidate has run"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -20,7 +21,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from bertopt.errors import BertoptError
+from bertopt.errors import BertoptError, first_line
 from bertopt.graph import onnxfile
 from bertopt.graph.edit import replace_uses
 from bertopt.graph.onnxfile import Extent, ScannedModel, Weight, copy_fields
@@ -63,6 +64,7 @@ def scan_file(source: str | os.PathLike) -> ScannedModel:
     model = scanned.skeleton
     if model.ir_version <= 0 or not model.graph.node or not model.opset_import:
         raise BertoptError(f"{path}: not an ONNX model (no graph, nodes or opset)")
+    refuse_what_ort_cannot_load(path, scanned)
     return scanned
 
 
@@ -77,11 +79,63 @@ def load_graph(source: ModelSource) -> gs.Graph:
     try:
         graph = gs.import_onnx(model)
     except Exception as exc:  # gs raises bare Exceptions on malformed graphs
-        raise BertoptError(f"cannot import the ONNX graph: {exc}") from None
+        raise BertoptError(f"cannot import the ONNX graph: {first_line(exc)}") from None
+    _refuse_unfeedable_types(graph)
     if scanned is not None:
         _refer_to_file(graph, scanned.extents)
     lift_constant_nodes(graph)
     return graph
+
+
+def refuse_what_ort_cannot_load(path: Path, scanned: ScannedModel) -> None:
+    """Refuse (one line) a model ONNX Runtime cannot load: an unknown op or domain, a tensor nothing
+    produces, a cycle, a type or IR version it does not take, two producers of one tensor...
+
+    Every command ends in ONNX Runtime (parity, feeds, the emulation), and bertopt's own readers assume
+    what its loader checks, so this is the one check of a graph's validity, made before anything reads
+    it. It costs milliseconds: ONNX Runtime loads the weightless skeleton, each weight whose bytes were
+    left in the file (`scanned.extents`) declared as a graph input of its type and shape instead.
+    """
+    import onnxruntime as ort
+
+    model = _weights_as_inputs(scanned)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4  # its errors come back as the exception, not on stderr
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT's Fail/InvalidGraph/... share no public base class
+        raise BertoptError(f"{path}: ONNX Runtime cannot load the input: {_ort_reason(exc)}") from None
+
+
+def _weights_as_inputs(scanned: ScannedModel) -> onnx.ModelProto:
+    """The skeleton with each weight that has no bytes in it (they are in the file) as a typed graph input."""
+    model = onnx.ModelProto()
+    copy_fields(scanned.skeleton, model, lambda field: field.name != "graph")
+    copy_fields(scanned.skeleton.graph, model.graph, lambda field: field.name != "initializer")
+    declared = {value.name for value in model.graph.input}
+    for tensor in scanned.skeleton.graph.initializer:
+        if tensor.name not in scanned.extents:
+            model.graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return model
+
+
+def _ort_reason(exc: Exception) -> str:
+    """ONNX Runtime's message without its prefix (`[ONNXRuntimeError] : 10 : INVALID_GRAPH : `) and the
+    source line and C++ signature some of its messages start with."""
+    reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first_line(exc))
+    return re.sub(r"^\S+\.(cc|h):\d+ [^(]*\([^)]*\) ", "", reason)
+
+
+def _refuse_unfeedable_types(graph: gs.Graph) -> None:
+    """Refuse a graph input of a type with no NumPy equivalent (bfloat16, float8...): gs keeps it as ONNX's
+    type number, and no feed of it can be made."""
+    for tensor in graph.inputs:
+        if tensor.dtype is not None and not isinstance(tensor.dtype, np.dtype):
+            name = onnx.TensorProto.DataType.Name(tensor.dtype)
+            raise BertoptError(f"input '{tensor.name}' has type {name}, which NumPy, and so bertopt, cannot feed")
 
 
 # Types whose raw_data is the little-endian numpy array itself (not bfloat16, float8 or packed int4).

@@ -215,6 +215,7 @@ def scan(path: Path) -> ScannedModel:
         skeleton.ParseFromString(skeleton_bytes)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise CorruptModel(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    _refuse_undecodable_text(path, skeleton)
     extents, data_files = {}, {}
     for tensor, raw in zip(skeleton.graph.initializer, raw_ranges):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -226,6 +227,20 @@ def scan(path: Path) -> ScannedModel:
             _check_size(path, tensor, extent)
             extents[tensor.name] = extent
     return ScannedModel(skeleton, extents)
+
+
+def _refuse_undecodable_text(path: Path, message: Message) -> None:
+    """Refuse a string field (a name, an op type) that is not UTF-8: protobuf parses it and hands it out as
+    bytes, which every reader of names then fails on."""
+    for field, value in message.ListFields():
+        if field.type == FieldDescriptor.TYPE_STRING:
+            texts = value if field.is_repeated else [value]
+            if any(isinstance(text, bytes) for text in texts):
+                raise CorruptModel(f"{path}: a {field.full_name} field holds text that is not UTF-8: corrupt, "
+                                   f"not a readable ONNX model")
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            for item in value if field.is_repeated else [value]:
+                _refuse_undecodable_text(path, item)
 
 
 def _skeleton(source: DataFile) -> tuple[bytes, list[tuple[int, int] | None]]:
