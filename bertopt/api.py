@@ -26,21 +26,24 @@ PathLike = str | os.PathLike
 def optimize(model: PathLike, output: PathLike, passes: str = "default", *, batch: int = 1, seq: int = 384,
              target: str = "ascend", cann: str | None = None, force: bool = False,
              progress: Progress | None = None, image_size: int | None = None,
-             frames: int | None = None) -> Optimized:
+             frames: int | None = None, parity: bool = True) -> Optimized:
     """Load the ONNX file `model`, run the pipeline `passes` at a static (batch, seq), write `output`.
 
-    Nothing else: no export, atc or validation (`bertopt optimize`). `passes` is a spec as `--passes`
+    Then, with `parity`, the output is checked against `model` on one realistic batch on ONNX Runtime
+    (`.parity`); nothing else: no export, atc or emulation (`bertopt optimize`). `passes` is a spec as `--passes`
     takes it (`default`, `a,b,c`, `default,-name`, `default,my-pass`); passes from a file or module are
     registered first with `bertopt.load_passes`. `target` is ascend or ort; `cann` the CANN version whose
     ATC the ascend target is (default: the installed toolkit's, else 6.0). Image and audio models freeze at
     `image_size` / `frames` (default: the static size of the model's input). The input is never modified;
-    an existing `output` is refused unless `force`. Returns the facts, one record per pass, and why the
-    output is not legal for the CANN version's ATC (`illegal`, empty when it is).
+    an existing `output` is refused unless `force`. Returns the facts, one record per pass, why the
+    output is not legal for the CANN version's ATC (`illegal`, empty when it is) and its parity;
+    `failures()` lists what makes the command exit 1.
     """
     from bertopt.flow.run import optimize as optimize_file
 
     return optimize_file(Path(model), Path(output), passes, batch=batch, seq=seq, target=target, cann=cann,
-                         force=force, progress=progress or _quiet, image_size=image_size, frames=frames)
+                         force=force, progress=progress or _quiet, image_size=image_size, frames=frames,
+                         parity=parity)
 
 
 def run(model: PathLike = "bert-base", *, progress: Progress | None = None, echo: Progress | None = None,

@@ -222,22 +222,28 @@ def optimize(
     target: str = typer.Option("ascend", "--target", help="ascend | ort"),
     cann: Optional[str] = typer.Option(None, "--cann", help=CANN_HELP),
     force: bool = typer.Option(False, "--force", help="overwrite --output if it exists"),
+    parity: bool = typer.Option(True, "--parity/--no-parity", help="check the output against the input on one "
+                                "realistic batch (ONNX Runtime)"),
 ) -> None:
-    """Load, run the passes, save: nothing else (no export, atc or validation). Replaces fix_onnx.py.
+    """Load, run the passes, save, check parity on one batch: no export, atc or emulation. Replaces fix_onnx.py.
 
-    Exit 1 (the output is still written) when it is not legal for the CANN version's ATC.
+    Exit 1 (the output is still written) when it is not legal for the CANN version's ATC or fails parity.
     """
     from bertopt.api import optimize as optimize_model
 
     _load_passes(passes_from)
     with _progress() as progress:
         result = optimize_model(model, output, passes, batch=batch, seq=seq, target=target, cann=cann,
-                                force=force, progress=progress, image_size=image_size, frames=frames)
+                                force=force, progress=progress, image_size=image_size, frames=frames,
+                                parity=parity)
     out.print(_facts_line(result.facts))
     out.print(_pass_table(result.passes))
+    if result.parity is not None:
+        out.print(_validation_table([result.parity], f"parity with {model} (ONNX Runtime fp32, bs{batch} seq{seq})"))
     out.print(f"optimized model: {output}")
-    if result.illegal:
-        raise CheckFailed(f"{output} is not legal for the CANN version's ATC: {'; '.join(result.illegal)}")
+    problems = result.failures()
+    if problems:
+        raise CheckFailed(f"{output}: {'; '.join(problems)}")
 
 
 @app.command()

@@ -27,7 +27,8 @@ from bertopt.model.facts import ModelFacts, check_shape, detect_facts
 from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord, parse_spec
 from bertopt.validation.backends import Backend, Skipped
 from bertopt.validation.candidates import AscendCandidates, CandidateReport, run_candidates, validate_candidates
-from bertopt.validation.parity import Comparison, parity_check, tolerances_for
+from bertopt.validation.parity import (Comparison, check_feedable, graph_only, input_specs_of, parity_check,
+                                       tolerances_for)
 
 if TYPE_CHECKING:
     from bertopt.report.html import PassPictures
@@ -302,7 +303,9 @@ def optimize_file(source: Path, output: Path, manager: PassManager,
     progress(f"loading {source}")
     graph = load_graph(source)
     facts = detect_facts(graph)
-    check_shape(facts, manager.options.batch, manager.options.seq)
+    batch, seq = manager.options.batch, manager.options.seq
+    check_shape(facts, batch, seq)
+    check_feedable(facts, input_specs_of(graph_only(source)), batch=batch, seq=seq)  # what the output is checked on
     facts, records = manager.run(graph, facts)
     progress(f"saving {output}")
     save_graph(graph, output)
@@ -311,19 +314,30 @@ def optimize_file(source: Path, output: Path, manager: PassManager,
 
 @dataclass
 class Optimized:
-    """What `bertopt optimize` did: the facts, each pass's record, and why the output is not legal for
-    the CANN version's ATC (empty when it is, or when the target is not ascend)."""
+    """What `bertopt optimize` did: the facts, each pass's record, why the output is not legal for the CANN
+    version's ATC (empty when it is, or when the target is not ascend), and the output's parity with the
+    input on ONNX Runtime (None when not asked for)."""
 
     facts: ModelFacts
     passes: list[PassRecord]
     illegal: list[str]
+    parity: CandidateReport | None = None
+
+    def failures(self) -> list[str]:
+        """What makes `bertopt optimize` exit 1 (the output is still written)."""
+        problems = [f"not legal for the CANN version's ATC: {line}" for line in self.illegal]
+        if self.parity is not None and not self.parity.passed:
+            problems.append(f"parity with the input fails: "
+                            f"{self.parity.error or self.parity.comparison.summary_line()}")
+        return problems
 
 
 def optimize(source: Path, output: Path, spec: str, *, batch: int, seq: int, target: str = "ascend",
              cann: str | None = None, force: bool = False,
              progress: Progress = lambda message: None, image_size: int | None = None,
-             frames: int | None = None) -> Optimized:
-    """`bertopt optimize`: an ONNX file in, the optimized ONNX file out; no export, atc or validation."""
+             frames: int | None = None, parity: bool = True) -> Optimized:
+    """`bertopt optimize`: an ONNX file in, the optimized ONNX file out, and (with `parity`) the output
+    checked against the input on one realistic batch on ONNX Runtime; no export, atc or emulation."""
     source, output = Path(source), Path(output)
     if output.resolve() == source.resolve():
         raise BertoptError(f"--output {output} is the input model; bertopt never overwrites its input")
@@ -338,7 +352,20 @@ def optimize(source: Path, output: Path, spec: str, *, batch: int, seq: int, tar
     graph, facts, records = optimize_file(source, output, PassManager(spec, options, instruments), progress)
     illegal = [] if target_cann is None else [
         f"{check.name}: {check.reason}" for check in check_model_level(graph, target_cann) if check.ok is False]
-    return Optimized(facts, records, illegal)
+    del graph  # its weights: the parity check reads the files
+    gc.collect()
+    checked = _output_parity(source, output, facts, batch, seq, progress) if parity else None
+    return Optimized(facts, records, illegal, checked)
+
+
+def _output_parity(source: Path, output: Path, facts: ModelFacts, batch: int, seq: int,
+                   progress: Progress) -> CandidateReport:
+    """The optimized file against its input on one realistic batch (ORT CPU, the tolerance of the model's dtype)."""
+    progress(f"checking {output} against {source} (ONNX Runtime)")
+    atol, rtol = tolerances_for(facts.dtype)
+    [report] = validate_candidates(source, run_candidates(output, cuda=False), facts, batch=batch, seq=seq,
+                                   samples=1, atol={"onnx": atol}, rtol={"onnx": rtol})
+    return report
 
 
 def _emulated(ascend: AscendSetup | None) -> EmulationChoice | None:

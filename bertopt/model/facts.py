@@ -31,6 +31,8 @@ position scores, pooling between layers, convolution heads, rotary embeddings), 
 
 from __future__ import annotations
 
+import os
+import resource
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -611,6 +613,7 @@ def check_shape(facts: ModelFacts, batch: int, seq: int) -> None:
     """
     if batch <= 0 or seq <= 0:
         raise BertoptError(f"batch and seq must be positive (got batch {batch}, seq {seq})")
+    refuse_beyond_memory(facts, batch, seq)
     if facts.modality != "text":
         if facts.is_static and facts.batch != batch:
             raise BertoptError(f"the model is already static at batch {facts.batch}; it cannot be frozen at "
@@ -621,6 +624,30 @@ def check_shape(facts: ModelFacts, batch: int, seq: int) -> None:
     if facts.is_static and (facts.batch, facts.seq) != (batch, seq):
         raise BertoptError(f"the model is already static at batch {facts.batch}, seq {facts.seq}; "
                            f"it cannot be frozen at batch {batch}, seq {seq} (give the dynamic export)")
+
+
+def refuse_beyond_memory(facts: ModelFacts, batch: int, seq: int) -> None:
+    """Refuse (one line) a shape whose one batch cannot fit in this machine's memory on ONNX Runtime, before
+    anything is allocated: every command that optimizes or validates runs the model here once."""
+    tokens = seq if facts.modality == "text" else (facts.seq or seq)
+    needed, available = activation_bytes(facts, batch, tokens), _memory_available()
+    if needed > available:
+        raise BertoptError(f"batch {batch}, seq {tokens}: one batch needs at least {needed / 2**30:.3g} GiB "
+                           f"on ONNX Runtime (one layer's attention scores and feed-forward activations, fp32), "
+                           f"more than the {available / 2**30:.3g} GiB this machine has")
+
+
+def activation_bytes(facts: ModelFacts, batch: int, tokens: int) -> int:
+    """A lower bound of one batch's memory: one layer's attention scores (batch x heads x tokens x tokens)
+    and feed-forward activations (batch x tokens x 4 hidden, BERT's intermediate size), fp32."""
+    return 4 * batch * tokens * (max(facts.heads, 1) * tokens + 4 * max(facts.hidden, 1))
+
+
+def _memory_available() -> int:
+    """Physical memory, or the address-space limit of this process where that is lower."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return physical if limit == resource.RLIM_INFINITY else min(physical, limit)
 
 
 # --------------------------------------------------------------------------- norms, bias, family

@@ -156,8 +156,11 @@ def validate_candidates(reference: Path, candidates: list[Backend | Skipped], fa
 
 def _reference_outputs(reference: Path, feeds: list[dict], threads: int | None) -> list[dict]:
     """The reference's outputs on every feed; its session goes when this returns."""
-    runner = OrtRunner(reference, threads=threads)
-    return [runner.run(feed) for feed in feeds]
+    try:
+        runner = OrtRunner(reference, threads=threads)
+        return [runner.run(feed) for feed in feeds]
+    except BertoptError as exc:
+        raise BertoptError(f"{reference}: {exc}") from None
 
 
 def _check(candidate: Backend | Skipped, feeds: list[dict], expected: list[dict], masks,
@@ -562,8 +565,8 @@ def validate_models(reference: Path, candidate: Path, *, batch: int | None = Non
     ref_batch, ref_seq = static_shape(input_specs_of(graph_only(reference)))
     cand_batch, cand_seq = (static_shape(input_specs_of(graph_only(candidate)))
                             if candidate.suffix != ".om" else (None, None))
-    batch = batch or ref_batch or cand_batch or 1
-    seq = seq or ref_seq or cand_seq or facts.max_positions or 128
+    batch = batch if batch is not None else ref_batch or cand_batch or 1  # --batch 0 is refused, not replaced
+    seq = seq if seq is not None else ref_seq or cand_seq or facts.max_positions or 128
     tol = {backend.kind: atol} if atol is not None else None
     rtols = {backend.kind: rtol} if rtol is not None else None
     [report] = validate_candidates(reference, [backend], facts, batch=batch, seq=seq, samples=samples,

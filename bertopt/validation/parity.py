@@ -30,7 +30,7 @@ import onnxruntime as ort
 
 from bertopt.errors import BertoptError, first_line
 from bertopt.graph import fits_protobuf, save_model, scan_file, static_dim
-from bertopt.model.facts import ModelFacts
+from bertopt.model.facts import ModelFacts, refuse_beyond_memory
 
 # The tolerances, all of them here (atol and rtol alike: an element fails where it is off by more than both).
 # A rewrite of an fp32 model on ONNX Runtime fp32: 1e-4, ONNX Runtime's BERT parity CI (facts note, section 7).
@@ -110,16 +110,14 @@ def realistic_feeds(facts: ModelFacts, input_specs: InputSpecs | None = None, *,
     Raises BertoptError for inputs without a known role, non-integer ids, static dims that
     disagree with batch/seq, or a vocabulary too small to hold the special tokens.
     """
-    if batch < 1 or seq < 1 or count < 1:
-        raise BertoptError(f"batch, seq and count must be >= 1 (got {batch}, {seq}, {count})")
+    if count < 1:
+        raise BertoptError(f"count must be >= 1 (got {count})")
+    check_feedable(facts, input_specs, batch=batch, seq=seq)
     if facts.modality != "text":
         return content_feeds(facts, input_specs, batch=batch, seed=seed, count=count)
     if input_specs is None:
         input_specs = {name: (np.dtype(np.int64), (batch, seq)) for name in facts.roles}
-    _check_specs(facts, input_specs, batch, seq)
     vocab = facts.vocab_size
-    if vocab < MIN_VOCAB:
-        raise BertoptError(f"vocabulary size {vocab} is too small for realistic token ids")
     two_segments = facts.type_vocab_size is None or facts.type_vocab_size >= 2
     rng = np.random.default_rng(seed)
     feeds = []
@@ -129,6 +127,22 @@ def realistic_feeds(facts: ModelFacts, input_specs: InputSpecs | None = None, *,
         feeds.append({name: _as_input(by_role[facts.roles[name]], facts.roles[name], facts, dtype)
                       for name, (dtype, _) in input_specs.items()})
     return feeds
+
+
+def check_feedable(facts: ModelFacts, input_specs: InputSpecs | None, *, batch: int, seq: int) -> None:
+    """Refuse (one line) what realistic feeds cannot be made for, before anything is built: a batch or seq
+    below 1 or beyond this machine's memory, and for text models an input without a known role, ids that
+    are not integers, a static dim other than batch or seq, a vocabulary too small for the special tokens.
+    `optimize` and `run` call it before their passes: they check their output on these feeds."""
+    if batch < 1 or seq < 1:
+        raise BertoptError(f"batch and seq must be >= 1 (got {batch}, {seq})")
+    refuse_beyond_memory(facts, batch, seq)
+    if facts.modality != "text":
+        return
+    if input_specs is not None:
+        _check_specs(facts, input_specs, batch, seq)
+    if facts.vocab_size < MIN_VOCAB:
+        raise BertoptError(f"vocabulary size {facts.vocab_size} is too small for realistic token ids")
 
 
 # The processors' normalisation (transformers.image_utils): ViT's checkpoints use IMAGENET_STANDARD (0.5, 0.5),
