@@ -214,3 +214,13 @@ def test_optimize_exits_1_when_its_output_fails_parity(bases, tmp_path):
     assert (outcome, code) == ("flagged", 1) and "parity with the input fails" in line, stderr
     assert (tmp_path / "out.onnx").is_file()
     assert fuzz.call_cli([*argv, "--force", "--no-parity"])[0] == 0
+
+
+def test_a_repeated_initializer_onnx_runtime_takes_is_not_refused(bases, tmp_path):
+    """ONNX Runtime loads a model listing one initializer twice (fuzz cases 218, 223); the loader's check
+    must not declare it twice in the skeleton and refuse it."""
+    def repeated_weight(model):
+        model.graph.initializer.append(max(model.graph.initializer, key=lambda t: len(t.raw_data)))
+
+    code, stderr = fuzz.call_cli(_optimize(_damaged(bases, tmp_path, repeated_weight), tmp_path))
+    assert code == 0, stderr

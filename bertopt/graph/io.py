@@ -117,7 +117,8 @@ def _weights_as_inputs(scanned: ScannedModel) -> onnx.ModelProto:
     for tensor in scanned.skeleton.graph.initializer:
         if tensor.name not in scanned.extents:
             model.graph.initializer.append(tensor)
-        elif tensor.name not in declared:
+        elif tensor.name not in declared:  # declared once: a repeated initializer is the last one, to ORT too
+            declared.add(tensor.name)
             model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     return model
 
