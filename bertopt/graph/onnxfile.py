@@ -236,7 +236,7 @@ def _refuse_undecodable_text(path: Path, message: Message) -> None:
         if field.type == FieldDescriptor.TYPE_STRING:
             texts = value if field.is_repeated else [value]
             if any(isinstance(text, bytes) for text in texts):
-                raise CorruptModel(f"{path}: a {field.full_name} field holds text that is not UTF-8: corrupt, "
+                raise CorruptModel(f"{path}: text that is not UTF-8 in field {field.full_name}: corrupt, "
                                    f"not a readable ONNX model")
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
             for item in value if field.is_repeated else [value]:
