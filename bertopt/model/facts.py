@@ -634,7 +634,7 @@ def refuse_beyond_memory(facts: ModelFacts, batch: int, seq: int) -> None:
     if needed > available:
         raise BertoptError(f"batch {batch}, seq {tokens}: one batch needs at least {needed / 2**30:.3g} GiB "
                            f"on ONNX Runtime (one layer's attention scores and feed-forward activations, fp32), "
-                           f"more than the {available / 2**30:.3g} GiB this machine has")
+                           f"more than the {available / 2**30:.3g} GiB available here")
 
 
 def activation_bytes(facts: ModelFacts, batch: int, tokens: int) -> int:
@@ -644,7 +644,7 @@ def activation_bytes(facts: ModelFacts, batch: int, tokens: int) -> int:
 
 
 def _memory_available() -> int:
-    """Physical memory, or the address-space limit of this process where that is lower."""
+    """Physical memory, or the address-space limit of this process where that is lower (the fuzzer sets one)."""
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit = resource.getrlimit(resource.RLIMIT_AS)[0]
     return physical if limit == resource.RLIM_INFINITY else min(physical, limit)
