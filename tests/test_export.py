@@ -126,3 +126,34 @@ def test_random_source_builds_any_model_type(tmp_path):
     assert random_source("gpt2", dict(FAMILIES["gpt2"], n_layer=1)).fingerprint != source.fingerprint
     model = source.build("eager", "cls")
     assert type(model).__name__ == "GPT2ForSequenceClassification" and model.config.n_embd == 32
+
+
+def test_canine_exports_with_unicode_code_points(tmp_path):
+    """CANINE has no vocabulary: it reads code points, hashed into its tables; the trace takes ids among them."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from bertopt.flow.export import ExportWrapper
+
+    source = random_source("canine", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=64, max_position_embeddings=128, num_hash_buckets=64))
+    path = export_onnx(source, tmp_path / "canine.onnx", head="cls", cache_dir=tmp_path / "cache").path
+    ids = torch.tensor([[0xE000, ord("h"), ord("中"), 0x1F600, 0xE001, 0, 0, 0]] * 2)  # beyond the 64 buckets
+    mask = (ids != 0).to(torch.int64)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": np.zeros_like(ids.numpy())}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
+    with torch.no_grad():
+        expected = ExportWrapper(source.build("eager", "cls"), "cls")(*map(torch.from_numpy, feeds.values()))[0]
+    np.testing.assert_allclose(session.run(None, feeds)[0], expected.numpy(), atol=1e-5)
+
+
+def test_a_config_without_a_vocabulary_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from bertopt.flow.export import token_id_count
+
+    with pytest.raises(BertoptError, match="no vocabulary size"):
+        token_id_count(SimpleNamespace(model_type="made-up", vocab_size=None))
+    assert token_id_count(SimpleNamespace(model_type="bert", vocab_size=1000)) == 1000

@@ -295,7 +295,7 @@ def runnable_model(family: Family, attention: str) -> Runnable | str:
 
 
 def raised_in_bertopt(exc: BaseException) -> bool:
-    """bertopt's code raised it, an attribute lookup it made included (`config.vocab_size` on CANINE): a
+    """bertopt's code raised it, an attribute lookup it made included (a config field the family lacks): a
     bertopt bug, not the family's. Raised deeper, in torch or transformers, it is the family's."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.name not in ("__getattribute__", "__getattr__")]
     return bool(frames) and _is_bertopt(frames[-1])

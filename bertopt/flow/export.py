@@ -488,7 +488,21 @@ class ExportWrapper(torch.nn.Module):
         config = self.model.config
         if self.modality != "text":
             return (content_trace_input(config, self.modality, dtype),)
-        return trace_inputs(self.input_names, config.vocab_size, mask=self.mask, dtype=dtype)
+        return trace_inputs(self.input_names, token_id_count(config), mask=self.mask, dtype=dtype)
+
+
+def token_id_count(config) -> int:
+    """How many token ids the model reads: its vocabulary; for CANINE, which has none, every Unicode code point
+    (it hashes code points into its embedding tables: transformers' CanineTokenizer, UNICODE_VOCAB_SIZE)."""
+    vocab = getattr(config, "vocab_size", None)
+    if vocab:
+        return int(vocab)
+    if config.model_type == "canine":
+        from transformers.models.canine.tokenization_canine import UNICODE_VOCAB_SIZE
+
+        return UNICODE_VOCAB_SIZE
+    raise BertoptError(f"{config.model_type}: its config gives no vocabulary size (vocab_size), so bertopt cannot "
+                       "make token ids to export it with")
 
 
 def content_trace_input(config, modality: str, dtype: torch.dtype) -> torch.Tensor:
