@@ -59,7 +59,8 @@ def run(
     seq: int = typer.Option(384, "--seq", help="static sequence length"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help=IMAGE_SIZE_HELP),
     frames: Optional[int] = typer.Option(None, "--frames", help=FRAMES_HELP),
-    output: Optional[Path] = typer.Option(None, "--output", help="folder (default bertopt-out/<model>-bs<B>-seq<S>)"),
+    output: Optional[Path] = typer.Option(None, "--output", help="folder (default bertopt-out/<model>-bs<B>-seq<S>; "
+                                          "image models -<N>px, audio models -<N>frames)"),
     target: str = typer.Option("ascend", "--target", help="ascend | ort"),
     force: bool = typer.Option(False, "--force", help="overwrite results already in the output folder"),
     exporter: str = typer.Option("legacy", "--exporter", help="legacy | dynamo (presets and HF folders)"),

@@ -159,6 +159,27 @@ def test_a_fixed_image_size_cannot_be_changed(family_export):
         run_spec(family_export("vit-tiny"), "freeze-shapes", batch=1, seq=SEQ, image_size=48)
 
 
+def test_output_folders_are_named_by_the_modality_s_shape(family_export, tmp_path):
+    """`run`'s default folder: seq<S> for text, <side>px for images, <N>frames for audio (seq means nothing to
+    them): from a preset's config, an HF folder's config.json, an ONNX file's inputs, or the size asked for."""
+    from transformers import CLIPConfig
+
+    from bertopt.flow.run import RunConfig
+
+    def folder(model: str, **sizes) -> str:
+        return RunConfig(model=model, batch=2, seq=SEQ, **sizes).output_dir().name
+
+    assert folder("vit-tiny") == "vit-tiny-bs2-32px" and folder("vit-tiny", image_size=64) == "vit-tiny-bs2-64px"
+    assert folder("whisper-tiny-encoder") == "whisper-tiny-encoder-bs2-64frames"
+    assert folder("whisper-tiny-encoder", frames=128) == "whisper-tiny-encoder-bs2-128frames"
+    assert folder("clip-vit-tiny-text") == f"clip-vit-tiny-text-bs2-seq{SEQ}"
+    assert folder("bert-tiny") == f"bert-tiny-bs2-seq{SEQ}"
+    assert folder(str(family_export("deit-tiny"))) == "deit-tiny-bs2-32px"
+    assert folder(str(family_export("whisper-tiny-encoder"))) == "whisper-tiny-encoder-bs2-64frames"
+    CLIPConfig(vision_config=dict(image_size=48, patch_size=8)).save_pretrained(tmp_path / "clip")
+    assert folder(str(tmp_path / "clip")) == "clip-bs2-48px"
+
+
 def test_a_cache_input_is_refused_in_one_line():
     import onnx_graphsurgeon as gs
 

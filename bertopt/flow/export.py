@@ -38,6 +38,7 @@ from transformers import (AutoConfig, AutoModelForImageClassification, AutoModel
                           AutoModelForSequenceClassification)
 
 from bertopt.errors import BertoptError, first_line
+from bertopt.model.facts import MODALITIES
 
 EXPORTERS = ("legacy", "dynamo")
 DEFAULT_OPSET = {"legacy": 14, "dynamo": 18}
@@ -474,7 +475,7 @@ class ExportWrapper(torch.nn.Module):
         else:
             self.input_names = tuple(n for n in kind.inputs if n != "attention_mask" or mask != "none")
             self.output_names = kind.outputs
-        self.modality = {"pixel_values": "image", "input_features": "audio"}.get(self.input_names[0], "text")
+        self.modality = MODALITIES.get(self.input_names[0], "text")
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = dict(zip(self.input_names, tensors))
@@ -509,11 +510,36 @@ def content_trace_input(config, modality: str, dtype: torch.dtype) -> torch.Tens
     """A batch of images at the config's size, or of log-mel frames as many as Whisper's encoder takes
     (two per position: its second Conv has stride 2)."""
     generator = torch.Generator().manual_seed(SEED)
+    size = content_size(config, modality)
     if modality == "image":
-        shape = (TRACE_BATCH, config.num_channels, config.image_size, config.image_size)
+        shape = (TRACE_BATCH, config.num_channels, size, size)
     else:
-        shape = (TRACE_BATCH, config.num_mel_bins, 2 * config.max_source_positions)
+        shape = (TRACE_BATCH, config.num_mel_bins, size)
     return torch.randn(shape, generator=generator).to(dtype)
+
+
+def content_size(config, modality: str) -> int:
+    """The side of the images a vision config takes (a CLIP config's vision tower's), or the log-mel frames
+    Whisper's encoder takes: two per position (its second Conv has stride 2)."""
+    if modality == "image":
+        return getattr(config, "vision_config", config).image_size
+    return 2 * config.max_source_positions
+
+
+def source_content_shape(model: str) -> tuple[str, int | None]:
+    """What a preset or HF checkpoint folder exports: ("text", None), ("image", side) or ("audio", frames),
+    from its config alone (nothing is built); ("text", None) for a name that is neither."""
+    preset, folder = PRESETS.get(model), Path(model)
+    if preset is not None and preset.checkpoint is None:
+        kind = KINDS.get(preset.model_type)
+        config = AutoConfig.for_model(kind.config_type, **preset.config) if kind else None
+    elif preset is None and (folder / "config.json").is_file():
+        kind = KINDS.get(_folder_model_type(folder))
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True) if kind else None
+    else:
+        return "text", None
+    modality = MODALITIES.get(kind.inputs[0], "text") if kind else "text"
+    return modality, content_size(config, modality) if modality != "text" else None
 
 
 def model_input_names(model, *, with_mask: bool = True) -> tuple[str, ...]:
