@@ -157,3 +157,30 @@ def test_a_config_without_a_vocabulary_is_refused_in_one_line():
     with pytest.raises(BertoptError, match="no vocabulary size"):
         token_id_count(SimpleNamespace(model_type="made-up", vocab_size=None))
     assert token_id_count(SimpleNamespace(model_type="bert", vocab_size=1000)) == 1000
+
+
+@pytest.mark.parametrize("family, head, config, shape", [
+    ("dinov2", "image-cls", dict(image_size=32, patch_size=8), [2, 3, 32, 32]),
+    ("audio-spectrogram-transformer", "audio-cls", dict(max_length=64, num_mel_bins=16), [2, 64, 16]),
+])
+def test_any_image_or_audio_classifier_exports_its_content_input(tmp_path, family, head, config, shape):
+    """Families outside bertopt's presets, with the image-cls / audio-cls heads: content in (batch dynamic, its
+    size static), logits out, as the torch model computes them."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from bertopt.flow.export import ExportWrapper
+
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3)
+    source = random_source(family, dict(tiny, **config))
+    path = export_onnx(source, tmp_path / f"{family}.onnx", head=head, cache_dir=tmp_path / "cache").path
+    model = onnx.load(str(path))
+    (content,) = model.graph.input
+    dims = [d.dim_param or d.dim_value for d in content.type.tensor_type.shape.dim]
+    assert dims == ["batch", *shape[1:]] and [o.name for o in model.graph.output] == ["logits"]
+    feed = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {content.name: feed})[0]
+    with torch.no_grad():
+        expected = ExportWrapper(source.build("eager", head), head)(torch.from_numpy(feed))[0].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
