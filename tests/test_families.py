@@ -132,6 +132,29 @@ def test_every_block_has_a_verdict_per_fusion_with_reasons(optimized, preset):
     assert any("heads = 2 is not 12 or 16" in reason for reason in score.reasons)
 
 
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "vit-tiny", "whisper-tiny-encoder"])
+def test_pre_norm_blocks_say_why_ln_qkv_never_fuses(optimized, preset):
+    """ZAttentionLnQKVONNXFusionPass takes only the post-norm block (fusion_gates.json, ln-qkv "pre_norm"): a
+    pre-norm block's verdict says so first. Its LayerNorm itself is judged where it is, GPT-2's above the
+    Reshape its Conv1D flattens the tokens with (not "expected Add, found Reshape")."""
+    from bertopt.ascend.gates import PRE_NORM_REASON, fusion_gates
+
+    prediction = check_ascend(optimized(preset).graph, cann=cann_target("6.0"), soc="Ascend310P3").fusion
+    for block in prediction.blocks:
+        assert block.verdict("layer-norm").fuses, block.verdict("layer-norm").reasons
+        ln_qkv = block.verdict("ln-qkv")
+        assert ln_qkv.verdict == "form" and ln_qkv.reasons[0] == PRE_NORM_REASON
+    assert "ProcessLayerNorm" in fusion_gates(cann_target("6.0")).passes["ln-qkv"]["sources"]["pre_norm"]
+
+
+def test_post_norm_blocks_carry_no_pre_norm_reason(tiny_export):
+    from bertopt.ascend.gates import PRE_NORM_REASON
+
+    result = run_spec(tiny_export("legacy14"), "default", batch=BATCH, seq=SEQ)
+    prediction = check_ascend(result.graph, cann=cann_target("6.0"), soc="Ascend310P3").fusion
+    assert all(PRE_NORM_REASON not in block.verdict("ln-qkv").reasons for block in prediction.blocks)
+
+
 def test_images_are_in_the_processors_range(family_export):
     for preset, family in (("vit-tiny", "vit"), ("clip-vit-tiny", "clip-vision")):
         facts = detect_facts(load_graph(family_export(preset)))
