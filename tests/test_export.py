@@ -184,3 +184,15 @@ def test_any_image_or_audio_classifier_exports_its_content_input(tmp_path, famil
     with torch.no_grad():
         expected = ExportWrapper(source.build("eager", head), head)(torch.from_numpy(feed))[0].numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_an_audio_input_of_unknown_layout_is_refused_in_one_line():
+    """Wav2Vec2-BERT's input_features are [batch, frames, 160], not Whisper's [batch, mel bins, frames]."""
+    import torch
+    from transformers import Wav2Vec2BertConfig
+
+    from bertopt.flow.export import content_trace_input
+
+    with pytest.raises(BertoptError, match="does not know the layout of its input_features") as caught:
+        content_trace_input(Wav2Vec2BertConfig(), "input_features", torch.float32)
+    assert "\n" not in str(caught.value)

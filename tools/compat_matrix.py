@@ -291,6 +291,7 @@ def runnable_model(family: Family, attention: str) -> Runnable | str:
     three separators in every row, its classifier does not). A string saying why when none runs."""
     import torch
 
+    from bertopt.errors import BertoptError, first_line
     from bertopt.flow.export import ExportWrapper, random_source
 
     failures = []
@@ -306,6 +307,9 @@ def runnable_model(family: Family, attention: str) -> Runnable | str:
                 wrapper = ExportWrapper(model, head)
                 with torch.no_grad():
                     wrapper(*wrapper.trace_inputs())
+            except BertoptError as exc:  # bertopt refused the model in one line (an input layout it does not know)
+                failures.append(first_line(exc))
+                continue
             except Exception as exc:
                 if raised_in_bertopt(exc):
                     raise

@@ -518,17 +518,21 @@ def token_id_count(config) -> int:
 def content_trace_input(config, input_name: str, dtype: torch.dtype) -> torch.Tensor:
     """A batch of images at the config's size, of log-mel frames as many as Whisper's encoder takes (two per
     position: its second Conv has stride 2), of an Audio Spectrogram Transformer's [frames, mel bins], or
-    of a raw waveform of WAVEFORM_SAMPLES."""
+    of a raw waveform of WAVEFORM_SAMPLES; a one-line BertoptError for a layout bertopt does not know."""
     generator = torch.Generator().manual_seed(SEED)
+    whisper_like = hasattr(config, "max_source_positions") and hasattr(config, "num_mel_bins")
     if input_name == "pixel_values":
         height, width = _pair(content_size(config, "image"))
         shape = (TRACE_BATCH, getattr(config, "num_channels", 3), height, width)
-    elif input_name == "input_features":
+    elif input_name == "input_features" and whisper_like:
         shape = (TRACE_BATCH, config.num_mel_bins, content_size(config, "audio"))
-    elif hasattr(config, "max_length") and hasattr(config, "num_mel_bins"):  # AST: a spectrogram as input_values
-        shape = (TRACE_BATCH, config.max_length, config.num_mel_bins)
-    else:
+    elif input_name == "input_values" and hasattr(config, "max_length") and hasattr(config, "num_mel_bins"):
+        shape = (TRACE_BATCH, config.max_length, config.num_mel_bins)  # AST: a spectrogram as input_values
+    elif input_name == "input_values":
         shape = (TRACE_BATCH, WAVEFORM_SAMPLES)
+    else:
+        raise BertoptError(f"{config.model_type}: bertopt does not know the layout of its {input_name} to export "
+                           "it with")
     return torch.randn(shape, generator=generator).to(dtype)
 
 
@@ -536,7 +540,7 @@ def _pair(size: int | list[int] | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def content_size(config, modality: str) -> int:
+def content_size(config, modality: str) -> int | tuple[int, int]:
     """The side of the images a vision config takes (a CLIP config's vision tower's), or the log-mel frames
     Whisper's encoder takes: two per position (its second Conv has stride 2)."""
     if modality == "image":
