@@ -6,7 +6,8 @@ For each attention block the five fusions bertopt cares about, in the order ATC 
   into ATC's LayerNorm (or the model already has ONNX LayerNormalization, where the CANN version's
   parser takes it);
 - ``ln-qkv``: `ZAttentionLnQKVONNXFusionPass`, that LayerNorm with the Q/K/V projections, which takes
-  post-norm blocks only: a pre-norm block (GPT-2, ViT, CLIP, Whisper) is a ``form`` verdict saying so;
+  post-norm blocks only: a pre-norm block (GPT-2, ViT, CLIP, Whisper) is a ``form`` verdict saying so
+  (whether a dead stand-in consumer, msit's `Add(x, 0)`, would survive to ATC's fusion is not known);
 - ``mul-add``: `MulAddFusionPass`, the scale Mul and the mask Add into the FusedMulAdd the next needs;
 - ``attention-score``: `ZAttentionScoreFusionPass`, scores, FusedMulAdd, Softmax and context;
 - ``gelu``: `GeluONNXFusionPass`, the block's feed-forward Gelu in its erf spelling.
@@ -60,9 +61,10 @@ FLOAT32_EPSILON = float(np.finfo(np.float32).eps)
 # The form conditions each fusion needs (bertopt.ascend.form.CONDITIONS).
 LN_QKV_FORM = ("2d-encoder", "ln-consumers", "qkv-form")
 # Why no pre-norm block fuses (fusion_gates.json, ln-qkv sources, "pre_norm").
-PRE_NORM_REASON = ("pre-norm block: its residual Add reads the LayerNorm's input, not its output, and the pass fuses "
-                   "only a LayerNorm whose output the Q, K, V MatMuls and the residual Add read (the post-norm "
-                   "block); no pre-norm block fuses, whatever its form or shape")
+PRE_NORM_REASON = ("pre-norm block: its residual Add reads the LayerNorm's input, not its output, so the LayerNorm "
+                   "output lacks the fourth consumer the pass requires beside Q, K and V (the residual Add it "
+                   "relinks to the kernel's norm output: the pass is written for the post-norm block), and bertopt "
+                   "writes no stand-in for it (msit's dead Add(x, 0))")
 ATTENTION_SCORE_FORM = ("qkv-form", "scale-mul", "mask-shape", "context-reshape")
 
 
