@@ -228,6 +228,35 @@ def test_xlm_query_divided_alone(user_export, variant, concats):
     assert_parity(path, after)
 
 
+@pytest.mark.parametrize("variant", ["legacy14", "legacy17"])
+def test_ibert_layernorm_axis_counted_from_the_start(user_export, variant):
+    """I-BERT (quant_mode off) spells its LayerNorm out as ReduceMean over axis 2 of [batch, seq, hidden]: on the
+    2-D encoder that axis does not exist, so it must name the feature axis as -1. (The dynamo exporter drops
+    its eps Add, so no LayerNorm is recognised there and the 2-D encoder is left alone, with the reason.)"""
+    path = user_export("ibert", variant)
+    before = frozen(path, "freeze-shapes,fold-attention-mask")
+    means = [n for n in before.graph.nodes if n.op == "ReduceMean"]
+    assert means and all(n.inputs[0].shape[:2] == [TINY_BATCH, TINY_SEQ] for n in means)
+    after = run_pass(before)  # verify_each: an axis past the rank fails ONNX's checker here
+    counts = after.record(PASS).counts
+    assert counts["axes_from_end"] == len(means)
+    assert all(n.attrs["axes"] == [-1] for n in after.graph.nodes if n.op == "ReduceMean")
+    assert counts["blocks_rewritten"] == 2 and counts["reshapes_2d"] > 0
+    report = check_ascend(after.graph)
+    assert report.blocks_conforming, report.render()
+    assert_parity(path, after)
+
+
+def test_a_node_reducing_over_the_tokens_stops_the_2d_encoder(user_export):
+    before = frozen(user_export("ibert"), "freeze-shapes,fold-attention-mask")
+    mean = next(n for n in before.graph.nodes if n.op == "ReduceMean" and n.name.startswith("/model/ibert/encoder"))
+    mean.attrs["axes"] = [1]
+    record = run_pass(before).record(PASS)
+    assert f"the 2-D encoder was not applied: ReduceMean '{mean.name}' works on axes [1] of the [batch, seq, n] " \
+           "tokens, which the 2-D encoder would merge" in record.notes
+    assert record.counts["reshapes_2d"] == 0
+
+
 def test_a_token_operand_the_2d_encoder_cannot_flatten_is_named(user_export):
     """A [1, seq, 1] operand broadcast against the tokens [batch, seq, n] has no 2-D spelling here."""
     before = frozen(user_export("xlm"), "freeze-shapes,fold-attention-mask")

@@ -186,6 +186,15 @@ def _content_roles(graph: gs.Graph) -> dict[str, str]:
     return roles
 
 
+def content_shape(graph: gs.Graph) -> tuple[str, int | None]:
+    """What the model's content input is, read from the graph alone: ("text", None), ("image", its side) or
+    ("audio", its frames), the size None where it is not static (a run names its output folder by it)."""
+    roles = _content_roles(graph)
+    image, frames = content_dims(graph, roles)
+    modality = next((MODALITIES[role] for role in roles.values()), "text")
+    return modality, image[0] if image else frames
+
+
 def _reads_as_data(node: gs.Node, tensor: gs.Tensor, depth: int = 3) -> bool:
     if node.op == "Conv":
         return node.inputs[0] is tensor
