@@ -16,7 +16,7 @@ from bertopt.ascend.form import scale_named_for_atc
 from bertopt.errors import BertoptError
 from bertopt.graph import load_graph, producer, save_graph, to_model, unique_name
 from bertopt.graph.golden import graph_text
-from bertopt.model.forms import layernorm_pattern
+from bertopt.model.forms import layernorm_pattern, mask_misfit
 from bertopt.pipeline import Instruments, PassManager, PassOptions
 from bertopt.testing import SpecResult, assert_graph_matches, assert_parity, run_spec
 
@@ -407,3 +407,30 @@ def test_residual_reading_something_else_is_named(tiny_export, tmp_path):
     failing = {c.name for c in check_ascend(after.graph).blocks[0].checks if c.ok is False}
     assert failing == {"ln-consumers"}
     assert_parity(edited, after)
+
+
+def test_swin_window_attention_is_left_alone_with_its_reason(tmp_path):
+    """Swin attends within windows: scores [batch * windows, heads, window, window] plus a relative position
+    bias [1, heads, window, window], zero-initialised in random weights, so it has a mask's values. Neither
+    the mask fold nor the rewrite may put a [batch, 1, seq, seq] mask on those scores (both left invalid
+    graphs)."""
+    from bertopt.flow.export import export_onnx, random_source
+
+    source = random_source("swin", dict(image_size=32, patch_size=4, window_size=4, embed_dim=16, depths=[2, 2],
+                                        num_heads=[2, 2], num_labels=3))
+    path = export_onnx(source, tmp_path / "swin.onnx", head="image-cls", cache_dir=tmp_path / "cache").path
+    result = run_spec(path, "default", batch=TINY_BATCH, seq=TINY_SEQ)
+    fold, rewrite = result.record("fold-attention-mask"), result.record(PASS)
+    assert rewrite.counts["blocks_rewritten"] == 0, rewrite.counts
+    assert "its scores are [8, 2, 16, 16], not [batch, heads, seq, seq] = [2, heads, 16, 16] (windowed " \
+           "attention?)" in "\n".join(fold.notes)
+    assert "left unchanged: its scores are [8, 2, 16, 16], not [batch, heads, seq, seq]" in "\n".join(rewrite.notes)
+    assert_parity(path, result)
+
+
+def test_a_per_head_bias_is_not_the_mask_atc_expands():
+    """Point 5 expands the mask to [batch, 1, seq, seq]: a [1, heads, seq, seq] operand cannot be."""
+    assert "not a mask: it does not broadcast to [batch, 1, seq, seq] = [2, 1, 16, 16]" in \
+        mask_misfit([1, 2, 16, 16], [2, 2, 16, 16], 2, 16)
+    assert mask_misfit([2, 1, 1, 16], [2, 2, 16, 16], 2, 16) is None
+    assert mask_misfit([1, 2, 16, 16], ["batch", 2, 16, 16], None, None) is None

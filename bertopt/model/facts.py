@@ -428,7 +428,11 @@ class _ScoreRemoval:
         """Which positions are removed, broadcast to [.., seq, seq] and reduced over batch and heads."""
         value = SubgraphEvaluator(graph, [self.tensor], batch, seq).run(feeds)[self.tensor.name]
         removed = value <= MASKED_AT_MOST if self.removes_when is None else value == self.removes_when
-        removed = np.broadcast_to(removed, np.broadcast_shapes(removed.shape, (1, 1, seq, seq)))
+        try:
+            removed = np.broadcast_to(removed, np.broadcast_shapes(removed.shape, (1, 1, seq, seq)))
+        except ValueError:  # a constant of another length than the probe's (a per-head bias), not a mask
+            raise BertoptError(f"'{self.tensor.name}' is {list(value.shape)}: "
+                               f"no mask of [{seq}, {seq}] scores") from None
         return removed.reshape(-1, seq, seq).any(axis=0)
 
 
