@@ -476,8 +476,8 @@ def architecture_obstacle(graph: gs.Graph, softmaxes: list[gs.Node], roles: dict
     front_end = _front_end(graph, roles or {})
     ops = {node.op for node in graph.nodes if id(node) not in front_end}
     if ops & {"AveragePool", "MaxPool"}:
-        return ("pooling between layers (Funnel Transformer): the sequence is pooled from block to block, "
-                "so attention layers differ in length")
+        return ("pooling between layers (Funnel Transformer, CANINE's downsampling): the sequence is pooled "
+                "from block to block, so attention layers differ in length")
     if "Conv" in ops:
         # SqueezeBERT's heads are views of a Conv output; ConvBERT's self-attention heads are MatMul + Add
         if all(_computed_by(m.inputs[0], "Conv", depth=3) for s in softmaxes for m in _scores_matmuls(s)):
