@@ -27,6 +27,8 @@ err = Console(stderr=True, highlight=False)
 DTYPE_HELP = "fp32 | fp16 (exports model.half(); ATC compiles fp32 models to fp16 itself)"
 MASK_HELP = "how the exported model takes its attention mask: int (1/0, tokenizers') | float | additive | none"
 CANN_HELP = "CANN version whose ATC is the target, e.g. 6.0 or 8.0.RC2 (default: the installed toolkit's, else 6.0)"
+IMAGE_SIZE_HELP = "image models: square image size (default: the model's static size)"
+FRAMES_HELP = "audio models: input frames (default: the model's static count)"
 PASSES_FROM_HELP = "a Python file or importable module whose passes to register first (repeatable)"
 
 
@@ -55,11 +57,10 @@ def run(
     passes_from: list[str] = _passes_from_option(),
     batch: int = typer.Option(1, "--batch", help="static batch size"),
     seq: int = typer.Option(384, "--seq", help="static sequence length"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="image models: square image size "
-                                             "(default: the model's static size)"),
-    frames: Optional[int] = typer.Option(None, "--frames", help="audio models: input frames (default: the "
-                                         "model's static count)"),
-    output: Optional[Path] = typer.Option(None, "--output", help="folder (default bertopt-out/<model>-bs<B>-seq<S>)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help=IMAGE_SIZE_HELP),
+    frames: Optional[int] = typer.Option(None, "--frames", help=FRAMES_HELP),
+    output: Optional[Path] = typer.Option(None, "--output", help="folder (default bertopt-out/<model>-bs<B>-seq<S>; "
+                                          "image models -<N>px, audio models -<N>frames)"),
     target: str = typer.Option("ascend", "--target", help="ascend | ort"),
     force: bool = typer.Option(False, "--force", help="overwrite results already in the output folder"),
     exporter: str = typer.Option("legacy", "--exporter", help="legacy | dynamo (presets and HF folders)"),
@@ -215,10 +216,8 @@ def optimize(
     passes_from: list[str] = _passes_from_option(),
     batch: int = typer.Option(1, "--batch", help="static batch size"),
     seq: int = typer.Option(384, "--seq", help="static sequence length"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="image models: square image size "
-                                             "(default: the model's static size)"),
-    frames: Optional[int] = typer.Option(None, "--frames", help="audio models: input frames (default: the "
-                                         "model's static count)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help=IMAGE_SIZE_HELP),
+    frames: Optional[int] = typer.Option(None, "--frames", help=FRAMES_HELP),
     target: str = typer.Option("ascend", "--target", help="ascend | ort"),
     cann: Optional[str] = typer.Option(None, "--cann", help=CANN_HELP),
     force: bool = typer.Option(False, "--force", help="overwrite --output if it exists"),
@@ -300,6 +299,8 @@ def sweep(
     sizes: str = typer.Option("base,large", "--sizes", help="comma list: base | large | any preset | HF folder"),
     seq: str = typer.Option("64,128,256,320,384,512", "--seq", help="comma list of sequence lengths"),
     batch: str = typer.Option("1,4,8,16,32,64", "--batch", help="comma list of batch sizes"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help=IMAGE_SIZE_HELP),
+    frames: Optional[int] = typer.Option(None, "--frames", help=FRAMES_HELP),
     output: Path = typer.Option(Path("bertopt-sweep"), "--output", help="the sweep folder (resumed if it holds one)"),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="most shapes at once (default: CPU count)"),
     memory_budget: Optional[float] = typer.Option(None, "--memory-budget",
@@ -326,7 +327,8 @@ def sweep(
     config = SweepConfig(sizes=tuple(_names("--sizes", sizes)), seqs=tuple(_ints("--seq", seq)),
                          batches=tuple(_ints("--batch", batch)), output=output, jobs=jobs,
                          memory_budget_gib=memory_budget, passes=passes, passes_from=tuple(passes_from),
-                         samples=samples, soc=soc, cann=cann, threads=cpus_per_shape)
+                         samples=samples, soc=soc, cann=cann, threads=cpus_per_shape, image_size=image_size,
+                         frames=frames)
     result = run_sweep(config, _progress_line) if ray is None else _sweep_on_ray(config, ray)
     out.print(render_table(result.rows), markup=False)
     out.print(f"summary: {output / 'summary.md'}, {output / 'summary.json'}")

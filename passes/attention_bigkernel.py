@@ -25,7 +25,9 @@ hidden/heads/head_dim from ModelFacts. The reference rewriters it follows: msit 
    LayerNorm above it through that MatMul + Add is the first one; without one, the Reshape goes on
    the block input itself. An operand from outside the encoder that a token-wise node broadcasts
    against [batch, seq, n] (XLM multiplies every LayerNorm output by its padding mask [batch, seq, 1])
-   is flattened to [batch*seq, n] with it; one of another shape stops the 2-D encoder, named;
+   is flattened to [batch*seq, n] with it; one of another shape stops the 2-D encoder, named. A node that
+   names the feature axis from the start (I-BERT's LayerNorm: ReduceMean over axis 2) names it from the
+   end (-1) instead, since the 2-D tensor has no axis 2; a node reducing over batch or seq stops it, named;
 2. so the LayerNorm output feeding Q, K, V has four readers (three MatMuls, the residual Add). msit
    (`update_mask_add_node`) gives an input with fewer than four a dummy `Add(x, 0)` that nothing reads.
    That happens when the residual Add reads something else: msit's own case is GPT-2 (pre-LN, the
@@ -85,7 +87,7 @@ from bertopt.pipeline import PassOptions, PassResult, register_pass
 
 COUNTS = ("blocks_rewritten", "blocks_total", "k_transposes_split", "k_transposes_unbatched", "scales_rewritten",
           "masks_expanded", "reshapes_2d", "reshapes_removed", "concats_removed", "operands_reordered",
-          "residuals_rewired")
+          "residuals_rewired", "axes_from_end")
 # Copies in a block that change nothing once it is in the standard form, and what removing each counts as.
 COPIES = {"context_noop": "reshapes_removed", "k_cache": "concats_removed", "v_cache": "concats_removed"}
 

@@ -89,6 +89,7 @@ from bertopt.graph import add_node, constant_value, is_static, make_constant, re
 from bertopt.graph.evaluate import SubgraphEvaluator, closure, input_dtype, value_dependents
 from bertopt.graph.pattern import Const, Match, OneOf, Op, Pattern, Var, _
 from bertopt.model.facts import MASKED_AT_MOST, ModelFacts, attention_layer_softmaxes, where_fill
+from bertopt.model.forms import mask_misfit
 from bertopt.pipeline import PassOptions, PassResult, register_pass
 
 # The canonical value plus any realistic score must stay finite in fp16 (max 65504).
@@ -168,6 +169,8 @@ def fold_attention_mask(graph: gs.Graph, facts: ModelFacts, options: PassOptions
         return PassResult.no_change(f"all {len(sites)} attention layers already share the canonical "
                                     f"mask {canonical.describe()}")
     sites, rejected = _foldable(sites, canonical, facts)
+    sites, misfits = _on_token_scores(sites, facts)
+    rejected += misfits
     problems = _probe_masks(graph, facts, canonical, sites) if sites else {}
     accepted = [site for site in sites if site.source is None or problems[site.source.name] is None]
     rejected += [f"left mask '{name}' alone: {problem}" for name, problem in problems.items() if problem]
@@ -196,6 +199,13 @@ def _foldable(sites: list[Site], canonical: Canonical, facts: ModelFacts) -> tup
     notes = [f"left the attn_mask of {len(attention)} Attention op(s) alone: it must be expanded to "
              "[batch, 1, seq, seq], which needs static shapes (run freeze-shapes first)"] if attention else []
     return [site for site in sites if site.kind != "attention"], notes
+
+
+def _on_token_scores(sites: list[Site], facts: ModelFacts) -> tuple[list[Site], list[str]]:
+    """The sites whose scores the canonical mask fits (`mask_misfit`), and a note for each other one."""
+    misfits = {id(site): mask_misfit(None, site.scores.shape, facts.batch, facts.seq) for site in sites}
+    notes = [f"left the scores of {site.node.name} alone: {misfits[id(site)]}" for site in sites if misfits[id(site)]]
+    return [site for site in sites if not misfits[id(site)]], notes
 
 
 def _mask_only_tensors(graph: gs.Graph, mask_input: gs.Tensor | None) -> set[int]:

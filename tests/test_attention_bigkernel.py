@@ -16,7 +16,7 @@ from bertopt.ascend.form import scale_named_for_atc
 from bertopt.errors import BertoptError
 from bertopt.graph import load_graph, producer, save_graph, to_model, unique_name
 from bertopt.graph.golden import graph_text
-from bertopt.model.forms import layernorm_pattern
+from bertopt.model.forms import layernorm_pattern, mask_misfit
 from bertopt.pipeline import Instruments, PassManager, PassOptions
 from bertopt.testing import SpecResult, assert_graph_matches, assert_parity, run_spec
 
@@ -228,6 +228,35 @@ def test_xlm_query_divided_alone(user_export, variant, concats):
     assert_parity(path, after)
 
 
+@pytest.mark.parametrize("variant", ["legacy14", "legacy17"])
+def test_ibert_layernorm_axis_counted_from_the_start(user_export, variant):
+    """I-BERT (quant_mode off) spells its LayerNorm out as ReduceMean over axis 2 of [batch, seq, hidden]: on the
+    2-D encoder that axis does not exist, so it must name the feature axis as -1. (The dynamo exporter drops
+    its eps Add, so no LayerNorm is recognised there and the 2-D encoder is left alone, with the reason.)"""
+    path = user_export("ibert", variant)
+    before = frozen(path, "freeze-shapes,fold-attention-mask")
+    means = [n for n in before.graph.nodes if n.op == "ReduceMean"]
+    assert means and all(n.inputs[0].shape[:2] == [TINY_BATCH, TINY_SEQ] for n in means)
+    after = run_pass(before)  # verify_each: an axis past the rank fails ONNX's checker here
+    counts = after.record(PASS).counts
+    assert counts["axes_from_end"] == len(means)
+    assert all(n.attrs["axes"] == [-1] for n in after.graph.nodes if n.op == "ReduceMean")
+    assert counts["blocks_rewritten"] == 2 and counts["reshapes_2d"] > 0
+    report = check_ascend(after.graph)
+    assert report.blocks_conforming, report.render()
+    assert_parity(path, after)
+
+
+def test_a_node_reducing_over_the_tokens_stops_the_2d_encoder(user_export):
+    before = frozen(user_export("ibert"), "freeze-shapes,fold-attention-mask")
+    mean = next(n for n in before.graph.nodes if n.op == "ReduceMean" and n.name.startswith("/model/ibert/encoder"))
+    mean.attrs["axes"] = [1]
+    record = run_pass(before).record(PASS)
+    assert f"the 2-D encoder was not applied: ReduceMean '{mean.name}' works on axes [1] of the [batch, seq, n] " \
+           "tokens, which the 2-D encoder would merge" in record.notes
+    assert record.counts["reshapes_2d"] == 0
+
+
 def test_a_token_operand_the_2d_encoder_cannot_flatten_is_named(user_export):
     """A [1, seq, 1] operand broadcast against the tokens [batch, seq, n] has no 2-D spelling here."""
     before = frozen(user_export("xlm"), "freeze-shapes,fold-attention-mask")
@@ -378,3 +407,30 @@ def test_residual_reading_something_else_is_named(tiny_export, tmp_path):
     failing = {c.name for c in check_ascend(after.graph).blocks[0].checks if c.ok is False}
     assert failing == {"ln-consumers"}
     assert_parity(edited, after)
+
+
+def test_swin_window_attention_is_left_alone_with_its_reason(tmp_path):
+    """Swin attends within windows: scores [batch * windows, heads, window, window] plus a relative position
+    bias [1, heads, window, window], zero-initialised in random weights, so it has a mask's values. Neither
+    the mask fold nor the rewrite may put a [batch, 1, seq, seq] mask on those scores (both left invalid
+    graphs)."""
+    from bertopt.flow.export import export_onnx, random_source
+
+    source = random_source("swin", dict(image_size=32, patch_size=4, window_size=4, embed_dim=16, depths=[2, 2],
+                                        num_heads=[2, 2], num_labels=3))
+    path = export_onnx(source, tmp_path / "swin.onnx", head="image-cls", cache_dir=tmp_path / "cache").path
+    result = run_spec(path, "default", batch=TINY_BATCH, seq=TINY_SEQ)
+    fold, rewrite = result.record("fold-attention-mask"), result.record(PASS)
+    assert rewrite.counts["blocks_rewritten"] == 0, rewrite.counts
+    assert "its scores are [8, 2, 16, 16], not [batch, heads, seq, seq] = [2, heads, 16, 16] (windowed " \
+           "attention?)" in "\n".join(fold.notes)
+    assert "left unchanged: its scores are [8, 2, 16, 16], not [batch, heads, seq, seq]" in "\n".join(rewrite.notes)
+    assert_parity(path, result)
+
+
+def test_a_per_head_bias_is_not_the_mask_atc_expands():
+    """Point 5 expands the mask to [batch, 1, seq, seq]: a [1, heads, seq, seq] operand cannot be."""
+    assert "not a mask: it does not broadcast to [batch, 1, seq, seq] = [2, 1, 16, 16]" in \
+        mask_misfit([1, 2, 16, 16], [2, 2, 16, 16], 2, 16)
+    assert mask_misfit([2, 1, 1, 16], [2, 2, 16, 16], 2, 16) is None
+    assert mask_misfit([1, 2, 16, 16], ["batch", 2, 16, 16], None, None) is None

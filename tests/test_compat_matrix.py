@@ -78,3 +78,11 @@ def test_tiny_configs_shrink_through_each_family_s_own_names():
     assert (xlm["emb_dim"], xlm["n_layers"], xlm["vocab_size"]) == (32, 2, 1000)
     canine = compat_matrix.tiny_config("canine")  # no vocabulary: its code-point ids stay as they are
     assert "bos_token_id" not in canine and canine["hidden_size"] == 32
+
+
+def test_image_and_audio_classifiers_are_discovered_from_the_mappings():
+    families = {f.name: f for f in compat_matrix.discover_families(["vit", "wav2vec2", "siglip_vision_model", "bert"])}
+    assert (families["vit"].heads, families["vit"].excluded) == (["image-cls"], None)
+    assert (families["wav2vec2"].heads, families["wav2vec2"].excluded) == (["audio-cls"], None)
+    assert families["siglip_vision_model"].excluded.startswith("image base model only (main input pixel_values)")
+    assert families["bert"].heads == ["qa", "cls"] and families["bert"].excluded is None

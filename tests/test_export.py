@@ -126,3 +126,73 @@ def test_random_source_builds_any_model_type(tmp_path):
     assert random_source("gpt2", dict(FAMILIES["gpt2"], n_layer=1)).fingerprint != source.fingerprint
     model = source.build("eager", "cls")
     assert type(model).__name__ == "GPT2ForSequenceClassification" and model.config.n_embd == 32
+
+
+def test_canine_exports_with_unicode_code_points(tmp_path):
+    """CANINE has no vocabulary: it reads code points, hashed into its tables; the trace takes ids among them."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from bertopt.flow.export import ExportWrapper
+
+    source = random_source("canine", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=64, max_position_embeddings=128, num_hash_buckets=64))
+    path = export_onnx(source, tmp_path / "canine.onnx", head="cls", cache_dir=tmp_path / "cache").path
+    ids = torch.tensor([[0xE000, ord("h"), ord("中"), 0x1F600, 0xE001, 0, 0, 0]] * 2)  # beyond the 64 buckets
+    mask = (ids != 0).to(torch.int64)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": np.zeros_like(ids.numpy())}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
+    with torch.no_grad():
+        expected = ExportWrapper(source.build("eager", "cls"), "cls")(*map(torch.from_numpy, feeds.values()))[0]
+    np.testing.assert_allclose(session.run(None, feeds)[0], expected.numpy(), atol=1e-5)
+
+
+def test_a_config_without_a_vocabulary_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from bertopt.flow.export import token_id_count
+
+    with pytest.raises(BertoptError, match="no vocabulary size"):
+        token_id_count(SimpleNamespace(model_type="made-up", vocab_size=None))
+    assert token_id_count(SimpleNamespace(model_type="bert", vocab_size=1000)) == 1000
+
+
+@pytest.mark.parametrize("family, head, config, shape", [
+    ("dinov2", "image-cls", dict(image_size=32, patch_size=8), [2, 3, 32, 32]),
+    ("audio-spectrogram-transformer", "audio-cls", dict(max_length=64, num_mel_bins=16), [2, 64, 16]),
+])
+def test_any_image_or_audio_classifier_exports_its_content_input(tmp_path, family, head, config, shape):
+    """Families outside bertopt's presets, with the image-cls / audio-cls heads: content in (batch dynamic, its
+    size static), logits out, as the torch model computes them."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from bertopt.flow.export import ExportWrapper
+
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3)
+    source = random_source(family, dict(tiny, **config))
+    path = export_onnx(source, tmp_path / f"{family}.onnx", head=head, cache_dir=tmp_path / "cache").path
+    model = onnx.load(str(path))
+    (content,) = model.graph.input
+    dims = [d.dim_param or d.dim_value for d in content.type.tensor_type.shape.dim]
+    assert dims == ["batch", *shape[1:]] and [o.name for o in model.graph.output] == ["logits"]
+    feed = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {content.name: feed})[0]
+    with torch.no_grad():
+        expected = ExportWrapper(source.build("eager", head), head)(torch.from_numpy(feed))[0].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_an_audio_input_of_unknown_layout_is_refused_in_one_line():
+    """Wav2Vec2-BERT's input_features are [batch, frames, 160], not Whisper's [batch, mel bins, frames]."""
+    import torch
+    from transformers import Wav2Vec2BertConfig
+
+    from bertopt.flow.export import content_trace_input
+
+    with pytest.raises(BertoptError, match="does not know the layout of its input_features") as caught:
+        content_trace_input(Wav2Vec2BertConfig(), "input_features", torch.float32)
+    assert "\n" not in str(caught.value)

@@ -204,7 +204,7 @@ def test_encoders_are_bidirectional(tiny_export):
 
 OBSTACLES = {
     "deberta-v2": "disentangled attention (DeBERTa)",
-    "funnel": "pooling between layers (Funnel Transformer)",
+    "funnel": "pooling between layers (Funnel Transformer",
     "convbert": "span-based dynamic convolution heads (ConvBERT)",
     "squeezebert": "grouped Conv1d projections (SqueezeBERT)",
     "modernbert": "rotary position embeddings",

@@ -132,6 +132,29 @@ def test_every_block_has_a_verdict_per_fusion_with_reasons(optimized, preset):
     assert any("heads = 2 is not 12 or 16" in reason for reason in score.reasons)
 
 
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "vit-tiny", "whisper-tiny-encoder"])
+def test_pre_norm_blocks_say_why_ln_qkv_never_fuses(optimized, preset):
+    """ZAttentionLnQKVONNXFusionPass takes only the post-norm block (fusion_gates.json, ln-qkv "pre_norm"): a
+    pre-norm block's verdict says so first. Its LayerNorm itself is judged where it is, GPT-2's above the
+    Reshape its Conv1D flattens the tokens with (not "expected Add, found Reshape")."""
+    from bertopt.ascend.gates import PRE_NORM_REASON, fusion_gates
+
+    prediction = check_ascend(optimized(preset).graph, cann=cann_target("6.0"), soc="Ascend310P3").fusion
+    for block in prediction.blocks:
+        assert block.verdict("layer-norm").fuses, block.verdict("layer-norm").reasons
+        ln_qkv = block.verdict("ln-qkv")
+        assert ln_qkv.verdict == "form" and ln_qkv.reasons[0] == PRE_NORM_REASON
+    assert "ProcessLayerNorm" in fusion_gates(cann_target("6.0")).passes["ln-qkv"]["sources"]["pre_norm"]
+
+
+def test_post_norm_blocks_carry_no_pre_norm_reason(tiny_export):
+    from bertopt.ascend.gates import PRE_NORM_REASON
+
+    result = run_spec(tiny_export("legacy14"), "default", batch=BATCH, seq=SEQ)
+    prediction = check_ascend(result.graph, cann=cann_target("6.0"), soc="Ascend310P3").fusion
+    assert all(PRE_NORM_REASON not in block.verdict("ln-qkv").reasons for block in prediction.blocks)
+
+
 def test_images_are_in_the_processors_range(family_export):
     for preset, family in (("vit-tiny", "vit"), ("clip-vit-tiny", "clip-vision")):
         facts = detect_facts(load_graph(family_export(preset)))
@@ -157,6 +180,27 @@ def test_log_mel_features_look_like_whispers(family_export):
 def test_a_fixed_image_size_cannot_be_changed(family_export):
     with pytest.raises(BertoptError, match="--image-size 48: input pixel_values is static"):
         run_spec(family_export("vit-tiny"), "freeze-shapes", batch=1, seq=SEQ, image_size=48)
+
+
+def test_output_folders_are_named_by_the_modality_s_shape(family_export, tmp_path):
+    """`run`'s default folder: seq<S> for text, <side>px for images, <N>frames for audio (seq means nothing to
+    them): from a preset's config, an HF folder's config.json, an ONNX file's inputs, or the size asked for."""
+    from transformers import CLIPConfig
+
+    from bertopt.flow.run import RunConfig
+
+    def folder(model: str, **sizes) -> str:
+        return RunConfig(model=model, batch=2, seq=SEQ, **sizes).output_dir().name
+
+    assert folder("vit-tiny") == "vit-tiny-bs2-32px" and folder("vit-tiny", image_size=64) == "vit-tiny-bs2-64px"
+    assert folder("whisper-tiny-encoder") == "whisper-tiny-encoder-bs2-64frames"
+    assert folder("whisper-tiny-encoder", frames=128) == "whisper-tiny-encoder-bs2-128frames"
+    assert folder("clip-vit-tiny-text") == f"clip-vit-tiny-text-bs2-seq{SEQ}"
+    assert folder("bert-tiny") == f"bert-tiny-bs2-seq{SEQ}"
+    assert folder(str(family_export("deit-tiny"))) == "deit-tiny-bs2-32px"
+    assert folder(str(family_export("whisper-tiny-encoder"))) == "whisper-tiny-encoder-bs2-64frames"
+    CLIPConfig(vision_config=dict(image_size=48, patch_size=8)).save_pretrained(tmp_path / "clip")
+    assert folder(str(tmp_path / "clip")) == "clip-bs2-48px"
 
 
 def test_a_cache_input_is_refused_in_one_line():

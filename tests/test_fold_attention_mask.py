@@ -41,13 +41,15 @@ HEAD_DIM = HIDDEN // HEADS
 
 
 def chain420_model(fill: float = -10000.0, *, commuted: bool = False, bias: float | None = None,
-                   with_mask: bool = True, where: str | None = None) -> onnx.ModelProto:
+                   with_mask: bool = True, where: str | None = None,
+                   head_bias: int | None = None) -> onnx.ModelProto:
     """A two-layer BERT encoder whose extended mask is the transformers <= 4.20 chain.
 
     `commuted` swaps the operands of the mask Mul and of the scores Add; `bias` adds a constant to
     the mask (then it is no longer a pure mask); `with_mask=False` drops the mask and its input;
     `where` masks with masked_fill instead: "removed" is Where(mask == 0, fill, scores) as XLM writes
-    it, "kept" is Where(bool(mask), scores, fill).
+    it, "kept" is Where(bool(mask), scores, fill). `head_bias` (with `with_mask=False`) adds a zero
+    constant [1, heads, head_bias, head_bias] to the scores, as a zero-initialised relative position bias.
     """
     rng = np.random.default_rng(42)
     inits: list[onnx.TensorProto] = []
@@ -99,6 +101,9 @@ def chain420_model(fill: float = -10000.0, *, commuted: bool = False, bias: floa
             scores = node("Where", [mask, scores, const(f"fill{layer}", np.float32(fill))], f"masked{layer}")
         elif mask is not None:
             scores = node("Add", [mask, scores] if commuted else [scores, mask], f"masked{layer}")
+        elif head_bias:
+            zeros = const(f"head_bias{layer}", np.zeros((1, HEADS, head_bias, head_bias), np.float32))
+            scores = node("Add", [scores, zeros], f"biased{layer}")
         probs = node("Softmax", [scores], f"probs{layer}", axis=-1)
         context = node("MatMul", [probs, v], f"context{layer}")
         context = node("Transpose", [context], f"context{layer}_t", perm=[0, 2, 1, 3])
@@ -332,6 +337,16 @@ def test_an_additive_bias_is_not_mistaken_for_a_mask():
     record = result.record(FOLD)
     assert not record.changed
     assert "left mask" in record.notes[0] and "0.5 at a position the mask keeps" in record.notes[0]
+
+
+def test_a_fixed_length_bias_on_dynamic_scores_is_read_as_no_mask():
+    """The facts probe the scores at a seq of their own; a constant of another length broadcast no more (numpy
+    raised, a traceback). Frozen at its length, the zero bias may become the zero mask: the same numbers."""
+    model = chain420_model(with_mask=False, head_bias=TINY_SEQ)
+    assert detect_facts(load_graph(model)).attention == "bidirectional"
+    result = run_spec(model, f"freeze-shapes,{FOLD}", batch=TINY_BATCH, seq=TINY_SEQ)
+    assert result.record(FOLD).changed
+    assert_parity(model, result)
 
 
 def test_a_mask_of_the_wrong_sign_is_not_folded():

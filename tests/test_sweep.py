@@ -140,6 +140,21 @@ def test_sweep_command_resumes_and_refuses_bad_lists(tmp_path):
                           "expected comma-separated integers")
 
 
+def test_sweep_passes_image_size_and_frames_to_freeze_shapes(tmp_path):
+    """As `run` does: each shape freezes image and audio inputs at --image-size / --frames (tiny ViT's and
+    Whisper's position embeddings fix 32 px and 64 frames, so other sizes are refused, naming the value)."""
+    from test_cli import bertopt
+
+    done = bertopt("sweep", "--sizes", "vit-tiny,whisper-tiny-encoder", "--seq", "16", "--batch", "1", "--jobs", "1",
+                   "--image-size", "48", "--frames", "100", "--output", str(tmp_path / "s"))
+    assert done.returncode == 1, done.stderr
+    rows = {row["size"]: row for row in json.loads((tmp_path / "s" / "summary.json").read_text())["rows"]}
+    assert "--image-size 48" in rows["vit-tiny"]["error"]
+    assert "--frames 100" in rows["whisper-tiny-encoder"]["error"]
+    asked = json.loads((tmp_path / "s" / "sweep.json").read_text())["last_request"]
+    assert (asked["image_size"], asked["frames"]) == (48, 100)
+
+
 # --------------------------------------------------------------------------- killed, interrupted
 
 # Two shapes, one at a time: when the second starts, the first is done and the second has seconds to go.

@@ -25,6 +25,7 @@ _XLM = dict(emb_dim=32, n_layers=2, n_heads=2, vocab_size=1000, max_position_emb
 FAMILIES = {
     "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=1000, bos_token_id=2, eos_token_id=3),
     "xlm": _XLM,
+    "ibert": _TINY,  # quant_mode off (its default): float LayerNorm and Softmax spelt out, reduced over axis 2
     "flaubert": _XLM,
     "deberta-v2": dict(_TINY, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16,
                        max_relative_positions=-1, position_biased_input=False, norm_rel_ebd="layer_norm",

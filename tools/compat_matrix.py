@@ -4,10 +4,14 @@
     .venv/bin/python tools/compat_matrix.py --families bert,xlm --exporters legacy14 --output /tmp/m.md
 
 Families are DISCOVERED from transformers' auto mappings (every model type with a question-answering,
-sequence-classification or base-model class), not listed by hand. A family is excluded, with a row saying
-why, when its config or classes say it is not a text encoder: an encoder-decoder (`is_encoder_decoder`), a
-composite model (a sub-config set, e.g. text_config + vision_config), a model whose main input is not
-`input_ids` (vision, audio, time series) or whose forward takes no `input_ids`, a decoder-only model (a
+sequence-classification, image-classification, audio-classification or base-model class), not listed by
+hand. Image and audio classifiers (the `image-cls` and `audio-cls` heads: pixel values, log-mel features or
+a waveform in, logits out; families bertopt exports as deployed, e.g. Whisper's encoder, stay so) are run
+whatever their config says, since the class alone is exported; an image or audio model with only a base
+class is excluded. A text family is excluded, with a row saying why, when its config or classes say it is
+not a text encoder: an encoder-decoder (`is_encoder_decoder`), a composite model (a sub-config set, e.g.
+text_config + vision_config), a model whose main input is not `input_ids` (time series) or whose forward
+takes no `input_ids`, a decoder-only model (a
 causal-LM class and no masked-LM class in the mappings, or, found once the model is built, a self-attention
 module with `is_causal` set), or one with only a base-model class (bertopt exports a QA or classification
 head). Every other family is exported at tiny size with each exporter of `--exporters` and run through
@@ -62,6 +66,7 @@ DEFAULT_WORK = REPO / ".cache" / "compat-matrix"
 EXPORTER_SPECS = {"legacy14": ("legacy", 14), "legacy17": ("legacy", 17), "dynamo18": ("dynamo", 18)}
 DEFAULT_EXPORTERS = "legacy14,legacy17,dynamo18"
 BATCH, SEQ = 2, 16
+CONTENT_HEADS = ("image-cls", "audio-cls")  # run whatever the config says: the classifier alone is exported
 TINY = {"hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2, "intermediate_size": 64,
         "vocab_size": 1000, "max_position_embeddings": 128}
 TINY_HEAD_DIM = TINY["hidden_size"] // TINY["num_attention_heads"]
@@ -72,14 +77,14 @@ STATUSES = {  # status -> what it means in the summary, in the order the summary
     "refused": "exit 2: refused with one line",
     "crashed": "a traceback, a timeout or a killed process (a bertopt bug)",
     "not-exported": "the export itself failed in torch or transformers (a failure in bertopt's exporter is crashed)",
-    "excluded": "not a text encoder with a QA or classification head (why: its row)",
+    "excluded": "not a text encoder with a QA or classification head, nor an image or audio classifier (why: its row)",
 }
 
 
 @dataclass
 class Family:
     name: str
-    heads: list[str]  # the heads bertopt can export that the family has, "qa" before "cls"
+    heads: list[str]  # the heads bertopt can export that the family has, in HEAD_MAPPINGS' order
     model_class: str  # the class of its first head (else its base model)
     excluded: str | None = None  # why the family is not run
 
@@ -90,23 +95,31 @@ class Family:
 
 # --------------------------------------------------------------------------- discovery
 
-def discover_families(selected: list[str] | None = None) -> list[Family]:
-    """Every model type with a QA, sequence-classification or base-model class (or those of `selected`
-    among them), each classified. A selected name the mappings do not have is a SystemExit."""
+def head_mappings() -> dict[str, dict]:
+    """bertopt's export heads -> transformers' auto mapping (model type -> class names) of that head."""
     from transformers.models.auto import modeling_auto as auto
 
-    qa, cls = auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES, auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
-    base = auto.MODEL_MAPPING_NAMES
+    return {"qa": auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES, "cls": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+            "image-cls": auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+            "audio-cls": auto.MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES}
+
+
+def discover_families(selected: list[str] | None = None) -> list[Family]:
+    """Every model type with a class of a head bertopt exports (`head_mappings`) or a base-model class (or
+    those of `selected` among them), each classified. A selected name the mappings do not have is a SystemExit."""
+    from transformers.models.auto import modeling_auto as auto
+
+    mappings, base = head_mappings(), auto.MODEL_MAPPING_NAMES
     decoders = set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-    known = sorted(set(qa) | set(cls) | set(base))
+    known = sorted(set(base).union(*mappings.values()))
     unknown = sorted(set(selected or ()) - set(known))
     if unknown:
         raise SystemExit(f"compat_matrix: {', '.join(unknown)}: not in transformers' auto mappings")
     families = []
     for name in selected or known:
-        heads = [head for head, mapping in (("qa", qa), ("cls", cls)) if name in mapping]
-        class_name = _first_name(qa.get(name) or cls.get(name) or base[name])
-        families.append(Family(name, heads, class_name, _exclusion(name, bool(heads), class_name, name in decoders)))
+        heads = [head for head, mapping in mappings.items() if name in mapping]
+        class_name = _first_name(mappings[heads[0]][name] if heads else base[name])
+        families.append(Family(name, heads, class_name, _exclusion(name, heads, class_name, name in decoders)))
     return families
 
 
@@ -114,31 +127,39 @@ def _first_name(names: str | tuple[str, ...]) -> str:
     return names if isinstance(names, str) else names[0]
 
 
-def _exclusion(name: str, has_head: bool, class_name: str, decoder: bool) -> str | None:
-    """Why the family is not a text encoder bertopt can be asked to run, from its config and classes."""
+def _exclusion(name: str, heads: list[str], class_name: str, decoder: bool) -> str | None:
+    """Why the family is neither a text encoder bertopt can be asked to run nor an image or audio classifier,
+    from its config and classes."""
     import transformers
     from transformers import AutoConfig
+
+    from bertopt.flow.export import CONTENT_INPUTS
 
     try:
         config = AutoConfig.for_model(name)
     except Exception as exc:  # a family whose config cannot even be built with its defaults
         return f"its config cannot be built: {one_line(exc)}"
+    model_class = getattr(transformers, class_name, None)
+    if model_class is None:
+        return f"transformers has no class {class_name}"
+    if set(heads) & set(CONTENT_HEADS):
+        return None
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder (config.is_encoder_decoder)"
     sub_configs = [key for key in getattr(config, "sub_configs", {}) if getattr(config, key, None) is not None]
     if sub_configs:
         return f"composite model (sub-configs {', '.join(sub_configs)})"
-    model_class = getattr(transformers, class_name, None)
-    if model_class is None:
-        return f"transformers has no class {class_name}"
     main_input = getattr(model_class, "main_input_name", "input_ids")
+    if main_input in CONTENT_INPUTS:
+        modality = CONTENT_INPUTS[main_input]
+        return f"{modality} base model only (main input {main_input}): no {modality}-classification class to export"
     if main_input != "input_ids":
         return f"not a text model (main input {main_input})"
     if "input_ids" not in inspect.signature(model_class.forward).parameters:
         return f"not a text model ({class_name}.forward takes no input_ids)"
     if decoder:
         return "decoder-only (a causal-LM class and no masked-LM class)"
-    if not has_head:
+    if not heads:
         return "base model only: no question-answering or sequence-classification class to export"
     return None
 
@@ -270,6 +291,7 @@ def runnable_model(family: Family, attention: str) -> Runnable | str:
     three separators in every row, its classifier does not). A string saying why when none runs."""
     import torch
 
+    from bertopt.errors import BertoptError, first_line
     from bertopt.flow.export import ExportWrapper, random_source
 
     failures = []
@@ -285,6 +307,9 @@ def runnable_model(family: Family, attention: str) -> Runnable | str:
                 wrapper = ExportWrapper(model, head)
                 with torch.no_grad():
                     wrapper(*wrapper.trace_inputs())
+            except BertoptError as exc:  # bertopt refused the model in one line (an input layout it does not know)
+                failures.append(first_line(exc))
+                continue
             except Exception as exc:
                 if raised_in_bertopt(exc):
                     raise
@@ -295,7 +320,7 @@ def runnable_model(family: Family, attention: str) -> Runnable | str:
 
 
 def raised_in_bertopt(exc: BaseException) -> bool:
-    """bertopt's code raised it, an attribute lookup it made included (`config.vocab_size` on CANINE): a
+    """bertopt's code raised it, an attribute lookup it made included (a config field the family lacks): a
     bertopt bug, not the family's. Raised deeper, in torch or transformers, it is the family's."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.name not in ("__getattribute__", "__getattr__")]
     return bool(frames) and _is_bertopt(frames[-1])
@@ -471,17 +496,19 @@ def render(rows: list[dict], meta: dict) -> str:
     run_rows = [r for r in rows if r["exporter"] != "-" and r["status"] != "excluded"]
     excluded = sorted((r for r in rows if r["status"] == "excluded"), key=lambda r: r["family"])
     lines = ["<!-- Generated by tools/compat_matrix.py: do not edit by hand; re-run the command below. -->",
-             "# Compatibility: every encoder family transformers ships, through `default`", "",
+             "# Compatibility: every encoder family and image or audio classifier transformers ships, through `default`",
+             "",
              f"Generated {meta['date']} by `{meta['command']}`.  ",
              f"Machine: {meta['machine']}.  ", f"bertopt: git {meta['git']}, sources {meta['code']}.  ",
              f"Target: CANN {meta['cann']} (ATC legality and form), {meta['soc']}; every model is tiny "
              f"(hidden {TINY['hidden_size']}, {TINY['num_attention_heads']} heads, {TINY['num_hidden_layers']} "
-             f"layers, random seeded weights) and run at batch {BATCH}, seq {SEQ}, so ATC's attention kernels are "
+             f"layers, random seeded weights) and run at batch {BATCH}, seq {SEQ} (image and audio models at their "
+             "config's input size), so ATC's attention kernels are "
              "never predicted to fuse: their shape gates want hidden 768 or 1024. The JSON beside this file holds "
              "every row in full (configs, facts, timings).", "",
              *_drift_note(run_rows, meta["code"]),
              "Families are discovered from transformers' auto mappings (question answering, sequence "
-             "classification, base model); see `tools/compat_matrix.py` for how each is made tiny and why some "
+             "classification, image classification, audio classification, base model); see `tools/compat_matrix.py` for how each is made tiny and why some "
              "are excluded.", "", *summary(run_rows, excluded, meta["exporters"]), "",
              "## Families run", "",
              "| family | exporter | head, attention | outcome | passes that changed the graph | parity (fp32) "

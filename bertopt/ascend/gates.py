@@ -5,7 +5,9 @@ For each attention block the five fusions bertopt cares about, in the order ATC 
 - ``layer-norm``: `LayerNormONNXFusionPass` turns the decomposed LayerNorm producing the block's input
   into ATC's LayerNorm (or the model already has ONNX LayerNormalization, where the CANN version's
   parser takes it);
-- ``ln-qkv``: `ZAttentionLnQKVONNXFusionPass`, that LayerNorm with the Q/K/V projections;
+- ``ln-qkv``: `ZAttentionLnQKVONNXFusionPass`, that LayerNorm with the Q/K/V projections, which takes
+  post-norm blocks only: a pre-norm block (GPT-2, ViT, CLIP, Whisper) is a ``form`` verdict saying so
+  (whether a dead stand-in consumer, msit's `Add(x, 0)`, would survive to ATC's fusion is not known);
 - ``mul-add``: `MulAddFusionPass`, the scale Mul and the mask Add into the FusedMulAdd the next needs;
 - ``attention-score``: `ZAttentionScoreFusionPass`, scores, FusedMulAdd, Softmax and context;
 - ``gelu``: `GeluONNXFusionPass`, the block's feed-forward Gelu in its erf spelling.
@@ -48,6 +50,7 @@ from bertopt.ascend.form import BlockNodes, BlockReport, attention_softmaxes, lo
 from bertopt.ascend.layernorm import decomposed_layernorm_pattern
 from bertopt.errors import BertoptError
 from bertopt.graph.pattern import Const, OneOf, Op, Pattern, Var, _
+from bertopt.model.encoder import is_token_flattening
 from bertopt.model.facts import ModelFacts
 from bertopt.model.forms import TANH, erf_gelu_pattern, gelu_kind, quick_gelu_pattern, tanh_gelu_pattern
 
@@ -57,6 +60,11 @@ FUSIONS = ("layer-norm", "ln-qkv", "mul-add", "attention-score", "gelu")
 FLOAT32_EPSILON = float(np.finfo(np.float32).eps)
 # The form conditions each fusion needs (bertopt.ascend.form.CONDITIONS).
 LN_QKV_FORM = ("2d-encoder", "ln-consumers", "qkv-form")
+# Why no pre-norm block fuses (fusion_gates.json, ln-qkv sources, "pre_norm").
+PRE_NORM_REASON = ("pre-norm block: its residual Add reads the LayerNorm's input, not its output, so the LayerNorm "
+                   "output lacks the fourth consumer the pass requires beside Q, K and V (the residual Add it "
+                   "relinks to the kernel's norm output: the pass is written for the post-norm block), and bertopt "
+                   "writes no stand-in for it (msit's dead Add(x, 0))")
 ATTENTION_SCORE_FORM = ("qkv-form", "scale-mul", "mask-shape", "context-reshape")
 
 
@@ -296,7 +304,7 @@ def predict_fusion(graph: gs.Graph, facts: ModelFacts, blocks: list[BlockReport]
         following = softmaxes[index + 1] if index + 1 < len(softmaxes) else None
         predictions.append(BlockPrediction(report.layer, [
             layer_norm,
-            _ln_qkv_verdict(nodes, forms, layer_norm, shape, soc, gates, order),
+            _ln_qkv_verdict(nodes, forms, layer_norm, facts, shape, soc, gates, order),
             mul_add,
             _attention_score_verdict(nodes, forms, mul_add, shape, soc, gates),
             _gelu_verdict(graph, gelus, softmax, following, order, gates),
@@ -328,6 +336,9 @@ def _layer_norm_verdict(graph: gs.Graph, nodes: BlockNodes, target: CannTarget,
     name = gates.pass_name("layer-norm")
     x = nodes.x
     producer = x.inputs[0] if x is not None and x.inputs else None
+    if producer is not None and is_token_flattening(producer) and producer.inputs[0].inputs:
+        # GPT-2's Conv1D flattens the tokens before its projection: the LayerNorm is above that Reshape
+        x, producer = producer.inputs[0], producer.inputs[0].inputs[0]
     if producer is None:
         return FusionVerdict("layer-norm", name, FORM, ["cannot find the block input's LayerNorm"])
     if producer.op == "LayerNormalization":
@@ -348,9 +359,11 @@ def _layer_norm_verdict(graph: gs.Graph, nodes: BlockNodes, target: CannTarget,
 
 # ----------------------------------------------------------------------------- LayerNorm + QKV
 
-def _ln_qkv_verdict(nodes: BlockNodes, forms: dict, layer_norm: FusionVerdict, shape: AttentionShape | None,
-                    soc: str, gates: FusionGates, order: dict[int, int]) -> FusionVerdict:
+def _ln_qkv_verdict(nodes: BlockNodes, forms: dict, layer_norm: FusionVerdict, facts: ModelFacts,
+                    shape: AttentionShape | None, soc: str, gates: FusionGates, order: dict[int, int]) -> FusionVerdict:
     form = [] if layer_norm.fuses else ["the block input is not made by a LayerNorm ATC fuses (see layer-norm)"]
+    if facts.norm_position == "pre":
+        form.append(PRE_NORM_REASON)
     form += _failed_forms(forms, LN_QKV_FORM)
     if not form:
         form += _consumer_order(nodes.x, order)

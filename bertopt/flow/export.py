@@ -1,6 +1,8 @@
 """Export transformers to ONNX with dynamic batch (and, for text, seq) axes: presets or HF checkpoint folders.
 
-Text encoders export with a task head (`head`: QA or classification). Other families export as users
+Text encoders export with a task head (`head`: QA or classification); any image or audio classifier of
+transformers' auto mappings with the `image-cls` or `audio-cls` head (its content input in, logits out:
+what tools/compat_matrix.py surveys). Other families export as users
 deploy them (`KINDS`): ViT and DeiT with their image-classification head (logits), CLIP as one ONNX file
 per tower (the vision tower's image_embeds, the text tower's text_embeds: a CLIP checkpoint folder gives
 its vision tower, a folder saved from `CLIPTextModelWithProjection` its text tower), Whisper and T5 as
@@ -34,16 +36,22 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import (AutoConfig, AutoModelForImageClassification, AutoModelForQuestionAnswering,
-                          AutoModelForSequenceClassification)
+from transformers import (AutoConfig, AutoModelForAudioClassification, AutoModelForImageClassification,
+                          AutoModelForQuestionAnswering, AutoModelForSequenceClassification)
 
 from bertopt.errors import BertoptError, first_line
+from bertopt.model.facts import MODALITIES
 
 EXPORTERS = ("legacy", "dynamo")
 DEFAULT_OPSET = {"legacy": 14, "dynamo": 18}
 OPSET_RANGE = {"legacy": (11, 17), "dynamo": (18, 23)}
 ATTENTIONS = ("eager", "sdpa")
-HEADS = {"qa": ("start_logits", "end_logits"), "cls": ("logits",)}
+HEADS = {"qa": ("start_logits", "end_logits"), "cls": ("logits",), "image-cls": ("logits",), "audio-cls": ("logits",)}
+HEAD_CLASSES = {"qa": AutoModelForQuestionAnswering, "cls": AutoModelForSequenceClassification,
+                "image-cls": AutoModelForImageClassification, "audio-cls": AutoModelForAudioClassification}
+# The content inputs of image and audio models, by name: facts' roles, and the raw waveform of wav2vec2's kin.
+CONTENT_INPUTS = {**MODALITIES, "input_values": "audio"}
+WAVEFORM_SAMPLES = 16000  # one second at the 16 kHz these models are trained on
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # How the attention mask enters the model: "int" (int64 1/0, what tokenizers give), "float" (1.0/0.0
 # in the model's dtype), "additive" (0 kept, finfo(dtype).min removed, the 2-D form of an extended
@@ -338,7 +346,7 @@ def model_kind(model) -> ModelKind | None:
 
 
 def _head_class(head: str):
-    return {"qa": AutoModelForQuestionAnswering, "cls": AutoModelForSequenceClassification}[head]
+    return HEAD_CLASSES[head]
 
 
 def perturb_affine_parameters(model, *, seed: int) -> None:
@@ -457,7 +465,7 @@ def _export_dynamo(wrapper, path: Path, opset: int) -> None:
 
 def _dynamic_axes(input_name: str) -> dict[int, str]:
     """Token inputs are [batch, seq]; image and audio inputs keep their size static (position embeddings)."""
-    return {0: "batch"} if input_name in ("pixel_values", "input_features") else {0: "batch", 1: "seq"}
+    return {0: "batch"} if input_name in CONTENT_INPUTS else {0: "batch", 1: "seq"}
 
 
 class ExportWrapper(torch.nn.Module):
@@ -468,13 +476,15 @@ class ExportWrapper(torch.nn.Module):
         self.model = model
         self.mask = mask
         kind = model_kind(model)
-        if kind is None:
+        if kind is None and model.main_input_name in CONTENT_INPUTS:  # an image or audio classifier
+            self.input_names, self.output_names = (model.main_input_name,), HEADS[head]
+        elif kind is None:
             self.input_names = model_input_names(model, with_mask=mask != "none")
             self.output_names = HEADS[head]
         else:
             self.input_names = tuple(n for n in kind.inputs if n != "attention_mask" or mask != "none")
             self.output_names = kind.outputs
-        self.modality = {"pixel_values": "image", "input_features": "audio"}.get(self.input_names[0], "text")
+        self.modality = CONTENT_INPUTS.get(self.input_names[0], "text")
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = dict(zip(self.input_names, tensors))
@@ -487,19 +497,71 @@ class ExportWrapper(torch.nn.Module):
         dtype = next(self.model.parameters()).dtype
         config = self.model.config
         if self.modality != "text":
-            return (content_trace_input(config, self.modality, dtype),)
-        return trace_inputs(self.input_names, config.vocab_size, mask=self.mask, dtype=dtype)
+            return (content_trace_input(config, self.input_names[0], dtype),)
+        return trace_inputs(self.input_names, token_id_count(config), mask=self.mask, dtype=dtype)
 
 
-def content_trace_input(config, modality: str, dtype: torch.dtype) -> torch.Tensor:
-    """A batch of images at the config's size, or of log-mel frames as many as Whisper's encoder takes
-    (two per position: its second Conv has stride 2)."""
+def token_id_count(config) -> int:
+    """How many token ids the model reads: its vocabulary; for CANINE, which has none, every Unicode code point
+    (it hashes code points into its embedding tables: transformers' CanineTokenizer, UNICODE_VOCAB_SIZE)."""
+    vocab = getattr(config, "vocab_size", None)
+    if vocab:
+        return int(vocab)
+    if config.model_type == "canine":
+        from transformers.models.canine.tokenization_canine import UNICODE_VOCAB_SIZE
+
+        return UNICODE_VOCAB_SIZE
+    raise BertoptError(f"{config.model_type}: its config gives no vocabulary size (vocab_size), so bertopt cannot "
+                       "make token ids to export it with")
+
+
+def content_trace_input(config, input_name: str, dtype: torch.dtype) -> torch.Tensor:
+    """A batch of images at the config's size, of log-mel frames as many as Whisper's encoder takes (two per
+    position: its second Conv has stride 2), of an Audio Spectrogram Transformer's [frames, mel bins], or
+    of a raw waveform of WAVEFORM_SAMPLES; a one-line BertoptError for a layout bertopt does not know."""
     generator = torch.Generator().manual_seed(SEED)
-    if modality == "image":
-        shape = (TRACE_BATCH, config.num_channels, config.image_size, config.image_size)
+    whisper_like = hasattr(config, "max_source_positions") and hasattr(config, "num_mel_bins")
+    if input_name == "pixel_values":
+        height, width = _pair(content_size(config, "image"))
+        shape = (TRACE_BATCH, getattr(config, "num_channels", 3), height, width)
+    elif input_name == "input_features" and whisper_like:
+        shape = (TRACE_BATCH, config.num_mel_bins, content_size(config, "audio"))
+    elif input_name == "input_values" and hasattr(config, "max_length") and hasattr(config, "num_mel_bins"):
+        shape = (TRACE_BATCH, config.max_length, config.num_mel_bins)  # AST: a spectrogram as input_values
+    elif input_name == "input_values":
+        shape = (TRACE_BATCH, WAVEFORM_SAMPLES)
     else:
-        shape = (TRACE_BATCH, config.num_mel_bins, 2 * config.max_source_positions)
+        raise BertoptError(f"{config.model_type}: bertopt does not know the layout of its {input_name} to export "
+                           "it with")
     return torch.randn(shape, generator=generator).to(dtype)
+
+
+def _pair(size: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def content_size(config, modality: str) -> int | tuple[int, int]:
+    """The side of the images a vision config takes (a CLIP config's vision tower's), or the log-mel frames
+    Whisper's encoder takes: two per position (its second Conv has stride 2)."""
+    if modality == "image":
+        return getattr(config, "vision_config", config).image_size
+    return 2 * config.max_source_positions
+
+
+def source_content_shape(model: str) -> tuple[str, int | None]:
+    """What a preset or HF checkpoint folder exports: ("text", None), ("image", side) or ("audio", frames),
+    from its config alone (nothing is built); ("text", None) for a name that is neither."""
+    preset, folder = PRESETS.get(model), Path(model)
+    if preset is not None and preset.checkpoint is None:
+        kind = KINDS.get(preset.model_type)
+        config = AutoConfig.for_model(kind.config_type, **preset.config) if kind else None
+    elif preset is None and (folder / "config.json").is_file():
+        kind = KINDS.get(_folder_model_type(folder))
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True) if kind else None
+    else:
+        return "text", None
+    modality = CONTENT_INPUTS.get(kind.inputs[0], "text") if kind else "text"
+    return modality, content_size(config, modality) if modality != "text" else None
 
 
 def model_input_names(model, *, with_mask: bool = True) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ from bertopt.ascend.soc import detect_soc, is_310p
 from bertopt.errors import BertoptError
 from bertopt.files import check_writable_folder, write_json
 from bertopt.graph import is_static, load_graph, save_graph
-from bertopt.model.facts import ModelFacts, check_shape, detect_facts
+from bertopt.model.facts import ModelFacts, check_shape, content_shape, detect_facts
 from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord, parse_spec
 from bertopt.validation.backends import Backend, Skipped
 from bertopt.validation.candidates import AscendCandidates, CandidateReport, run_candidates, validate_candidates
@@ -74,7 +74,27 @@ class RunConfig:
         if self.output is not None:
             return Path(self.output)
         stem = Path(self.model).stem if self.model.endswith(".onnx") else Path(self.model).name
-        return Path("bertopt-out") / f"{stem}-bs{self.batch}-seq{self.seq}"
+        return Path("bertopt-out") / f"{stem}-bs{self.batch}-{self._shape_name()}"
+
+    def _shape_name(self) -> str:
+        """seq<S> for text; images by their side (<N>px) and audio by its frames (<N>frames) as they are frozen,
+        since seq means nothing to them."""
+        modality, size = _content_shape(self.model)
+        if modality == "image":
+            return f"{self.image_size or size}px" if self.image_size or size else "image"
+        if modality == "audio":
+            return f"{self.frames or size}frames" if self.frames or size else "audio"
+        return f"seq{self.seq}"
+
+
+def _content_shape(model: str) -> tuple[str, int | None]:
+    """An ONNX file's content input by its graph (weights stay in the file), a preset's or folder's by its config."""
+    path = Path(model)
+    if model.endswith(".onnx") or path.is_file():
+        return content_shape(load_graph(path)) if path.is_file() else ("text", None)
+    from bertopt.flow.export import source_content_shape  # imports torch
+
+    return source_content_shape(model)
 
 
 @dataclass(frozen=True)

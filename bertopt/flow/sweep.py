@@ -78,6 +78,8 @@ class SweepConfig:
     cann: str | None = None  # None: the installed toolkit's version, else the seed's
     threads: int | None = None  # ONNX Runtime threads of validation; None: its default (every core)
     passes_from: tuple[str, ...] = ()  # --passes-from: files and modules the driver and every worker load
+    image_size: int | None = None  # image models: square images of this size (None: the model's static size)
+    frames: int | None = None  # audio models: input frames (None: the model's static count)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ class Shape:
     cann_source: str
     threads: int | None = None
     passes_from: tuple[str, ...] = ()  # absolute file paths and module names: a Ray node must see the same
+    image_size: int | None = None  # freeze-shapes' --image-size and --frames (None: the model's static size)
+    frames: int | None = None
 
 
 @dataclass
@@ -170,6 +174,9 @@ def check_matrix(config: SweepConfig) -> None:
         raise BertoptError(f"--samples {config.samples}: must be at least 1")
     if config.threads is not None and config.threads <= 0:
         raise BertoptError(f"--cpus-per-shape {config.threads}: must be at least 1")
+    for flag, value in (("--image-size", config.image_size), ("--frames", config.frames)):
+        if value is not None and value <= 0:
+            raise BertoptError(f"{flag} {value}: must be positive")
     load_passes(*config.passes_from)
     parse_spec(config.passes, "ascend")
 
@@ -209,7 +216,8 @@ def claim_output(output: Path, config: SweepConfig) -> None:
                            "choose another folder")
     write_json(marker, {"bertopt_sweep": 1, "last_request": {
         "sizes": list(config.sizes), "seqs": list(config.seqs), "batches": list(config.batches),
-        "passes": config.passes, "passes_from": list(config.passes_from), "samples": config.samples}})
+        "passes": config.passes, "passes_from": list(config.passes_from), "samples": config.samples,
+        "image_size": config.image_size, "frames": config.frames}})
 
 
 @dataclass(frozen=True)
@@ -264,7 +272,7 @@ def make_shapes(config: SweepConfig, prepared: dict[str, PreparedSize]) -> list[
     passes_from = tuple(resolve_source(source) for source in config.passes_from)
     return [Shape(size, seq, batch, info.original, config.output / size / f"seq{seq}_bs{batch}",
                   peak_estimate(info.weights_bytes, info.heads, batch, seq), config.passes, config.samples, soc,
-                  soc_source, cann.version, cann_source, config.threads, passes_from)
+                  soc_source, cann.version, cann_source, config.threads, passes_from, config.image_size, config.frames)
             for size, info in prepared.items() for seq in config.seqs for batch in config.batches]
 
 
@@ -495,8 +503,9 @@ def _evaluate(shape: Shape) -> dict:
 
     load_passes(*shape.passes_from)  # a spawned worker or a Ray node starts with bertopt's and the entry points'
     optimized, target = shape.folder / OPTIMIZED_NAME, cann_target(shape.cann)
-    manager = PassManager(shape.passes, PassOptions(batch=shape.batch, seq=shape.seq, target="ascend", cann=target),
-                          Instruments(reproducer_dir=shape.folder / "reproducer"))
+    options = PassOptions(batch=shape.batch, seq=shape.seq, image_size=shape.image_size, frames=shape.frames,
+                          target="ascend", cann=target)
+    manager = PassManager(shape.passes, options, Instruments(reproducer_dir=shape.folder / "reproducer"))
     clock = _Clock()
 
     def lap_before_saving(message: str) -> None:  # optimize_file says "saving" between the passes and the save

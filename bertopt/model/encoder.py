@@ -8,6 +8,11 @@ the last layer, where every tensor is [batch, seq, n] (what attention-bigkernel 
 - Operands from outside the span that token-wise nodes inside it broadcast against [batch, seq, n] (XLM
   multiplies every LayerNorm output by its padding mask [batch, seq, 1]) belong to it; one of another
   shape means the span cannot be read as tokens, and `encoder_span` says which.
+- Nodes inside it that name an axis of a [batch, seq, n] tensor (a ReduceMean's axes, a Softmax's axis)
+  must name the feature axis: counted from the end (-1) it stays the feature axis once the tokens are
+  flattened; counted from the start (I-BERT's LayerNorm, written without LayerNorm ops, reduces over
+  axis 2) it would name an axis the 2-D tensor lacks, so it is rewritten to -1; an axis of batch or seq
+  means the span cannot be read as tokens.
 
 `flatten_tokens` writes the span on [batch*seq, n] and `unflatten_output` reshapes its output back to
 [batch, seq, hidden]; between the two, what reads the tokens across the span (attention's context
@@ -32,6 +37,7 @@ from bertopt.model.forms import layernorm_pattern
 EMBEDDING_PROJECTION_NODES = 2
 # Ops that broadcast their operands against each other (where an operand from outside meets the tokens).
 BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min"})
+TOKEN_RANK = 3  # [batch, seq, n]
 
 
 @dataclass
@@ -40,6 +46,7 @@ class EncoderSpan:
     output: gs.Tensor  # the output of the LayerNorm ending the last layer
     nodes: list[gs.Node]  # every node on a path from source to output
     operands: list[tuple[gs.Node, int]]  # (node, input index) of the outside operands broadcast against tokens
+    feature_axes: list[gs.Node]  # nodes naming the feature axis of a token tensor from the start (axis 2)
 
 
 def encoder_span(graph: gs.Graph, first_input: gs.Tensor, last_input: gs.Tensor,
@@ -54,7 +61,10 @@ def encoder_span(graph: gs.Graph, first_input: gs.Tensor, last_input: gs.Tensor,
     source = first["x"] if first is not None else first_input
     nodes = nodes_between(source, output)
     operands = token_operands(nodes, source, facts)
-    return operands if isinstance(operands, str) else EncoderSpan(source, output, nodes, operands)
+    if isinstance(operands, str):
+        return operands
+    axes = feature_axis_nodes(nodes, facts)
+    return axes if isinstance(axes, str) else EncoderSpan(source, output, nodes, operands, axes)
 
 
 def first_layernorm(layernorms: list[Match], first_input: gs.Tensor) -> Match | None:
@@ -106,6 +116,44 @@ def token_operands(nodes: list[gs.Node], source: gs.Tensor, facts: ModelFacts) -
     return found
 
 
+def feature_axis_nodes(nodes: list[gs.Node], facts: ModelFacts) -> list[gs.Node] | str:
+    """Of `nodes`, those whose data input is [batch, seq, n] and that name its feature axis as 2 (see the
+    module docstring), or why the span cannot be read as tokens (a node naming the batch or seq axis)."""
+    found = []
+    for node in nodes:
+        shape = list(node.inputs[0].shape or []) if node.inputs else []
+        axes = _named_axes(node)
+        if len(shape) != TOKEN_RANK or shape[:2] != [facts.batch, facts.seq] or axes is None:
+            continue
+        if {axis % TOKEN_RANK for axis in axes} != {TOKEN_RANK - 1}:
+            return (f"{node.op} '{node.name}' works on axes {axes} of the [batch, seq, n] tokens, which the 2-D "
+                    "encoder would merge")
+        if any(axis >= 0 for axis in axes):
+            found.append(node)
+    return found
+
+
+def _named_axes(node: gs.Node) -> list[int] | None:
+    """The axes a node names: its `axis`/`axes` attribute, or a Reduce's constant axes input (opset 18)."""
+    for key in ("axis", "axes"):
+        if key in node.attrs:
+            value = node.attrs[key]
+            return [int(value)] if isinstance(value, int) else [int(a) for a in value]
+    if node.op.startswith("Reduce") and len(node.inputs) > 1:
+        value = constant_value(node.inputs[1])
+        return None if value is None else [int(a) for a in np.ravel(value)]
+    return None
+
+
+def _name_feature_axis_from_end(graph: gs.Graph, node: gs.Node) -> None:
+    if "axis" in node.attrs:
+        node.attrs["axis"] = -1
+    elif "axes" in node.attrs:
+        node.attrs["axes"] = [-1]
+    else:  # a Reduce's axes input (opset 18), perhaps shared: a constant of its own
+        node.inputs[1] = make_constant(graph, "bert_feature_axis", np.array([-1], dtype=np.int64))
+
+
 def is_token_flattening(node: gs.Node) -> bool:
     """A Reshape between [batch, seq, n] and [batch*seq, n]: it moves tokens, never features."""
     if node.op != "Reshape":
@@ -117,8 +165,9 @@ def is_token_flattening(node: gs.Node) -> bool:
 
 def flatten_tokens(graph: gs.Graph, span: EncoderSpan, facts: ModelFacts) -> Counter:
     """The span on [batch*seq, n]: a Reshape [-1, width] on its source, which every former reader then reads;
-    every Reshape inside that only flattened or unflattened tokens removed; each outside operand read
-    flattened (one Reshape per tensor). Counts `reshapes_2d` (written) and `reshapes_removed`."""
+    every Reshape inside that only flattened or unflattened tokens removed; each feature axis named from the
+    start named from the end; each outside operand read flattened (one Reshape per tensor). Counts
+    `reshapes_2d` (written), `reshapes_removed` and `axes_from_end`."""
     counts: Counter = Counter()
     tokens, source = facts.batch * facts.seq, span.source
     width = source.shape[-1] if source.shape else facts.hidden  # ALBERT normalises its embedding size
@@ -130,6 +179,9 @@ def flatten_tokens(graph: gs.Graph, span: EncoderSpan, facts: ModelFacts) -> Cou
         if is_token_flattening(node):
             replace_uses(node.outputs[0], node.inputs[0], graph)
             counts["reshapes_removed"] += 1
+    for node in span.feature_axes:
+        _name_feature_axis_from_end(graph, node)
+        counts["axes_from_end"] += 1
     flat: dict[int, gs.Tensor] = {}
     for node, index in span.operands:
         tensor = node.inputs[index]

@@ -188,6 +188,15 @@ def _content_roles(graph: gs.Graph) -> dict[str, str]:
     return roles
 
 
+def content_shape(graph: gs.Graph) -> tuple[str, int | None]:
+    """What the model's content input is, read from the graph alone: ("text", None), ("image", its side) or
+    ("audio", its frames), the size None where it is not static (a run names its output folder by it)."""
+    roles = _content_roles(graph)
+    image, frames = content_dims(graph, roles)
+    modality = next((MODALITIES[role] for role in roles.values()), "text")
+    return modality, image[0] if image else frames
+
+
 def _reads_as_data(node: gs.Node, tensor: gs.Tensor, depth: int = 3) -> bool:
     if node.op == "Conv":
         return node.inputs[0] is tensor
@@ -421,7 +430,11 @@ class _ScoreRemoval:
         """Which positions are removed, broadcast to [.., seq, seq] and reduced over batch and heads."""
         value = SubgraphEvaluator(graph, [self.tensor], batch, seq).run(feeds)[self.tensor.name]
         removed = value <= MASKED_AT_MOST if self.removes_when is None else value == self.removes_when
-        removed = np.broadcast_to(removed, np.broadcast_shapes(removed.shape, (1, 1, seq, seq)))
+        try:
+            removed = np.broadcast_to(removed, np.broadcast_shapes(removed.shape, (1, 1, seq, seq)))
+        except ValueError:  # a constant of another length than the probe's (a per-head bias), not a mask
+            raise BertoptError(f"'{self.tensor.name}' is {list(value.shape)}: "
+                               f"no mask of [{seq}, {seq}] scores") from None
         return removed.reshape(-1, seq, seq).any(axis=0)
 
 
@@ -465,8 +478,8 @@ def architecture_obstacle(graph: gs.Graph, softmaxes: list[gs.Node], roles: dict
     front_end = _front_end(graph, roles or {})
     ops = {node.op for node in graph.nodes if id(node) not in front_end}
     if ops & {"AveragePool", "MaxPool"}:
-        return ("pooling between layers (Funnel Transformer): the sequence is pooled from block to block, "
-                "so attention layers differ in length")
+        return ("pooling between layers (Funnel Transformer, CANINE's downsampling): the sequence is pooled "
+                "from block to block, so attention layers differ in length")
     if "Conv" in ops:
         # SqueezeBERT's heads are views of a Conv output; ConvBERT's self-attention heads are MatMul + Add
         if all(_computed_by(m.inputs[0], "Conv", depth=3) for s in softmaxes for m in _scores_matmuls(s)):

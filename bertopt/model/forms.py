@@ -291,15 +291,48 @@ def attention_block_pattern(facts: ModelFacts) -> Pattern:
 
 def attention_blocks(graph: gs.Graph, facts: ModelFacts,
                      softmaxes: list[gs.Node]) -> tuple[list[Match], dict[int, str]]:
-    """The blocks `attention_block_pattern` matches, in the order of their `softmaxes`, and for the index of
-    each Softmax no block holds, why not: the matcher's reason at its context Reshape."""
+    """The blocks `attention_block_pattern` matches whose mask Add adds a token mask to token scores
+    (`mask_misfit`), in the order of their `softmaxes`, and for the index of each Softmax no block holds,
+    why not: the matcher's reason at its context Reshape, or the misfit."""
     pattern = attention_block_pattern(facts)
     matches = pattern.find_all(graph)
-    found = {id(m.node("softmax")) for m in matches}
-    misses = {layer: _why_not(pattern, graph, softmax) for layer, softmax in enumerate(softmaxes)
-              if id(softmax) not in found}
+    misfits = {id(m.node("softmax")): why for m in matches if (why := _block_mask_misfit(m, facts))}
+    kept = [m for m in matches if id(m.node("softmax")) not in misfits]
+    found = {id(m.node("softmax")) for m in kept}
+    misses = {layer: misfits.get(id(softmax)) or _why_not(pattern, graph, softmax)
+              for layer, softmax in enumerate(softmaxes) if id(softmax) not in found}
     order = {id(node): i for i, node in enumerate(softmaxes)}
-    return sorted(matches, key=lambda m: order[id(m.node("softmax"))]), misses
+    return sorted(kept, key=lambda m: order[id(m.node("softmax"))]), misses
+
+
+def _block_mask_misfit(match: Match, facts: ModelFacts) -> str | None:
+    scores = next(t for t in match.node("mask_add").inputs if t is not match["mask"])
+    return mask_misfit(match["mask"].shape, scores.shape, facts.batch, facts.seq)
+
+
+def mask_misfit(mask: list | None, scores: list | None, batch: int, seq: int) -> str | None:
+    """Why what is added to attention scores of shape `scores` is not the attention mask of a
+    [`batch`, `seq`] input (None when it may be): a mask is one for every head, broadcasting to
+    [batch, 1, seq, seq], on scores [batch, heads, seq, seq]. Unknown shapes pass. Swin's window
+    attention fails both: its scores are [batch * windows, heads, window, window] and it adds a
+    relative position bias [1, heads, window, window]."""
+    if batch is None or seq is None:
+        return None
+    known = [shape for shape in (mask, scores) if shape is not None and all(isinstance(d, int) for d in shape)]
+    if scores in known and (len(scores) != 4 or scores[0] != batch or list(scores[2:]) != [seq, seq]):
+        return (f"its scores are {list(scores)}, not [batch, heads, seq, seq] = [{batch}, heads, {seq}, {seq}] "
+                "(windowed attention?)")
+    if mask in known and not _broadcasts_to(tuple(mask), (batch, 1, seq, seq)):
+        return (f"what it adds to the scores is {list(mask)}, not a mask: it does not broadcast to "
+                f"[batch, 1, seq, seq] = [{batch}, 1, {seq}, {seq}] (a per-head bias?)")
+    return None
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    try:
+        return np.broadcast_shapes(shape, target) == target
+    except ValueError:
+        return False
 
 
 def _why_not(pattern: Pattern, graph: gs.Graph, softmax: gs.Node) -> str:
