@@ -196,3 +196,15 @@ def test_an_audio_input_of_unknown_layout_is_refused_in_one_line():
     with pytest.raises(BertoptError, match="does not know the layout of its input_features") as caught:
         content_trace_input(Wav2Vec2BertConfig(), "input_features", torch.float32)
     assert "\n" not in str(caught.value)
+
+
+def test_an_image_config_without_a_size_is_refused_in_one_line():
+    """CvT's config has no image_size (its processor resizes): AttributeError crashed the compat matrix's row."""
+    import torch
+    from transformers import CvtConfig
+
+    from bertopt.flow.export import content_trace_input
+
+    with pytest.raises(BertoptError, match="its config gives no image size") as caught:
+        content_trace_input(CvtConfig(), "pixel_values", torch.float32)
+    assert "\n" not in str(caught.value)

@@ -544,7 +544,11 @@ def content_size(config, modality: str) -> int | tuple[int, int]:
     """The side of the images a vision config takes (a CLIP config's vision tower's), or the log-mel frames
     Whisper's encoder takes: two per position (its second Conv has stride 2)."""
     if modality == "image":
-        return getattr(config, "vision_config", config).image_size
+        size = getattr(getattr(config, "vision_config", config), "image_size", None)
+        if size is None:  # CvT: its processor resizes, its config has no size
+            raise BertoptError(f"{config.model_type}: its config gives no image size (image_size), so bertopt "
+                               "cannot make images to export it with")
+        return size
     return 2 * config.max_source_positions
 
 
