@@ -178,6 +178,14 @@ def test_an_input_without_a_known_role_is_refused_before_the_passes(bases, tmp_p
     assert not (tmp_path / "out.onnx").exists()
 
 
+def test_run_refusing_after_its_export_leaves_no_output_folder(tmp_path):
+    """run writes its folder whole or not at all: a refusal after the export (here freeze-shapes', of a size the
+    position embeddings cannot take) left the folder holding original.onnx."""
+    out = tmp_path / "run"
+    _refused(["run", "vit-tiny", "--image-size", "33", "--output", str(out)], "--image-size 33")
+    assert not out.exists()
+
+
 def test_an_input_declaring_a_dim_the_shape_cannot_fill_is_refused(bases, tmp_path):
     """Fuzz case 10 (KNOWN_BUGS until now): an input declaring seq 0 was frozen at 16 with exit 0."""
     def seq_zero(model):

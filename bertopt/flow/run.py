@@ -7,6 +7,7 @@ layer (cli.py) only parses arguments, shows progress and prints what this module
 from __future__ import annotations
 
 import gc
+import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -242,6 +243,16 @@ def run(config: RunConfig, progress: Progress = lambda message: None,
     out_dir = config.output_dir()
     _refuse_existing_results(out_dir, config.force)
     check_writable_folder(out_dir, "--output")
+    created = not out_dir.exists()
+    try:
+        return _run(config, out_dir, progress, echo)
+    except BertoptError as exc:
+        if created and exc.exit_code == BertoptError.exit_code:  # a refusal leaves nothing; a failure its evidence
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _run(config: RunConfig, out_dir: Path, progress: Progress, echo: Progress | None) -> RunReport:
     _check_target(config.target)
     pictures = _pass_pictures(config.report)
     ascend = _ascend_setup(config) if config.target == "ascend" else None
