@@ -23,6 +23,19 @@ def test_import_bertopt_imports_nothing_heavy():
     assert result.stdout.strip() == "[]"
 
 
+def test_run_on_an_onnx_file_imports_no_exporter(tiny_export, tmp_path):
+    """torch and transformers are for exporting: importing them was 10 of a tiny model's 13 s of `bertopt run`."""
+    code = textwrap.dedent("""
+        import sys
+        from bertopt.api import run
+        run(sys.argv[1], output=sys.argv[2], batch=2, seq=16)
+        print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))
+    """)
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_export("legacy14")), str(tmp_path / "run")],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_every_public_name_resolves_and_is_documented():
     for name in bertopt.__all__:
         value = getattr(bertopt, name)

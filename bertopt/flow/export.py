@@ -390,19 +390,6 @@ def export_onnx(source: ExportSource, output: str | os.PathLike, *, exporter: st
     return ExportResult(output, description, hit, time.perf_counter() - start, key)
 
 
-def onnx_or_export(model: str, folder: str | os.PathLike, *, progress: Callable[[str], None] | None = None,
-                   **options) -> tuple[Path, str]:
-    """`model` as an ONNX file, and what it is: an .onnx file is used where it is (never modified); a preset
-    or an HF checkpoint folder is exported to `folder`/original.onnx with `options` (`export_onnx`'s)."""
-    if model.endswith(".onnx") or Path(model).is_file():
-        return Path(model), f"ONNX file {model}"
-    source = resolve_source(model)
-    if progress is not None:
-        progress(f"exporting {model} ({options.get('exporter', 'legacy')})")
-    result = export_onnx(source, Path(folder) / "original.onnx", **options)
-    return result.path, result.description
-
-
 def _check_options(exporter: str, opset: int | None, attention: str, head: str, dtype: str, mask: str) -> int:
     if exporter not in EXPORTERS:
         raise BertoptError(f"--exporter {exporter!r}: expected one of {', '.join(EXPORTERS)}")

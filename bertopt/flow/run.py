@@ -23,6 +23,7 @@ from bertopt.ascend.legality import check_model_level
 from bertopt.ascend.soc import detect_soc, is_310p
 from bertopt.errors import BertoptError
 from bertopt.files import check_writable_folder, write_json
+from bertopt.flow.source import is_onnx_file, onnx_or_export
 from bertopt.graph import is_static, load_graph, save_graph
 from bertopt.model.facts import ModelFacts, check_shape, content_shape, detect_facts
 from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord, parse_spec
@@ -91,7 +92,7 @@ class RunConfig:
 def _content_shape(model: str) -> tuple[str, int | None]:
     """An ONNX file's content input by its graph (weights stay in the file), a preset's or folder's by its config."""
     path = Path(model)
-    if model.endswith(".onnx") or path.is_file():
+    if is_onnx_file(model):
         return content_shape(load_graph(path)) if path.is_file() else ("text", None)
     from bertopt.flow.export import source_content_shape  # imports torch
 
@@ -474,8 +475,6 @@ def _refuse_existing_results(out_dir: Path, force: bool) -> None:
 
 
 def _obtain_onnx(config: RunConfig, out_dir: Path, progress: Progress) -> tuple[Path, str]:
-    from bertopt.flow.export import onnx_or_export  # imports torch
-
     return onnx_or_export(config.model, out_dir, progress=progress, exporter=config.exporter, opset=config.opset,
                           attention=config.attention, dtype=config.dtype, mask=config.mask)
 

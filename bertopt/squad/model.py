@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bertopt.errors import BertoptError
+from bertopt.flow.source import onnx_or_export
 from bertopt.graph import load_graph
 from bertopt.model.facts import ModelFacts, detect_facts
 from bertopt.validation.parity import graph_only, input_specs_of
@@ -38,8 +39,6 @@ class SquadModel:
 
 def obtain_model(model: str, folder: Path) -> SquadModel:
     """`model` as ONNX (exported into `folder` unless it is an .onnx file) with its facts and inputs."""
-    from bertopt.flow.export import onnx_or_export  # imports torch
-
     return described_model(model, *onnx_or_export(model, folder))
 
 
