@@ -31,9 +31,10 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/bertopt run --passes default --force
 
+# Both cores: one test file per worker (--dist loadfile), so a file's module fixtures are built once.
 test: install
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 goldens: install
 	$(PY) tools/regen_goldens.py
