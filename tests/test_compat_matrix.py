@@ -76,6 +76,8 @@ def test_tiny_configs_shrink_through_each_family_s_own_names():
     assert luke["entity_vocab_size"] == 1000 and luke["hidden_size"] == 32
     xlm = compat_matrix.tiny_config("xlm")
     assert (xlm["emb_dim"], xlm["n_layers"], xlm["vocab_size"]) == (32, 2, 1000)
+    t5 = compat_matrix.tiny_config("t5")  # its head size is d_kv: heads x d_kv must stay the hidden size
+    assert (t5["d_model"], t5["num_heads"], t5["d_kv"]) == (32, 2, 16)
     canine = compat_matrix.tiny_config("canine")  # no vocabulary: its code-point ids stay as they are
     assert "bos_token_id" not in canine and canine["hidden_size"] == 32
 
@@ -86,3 +88,13 @@ def test_image_and_audio_classifiers_are_discovered_from_the_mappings():
     assert (families["wav2vec2"].heads, families["wav2vec2"].excluded) == (["audio-cls"], None)
     assert families["siglip_vision_model"].excluded.startswith("image base model only (main input pixel_values)")
     assert families["bert"].heads == ["qa", "cls"] and families["bert"].excluded is None
+
+
+def test_encoders_bertopt_exports_as_deployed_are_run_not_excluded():
+    """T5 and BART are encoder-decoders, but bertopt exports their encoder (KINDS): their rows run it and say
+    what it returns; an encoder-decoder bertopt has no export for stays excluded."""
+    families = {f.name: f for f in compat_matrix.discover_families(["t5", "bart", "vit", "pegasus", "bert"])}
+    for name in ("t5", "bart"):
+        assert (families[name].excluded, families[name].head) == (None, "last_hidden_state (as deployed)")
+    assert families["vit"].head == "logits (as deployed)" and families["bert"].head == "qa"
+    assert families["pegasus"].excluded == "encoder-decoder (config.is_encoder_decoder)"

@@ -1,5 +1,5 @@
 """Other transformers through the same passes (issue 14): ViT, DeiT, CLIP's two towers, Whisper's encoder,
-T5's encoder and GPT-2, as tiny random-weight presets (2 layers, hidden 32, biases and norms perturbed),
+T5's encoder, BART's encoder and GPT-2, as tiny random-weight presets (2 layers, hidden 32, biases and norms perturbed),
 exported by bertopt's exporter (legacy, opset 14) and its content cache.
 
 Each family: facts read from the structure, `default` for Ascend legal for CANN 6.0 with parity on ONNX
@@ -36,6 +36,8 @@ FAMILIES = {
     "clip-vit-tiny-text": ("clip-text", {"input_ids", "attention_mask"}, "layernorm", "pre", "causal", None, SEQ),
     "whisper-tiny-encoder": ("whisper-encoder", {"input_features"}, "layernorm", "pre", "standard", 64, 32),
     "t5-tiny-encoder": ("t5-encoder", {"input_ids", "attention_mask"}, "rmsnorm", "pre", "relative-bias", None, SEQ),
+    "bart-tiny-encoder": ("bart-encoder", {"input_ids", "attention_mask"}, "layernorm", "post", "standard", None,
+                          SEQ),
     "gpt2-tiny": ("gpt2", {"input_ids", "attention_mask"}, "layernorm", "pre", "causal", None, SEQ),
 }
 
@@ -83,6 +85,25 @@ def test_bert_stays_a_post_norm_bert(tiny_export):
     facts = detect_facts(load_graph(tiny_export("legacy14")))
     assert (facts.family, facts.norm, facts.norm_position, facts.attention_kind, facts.modality) == \
         ("bert", "layernorm", "post", "standard", "text")
+
+
+@pytest.mark.parametrize(("preset", "positions"), [("bart-tiny-encoder", 128), ("roberta-tiny", 128),
+                                                   ("bert-tiny", 128)])
+def test_positions_are_counted_past_the_rows_they_start_after(family_export, preset, positions):
+    """BART counts positions from 2 and RoBERTa from padding_idx + 1: their tables have that many extra rows,
+    which are not positions a sequence may use."""
+    facts = detect_facts(load_graph(family_export(preset)))
+    assert facts.max_positions == positions
+    assert (facts.family == "bart-encoder") == (preset == "bart-tiny-encoder")
+
+
+def test_heads_that_do_not_divide_the_hidden_size_are_refused_by_name(tmp_path):
+    from bertopt.flow.export import export_onnx, random_source
+
+    odd = random_source("t5", dict(d_model=32, d_kv=24, num_heads=2, num_layers=2, d_ff=64, vocab_size=1000))
+    path = export_onnx(odd, tmp_path / "t5-odd.onnx").path
+    with pytest.raises(BertoptError, match="unsupported attention: heads of 24 do not divide the hidden size 32"):
+        detect_facts(load_graph(path))
 
 
 @pytest.mark.golden
@@ -220,7 +241,7 @@ def test_a_cache_input_is_refused_in_one_line():
 # ----------------------------------------------------------------------------- base sizes
 
 BASE = {"vit-base": 197, "deit-small": 198, "clip-vit-b32": 50, "clip-vit-b32-text": 77,
-        "whisper-base-encoder": 1500, "t5-small-encoder": 128, "gpt2": 128}
+        "whisper-base-encoder": 1500, "t5-small-encoder": 128, "bart-base-encoder": 128, "gpt2": 128}
 
 
 @pytest.mark.integration

@@ -1,6 +1,7 @@
 """What keeps `optimize` near the cost of copying the file (issue 16) without changing what it writes:
 the mask probe feeds weights instead of serialising them, the snapshot kept before each pass, bertopt's
-toposort, freeze-shapes' skipped last fold, and the fp16 range kept with a weight still in its file."""
+toposort, freeze-shapes' skipped last fold, the fp16 range kept with a weight still in its file, and an
+input read once."""
 
 import math
 
@@ -10,12 +11,13 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 
-from bertopt.graph import (FileValues, GraphSnapshot, constant_exceeds_fp16, load_graph, save_graph, toposort,
+from bertopt.graph import (FileValues, onnxfile, GraphSnapshot, constant_exceeds_fp16, load_graph, save_graph, toposort,
                            values)
 from bertopt.graph.evaluate import SubgraphEvaluator, value_dependents
 from bertopt.graph.shapes import SKELETON_VALUE_LIMIT
 from bertopt.model.facts import attention_layer_softmaxes, detect_facts
 from bertopt.passes.freeze_shapes import _nothing_to_fold
+from bertopt.flow.run import optimize_file
 from bertopt.pipeline import PassManager, PassOptions, structural_digest
 from bertopt.testing import run_spec
 
@@ -142,3 +144,12 @@ def test_the_fp16_range_of_a_weight_in_its_file_is_read_once(tmp_path, monkeypat
     monkeypatch.undo()
     narrow.values = np.full(256, 7e4, np.float32)  # a pass replaced it: no longer the file's bytes
     assert constant_exceeds_fp16(narrow)
+
+
+def test_optimize_reads_its_input_once(tiny_export, tmp_path, monkeypatch):
+    scanned = []
+    scan = onnxfile.scan
+    monkeypatch.setattr(onnxfile, "scan", lambda path: scanned.append(path) or scan(path))
+    source = tiny_export("legacy14")
+    optimize_file(source, tmp_path / "out.onnx", PassManager("default", PassOptions(batch=2, seq=16), []))
+    assert scanned == [source]

@@ -17,7 +17,11 @@ installed (compile_bytecode). Measured per size, on the legacy opset-14 export a
 - onnxsim:    onnxsim.simplify with fixed input shapes (the seed's way of freezing shapes);
 - ORT:        onnxruntime.transformers optimize_model(model_type="bert") on the dynamic export.
 
-The table goes into BENCHMARKS.md between this tool's markers, with the machine, versions and command.
+A start-up table follows: what a process pays to import each library bertopt stands on, and bertopt's
+own pipeline module (what `optimize`, and `run` on an ONNX file, import; `run` imports torch and
+transformers only to export a checkpoint), each in a fresh process.
+
+The tables go into BENCHMARKS.md between this tool's markers, with the machine, versions and command.
 """
 
 from __future__ import annotations
@@ -215,6 +219,33 @@ def phases(size: str, batch: int, seq: int, folder: Path) -> str:
     return "\n".join(rows)
 
 
+# What a process imports, heaviest last; bertopt.flow.run is the pipeline `optimize` and `run` load.
+STARTUP_MODULES = ["ml_dtypes", "onnx", "onnx_graphsurgeon", "onnxruntime", "bertopt.flow.run", "torch",
+                   "transformers"]
+
+
+def startup(repeat: int) -> str:
+    """Wall seconds and peak RSS of a fresh Python process that imports one module, beside one that imports
+    nothing: start-up is the fixed cost every bertopt command pays, and bert-base's ratio to its copy is
+    mostly that."""
+    cases = {"python -c pass": [sys.executable, "-c", "pass"]}
+    cases |= {f"import {module} ({_version(module)})": [sys.executable, "-c", f"import {module}"]
+              for module in STARTUP_MODULES}
+    rows = ["| start-up | wall s (median) | peak RSS MiB (median) |", "|---|---:|---:|"]
+    rows += [f"| {m.tool} | {m.median_seconds:.2f} | {m.median_mib:.0f} |"
+             for m in measure_in_turns(cases, repeat, "start-up")]
+    return "\n".join(rows)
+
+
+def _version(module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module.split(".")[0].replace("_", "-"))
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def table(size: str, results: list[Measurement]) -> str:
     copy, floor = (next(m for m in results if m.tool == tool) for tool in (COPY_FLOOR, LOAD_SAVE_FLOOR))
     rows = [f"| bert-{size} | tool | wall s (median) | x copy | x load+save | peak RSS MiB (median) | x load+save |",
@@ -277,6 +308,7 @@ def main() -> None:
         for size in args.sizes.split(","):
             sections.append(table(size, bench_size(size, args.batch, args.seq, args.repeat, Path(tmp), baseline)))
             sections.append(phases(size, args.batch, args.seq, Path(tmp)))
+        sections.append(startup(args.repeat))
     command = "python tools/bench_pipeline.py " + " ".join(sys.argv[1:])
     text = (f"## Pipeline cost (tools/bench_pipeline.py)\n\nMeasured {time.strftime('%Y-%m-%d %H:%M')} with "
             f"`{command.strip()}`: legacy opset-14 export, batch {args.batch}, seq {args.seq}, median of "

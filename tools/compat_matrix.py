@@ -6,9 +6,10 @@
 Families are DISCOVERED from transformers' auto mappings (every model type with a question-answering,
 sequence-classification, image-classification, audio-classification or base-model class), not listed by
 hand. Image and audio classifiers (the `image-cls` and `audio-cls` heads: pixel values, log-mel features or
-a waveform in, logits out; families bertopt exports as deployed, e.g. Whisper's encoder, stay so) are run
-whatever their config says, since the class alone is exported; an image or audio model with only a base
-class is excluded. A text family is excluded, with a row saying why, when its config or classes say it is
+a waveform in, logits out) are run whatever their config says, since the class alone is exported; an image
+or audio model with only a base class is excluded. Families bertopt exports as users deploy them
+(bertopt.flow.export.KINDS: Whisper's, T5's and BART's encoders, CLIP's vision tower...) are run so, their
+row's head naming what the export returns, e.g. `last_hidden_state (as deployed)`. A text family is excluded, with a row saying why, when its config or classes say it is
 not a text encoder: an encoder-decoder (`is_encoder_decoder`), a composite model (a sub-config set, e.g.
 text_config + vision_config), a model whose main input is not `input_ids` (time series) or whose forward
 takes no `input_ids`, a decoder-only model (a
@@ -66,6 +67,7 @@ DEFAULT_WORK = REPO / ".cache" / "compat-matrix"
 EXPORTER_SPECS = {"legacy14": ("legacy", 14), "legacy17": ("legacy", 17), "dynamo18": ("dynamo", 18)}
 DEFAULT_EXPORTERS = "legacy14,legacy17,dynamo18"
 BATCH, SEQ = 2, 16
+HEAD_SIZE_NAMES = ("d_kv",)  # per-head sizes not named "head" (T5Config.d_kv)
 CONTENT_HEADS = ("image-cls", "audio-cls")  # run whatever the config says: the classifier alone is exported
 TINY = {"hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2, "intermediate_size": 64,
         "vocab_size": 1000, "max_position_embeddings": 128}
@@ -90,7 +92,17 @@ class Family:
 
     @property
     def head(self) -> str | None:
-        return self.heads[0] if self.heads else None
+        """The row's head: for a family bertopt exports as deployed, what that export returns."""
+        return deployed_as(self.name) or (self.heads[0] if self.heads else None)
+
+
+def deployed_as(name: str) -> str | None:
+    """'<outputs> (as deployed)' for a family bertopt exports as users deploy it (bertopt.flow.export.KINDS:
+    ViT's logits, CLIP's image_embeds, the encoders' last_hidden_state), whatever head the row asked for."""
+    from bertopt.flow.export import KINDS
+
+    kind = KINDS.get(name)
+    return f"{', '.join(kind.outputs)} (as deployed)" if kind else None
 
 
 # --------------------------------------------------------------------------- discovery
@@ -142,7 +154,7 @@ def _exclusion(name: str, heads: list[str], class_name: str, decoder: bool) -> s
     model_class = getattr(transformers, class_name, None)
     if model_class is None:
         return f"transformers has no class {class_name}"
-    if set(heads) & set(CONTENT_HEADS):
+    if set(heads) & set(CONTENT_HEADS) or (heads and deployed_as(name)):
         return None
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder (config.is_encoder_decoder)"
@@ -201,7 +213,7 @@ def _shrunk_counts(values: dict, overrides: dict, sizes: dict, head_dim: int | N
             continue
         if value in sizes:
             found[key] = sizes[value]
-        elif "head" in key and value == head_dim:
+        elif ("head" in key or key in HEAD_SIZE_NAMES) and value == head_dim:
             found[key] = TINY_HEAD_DIM
         elif key.endswith("layers") and value > TINY["num_hidden_layers"]:
             found[key] = TINY["num_hidden_layers"]
@@ -257,7 +269,7 @@ def worker_row(family: Family, spec: str, work: Path, cann: str | None) -> dict:
     if model.causal:
         return {**row, "status": "excluded",
                 "detail": f"decoder-only (causal self-attention: {model.causal}.is_causal)"}
-    row.update(head=model.head, config=model.overrides, size="tiny" if model.narrow else "default widths, 2 layers")
+    row.update(head=family.head if deployed_as(family.name) else model.head, config=model.overrides, size="tiny" if model.narrow else "default widths, 2 layers")
     onnx_path = work / "exports" / f"{family.name}-{spec.replace(':', '-')}.onnx"
     try:
         exported = export_onnx(model.source, onnx_path, exporter=exporter, opset=opset, attention=attention,

@@ -97,6 +97,17 @@ def _whisper_encoder(config, attention: str, pretrained: Path | None = None):
     return WhisperEncoder(config)
 
 
+def _bart_encoder(config, attention: str, pretrained: Path | None = None):
+    """BART's encoder alone, as T5's and Whisper's: what runs on the NPU per input; the decoder loops."""
+    from transformers import BartModel
+    from transformers.models.bart.modeling_bart import BartEncoder
+
+    if pretrained is not None:
+        return _built(BartModel, config, attention, pretrained).get_encoder()
+    config._attn_implementation = attention
+    return BartEncoder(config)
+
+
 def _t5_encoder(config, attention: str, pretrained: Path | None = None):
     from transformers import T5EncoderModel
 
@@ -131,6 +142,7 @@ KINDS: dict[str, ModelKind] = {
     "clip_text_model": ModelKind(_clip_tower("text"), _TOKENS, ("text_embeds",), "clip_text_model"),
     "whisper": ModelKind(_whisper_encoder, ("input_features",), ("last_hidden_state",), "whisper"),
     "t5": ModelKind(_t5_encoder, _TOKENS, ("last_hidden_state",), "t5"),
+    "bart": ModelKind(_bart_encoder, _TOKENS, ("last_hidden_state",), "bart"),
 }
 # Outputs whose axis 1 is the sequence of a text model (the others keep batch only dynamic).
 _SEQUENCE_OUTPUTS = {"start_logits", "end_logits", "last_hidden_state"}
@@ -173,6 +185,8 @@ _WHISPER_BASE = dict(d_model=512, encoder_layers=6, encoder_attention_heads=8, e
 _WHISPER_TINY = dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
                      decoder_attention_heads=2, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=32,
                      vocab_size=1000, **_WHISPER_IDS)
+# BART numbers positions from 2 (BartLearnedPositionalEmbedding.offset): its table has two more rows.
+_BART = dict(vocab_size=50265, max_position_embeddings=1024, pad_token_id=1, bos_token_id=0, eos_token_id=2)
 
 PRESETS: dict[str, Preset] = {
     "bert-base": Preset("BERT-Base uncased architecture (12x768), RANDOM weights", "bert",
@@ -224,6 +238,14 @@ PRESETS: dict[str, Preset] = {
                                           vocab_size=32128, relative_attention_num_buckets=32)),
     "t5-tiny-encoder": Preset("tiny T5 encoder (2x32, 2 heads of 16), RANDOM weights", "t5",
                               dict(d_model=32, d_kv=16, num_heads=2, num_layers=2, d_ff=64, vocab_size=1000)),
+    "bart-base-encoder": Preset("BART-Base encoder (6x768, 12 heads, 1024 positions), RANDOM weights", "bart",
+                                dict(_BART, d_model=768, encoder_layers=6, encoder_attention_heads=12,
+                                     encoder_ffn_dim=3072, decoder_layers=6, decoder_attention_heads=12,
+                                     decoder_ffn_dim=3072)),
+    "bart-tiny-encoder": Preset("tiny BART encoder (2x32, 2 heads, 128 positions, vocab 1000), RANDOM weights",
+                                "bart", dict(_BART, vocab_size=1000, max_position_embeddings=128, d_model=32,
+                                             encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+                                             decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64)),
     "gpt2": Preset("GPT-2 small architecture (12x768, causal, 1024 positions; QA head), RANDOM weights", "gpt2",
                    dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)),
     "gpt2-tiny": Preset("tiny GPT-2 (2x32, causal; QA head), RANDOM weights", "gpt2",

@@ -29,7 +29,7 @@ from bertopt.model.facts import ModelFacts, check_shape, content_shape, detect_f
 from bertopt.pipeline import Instruments, PassManager, PassOptions, PassRecord, parse_spec
 from bertopt.validation.backends import Backend, Skipped
 from bertopt.validation.candidates import AscendCandidates, CandidateReport, run_candidates, validate_candidates
-from bertopt.validation.parity import (Comparison, check_feedable, graph_only, input_specs_of, parity_check,
+from bertopt.validation.parity import (Comparison, check_feedable, input_specs_of, parity_check,
                                        tolerances_for)
 
 if TYPE_CHECKING:
@@ -337,7 +337,7 @@ def optimize_file(source: Path, output: Path, manager: PassManager,
     facts = detect_facts(graph)
     batch, seq = manager.options.batch, manager.options.seq
     check_shape(facts, batch, seq)
-    check_feedable(facts, input_specs_of(graph_only(source)), batch=batch, seq=seq)  # what the output is checked on
+    check_feedable(facts, input_specs_of(graph), batch=batch, seq=seq)  # what the output is checked on
     facts, records = manager.run(graph, facts)
     progress(f"saving {output}")
     save_graph(graph, output)

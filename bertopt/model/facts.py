@@ -13,7 +13,8 @@ inputs get their roles by use:
 The family is named by structure (`family_of`): vision models by their prepended tokens (DeiT has a
 class and a distillation token) and CLIP's quick_gelu or pre-encoder LayerNorm; Whisper's encoder by
 its audio front end; T5's encoder by RMSNorm and its relative position bias; causal models as CLIP's
-text tower (quick_gelu, end-of-text pooling by ArgMax) or GPT-2; every other text encoder as "bert".
+text tower (quick_gelu, end-of-text pooling by ArgMax) or GPT-2; BART's encoder by its positions, counted
+from 2 (`_position_numbering`); every other text encoder as "bert".
 
 Two facts come from evaluating a small part of the graph (bertopt.graph.evaluate), since exporters
 spell them in many ways:
@@ -48,7 +49,8 @@ ROLES = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel
 TOKEN_ROLES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")  # [batch, seq] inputs
 # What a model reads, by the role of its content input.
 MODALITIES = {"pixel_values": "image", "input_features": "audio"}
-FAMILIES = ("bert", "gpt2", "clip-text", "t5-encoder", "vit", "deit", "clip-vision", "whisper-encoder")
+FAMILIES = ("bert", "bart-encoder", "gpt2", "clip-text", "t5-encoder", "vit", "deit", "clip-vision",
+            "whisper-encoder")
 
 
 @dataclass(frozen=True)
@@ -139,14 +141,15 @@ def detect_facts(graph: gs.Graph) -> ModelFacts:
     head_dim = _head_dim(graph, hidden, heads_attr)
     batch, seq = static_batch_seq(graph, roles, softmaxes)
     mask = next((t for t in graph.inputs if roles.get(t.name) == "attention_mask"), None)
-    max_positions = _max_positions(graph, lookups, int(word_table.shape[1])) if word_table is not None else None
+    first_position, counted_by = _position_numbering(graph)
+    max_positions = _max_positions(lookups, int(word_table.shape[1]), first_position) if word_table is not None else None
     attention = _attention_kind(graph, softmaxes, mask, roles, batch, seq, max_positions)
     heads = hidden // head_dim
     relative = _relative_position_bias(lookups, heads, softmaxes)
     norm, position = norm_placement(graph, softmaxes)
     image_size, frames = content_dims(graph, roles)
     return ModelFacts(
-        family=family_of(graph, roles, attention, relative, norm, position),
+        family=family_of(graph, roles, attention, relative, norm, counted_by),
         num_layers=layers,
         hidden=hidden,
         heads=heads,
@@ -280,32 +283,36 @@ def _token_type_table(from_inputs, ids, roles: dict[str, str]) -> gs.Constant | 
     return None
 
 
-def _max_positions(graph: gs.Graph, lookups, width: int) -> int | None:
+def _max_positions(lookups, width: int, first_position: int) -> int | None:
     """Position tables (as wide as the word table) are looked up by computed ids, not a graph input."""
     rows = [t.shape[0] for t, source in lookups if source is None and t.shape[1] == width]
-    return int(max(rows)) - _position_offset(graph) if rows else None
+    return int(max(rows)) - first_position if rows else None
 
 
-def _position_offset(graph: gs.Graph) -> int:
-    """RoBERTa numbers positions from padding_idx + 1 (cumsum of the mask, plus padding_idx), so
-    its 514-row table holds 512 positions; BERT's positions start at 0."""
+def _position_numbering(graph: gs.Graph) -> tuple[int, str | None]:
+    """The id of the first position and what counts them, where it is not BERT's (0, None): RoBERTa's
+    are the cumsum of the mask plus padding_idx, from padding_idx + 1 ("mask"); BART's a Range plus
+    BartLearnedPositionalEmbedding.offset, 2 ("range"). Their position tables hold that many more rows
+    than positions."""
     for node in graph.nodes:
         if node.op != "Add":
             continue
         scalars = [t for t in node.inputs if isinstance(t, gs.Constant) and int(np.prod(t.shape)) == 1
                    and np.dtype(t.dtype).kind == "i"]
         others = [t for t in node.inputs if not isinstance(t, gs.Constant)]
-        if len(scalars) == 1 and len(others) == 1 and _computed_by_cumsum(others[0]):
-            return int(np.asarray(scalars[0].values).reshape(-1)[0]) + 1
-    return 0
+        if len(scalars) != 1 or len(others) != 1:
+            continue
+        start = int(np.asarray(scalars[0].values).reshape(-1)[0])
+        if _computed_by(others[0], "CumSum", depth=4):
+            return start + 1, "mask"
+        if start > 0 and _computed_by(others[0], "Range", depth=4) and _indexes_a_table(node.outputs[0]):
+            return start, "range"
+    return 0, None
 
 
-def _computed_by_cumsum(tensor: gs.Tensor, hops: int = 4) -> bool:
-    if hops == 0 or not tensor.inputs:
-        return False
-    node = tensor.inputs[0]
-    return node.op == "CumSum" or any(_computed_by_cumsum(t, hops - 1) for t in node.inputs
-                                      if not isinstance(t, gs.Constant))
+def _indexes_a_table(ids: gs.Tensor) -> bool:
+    return any(reader.op == "Gather" and reader.inputs[1] is ids and isinstance(reader.inputs[0], gs.Constant)
+               for reader in ids.outputs)
 
 
 def attention_layer_softmaxes(graph: gs.Graph) -> list[gs.Node]:
@@ -571,11 +578,17 @@ def _head_dim(graph: gs.Graph, hidden: int, heads_attr: int | None) -> int:
     """Head size from the [.., heads, head_dim] Reshape that feeds the Q/K/V head Transposes."""
     if heads_attr:
         return hidden // int(heads_attr)
+    head_dims = []
     for node in graph.nodes:
         if node.op == "Transpose" and list(node.attrs.get("perm", [])) in ([0, 2, 1, 3], [0, 2, 3, 1]):
             dims = _reshape_target(node.inputs[0])
             if dims and dims[-1] > 0 and hidden % dims[-1] == 0:
                 return int(dims[-1])
+            if dims and dims[-1] > 0:
+                head_dims.append(int(dims[-1]))
+    if head_dims:  # T5-11B: 128 heads of d_kv 128 over d_model 1024
+        raise BertoptError(f"unsupported attention: heads of {head_dims[0]} do not divide the hidden size {hidden} "
+                           "(Q, K, V project to another width); bertopt's passes need heads x head size = hidden")
     raise BertoptError("not a transformer bertopt knows: cannot find the attention head reshape")
 
 
@@ -743,7 +756,7 @@ def _relative_position_bias(lookups, heads: int, softmaxes: list[gs.Node]) -> bo
 
 
 def family_of(graph: gs.Graph, roles: dict[str, str], attention: str, relative: bool, norm: str,
-              position: str) -> str:
+              positions_counted_by: str | None) -> str:
     """The family, named by what the graph is made of (module docstring), never by tensor names."""
     ops = {node.op for node in graph.nodes}
     quick_gelu = "Sigmoid" in ops and any(_is_quick_gelu(node) for node in graph.nodes if node.op == "Sigmoid")
@@ -758,7 +771,7 @@ def family_of(graph: gs.Graph, roles: dict[str, str], attention: str, relative: 
         return "t5-encoder"
     if attention == "causal":
         return "clip-text" if quick_gelu or "ArgMax" in ops else "gpt2"
-    return "bert"
+    return "bart-encoder" if positions_counted_by == "range" else "bert"
 
 
 QUICK_GELU_ALPHA = 1.702  # bertopt.model.forms.quick_gelu_pattern (forms imports the pattern layer facts does not)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from bertopt.errors import BertoptError, first_line
@@ -71,11 +72,15 @@ InputSpecs = dict[str, tuple[np.dtype, tuple]]
 
 # --------------------------------------------------------------------------- realistic inputs
 
-def input_specs_of(model: onnx.ModelProto) -> InputSpecs:
-    """Graph input name -> (numpy dtype, shape); dims are ints, symbolic names, or None.
+def input_specs_of(model: onnx.ModelProto | gs.Graph) -> InputSpecs:
+    """Graph input name -> (numpy dtype, shape); dims are ints, symbolic names, or None; an input of
+    unknown rank has shape (). `model` is a model or a graph already loaded (its inputs as they are now).
 
     Initializers that old IR versions also list as graph inputs are left out: nobody feeds them.
     """
+    if isinstance(model, gs.Graph):
+        return {tensor.name: (np.dtype(tensor.dtype), tuple(tensor.shape or ()))
+                for tensor in model.inputs if isinstance(tensor, gs.Variable)}
     initializers = {init.name for init in model.graph.initializer}
     specs: InputSpecs = {}
     for value in model.graph.input:
