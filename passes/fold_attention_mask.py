@@ -18,6 +18,8 @@ Every exporter turns the `attention_mask` input ([batch, seq], 1 = token, 0 = pa
 - XLM and FlauBERT (``masked_fill``): ``Where(Equal(mask, 0), -3.4028235e38, scores)`` replaces the
   scores themselves;
 - GPT-2-style decoders: padding and causality in one ``Where(And(tril, mask), 0, -3.4028235e38)``;
+- T5 with SDPA attention: the position bias and the mask in one ``Where(mask, position_bias,
+  -3.4028235e38)``, added to the scores;
 - fp16 exports: all of the above with finfo(float16).min = -65504;
 - a float attention-mask input: a 0/1 mask, spelled as the integer one after a Cast(bool), or an
   additive mask (0 keeps, very negative removes) added to the scores as it is;
@@ -44,7 +46,10 @@ other kinds of model get the same shape and values, spelled for what they have:
   mask_value). Also static shapes only.
 
 A ``Where(B, fill, scores)`` site becomes ``Add(scores, mask)``; a Softmax fed the bare scores (no
-mask input) gets the Add inserted in front of it. A Cast between the masked scores and the Softmax to
+mask input) gets the Add inserted in front of it. A mask that carries a bias, ``Add(scores, Where(B, bias,
+fill))`` (T5's SDPA export), becomes ``Add(Add(scores, bias), mask)``: the bias is kept, added to the
+scores as T5's eager export does, and B is checked as a Where condition is. The bias must not depend on
+the attention mask's values. A Cast between the masked scores and the Softmax to
 the type the scores already have (XLM's ``.float()`` in an fp32 model) is dropped, so the Softmax
 reads the masked scores as ATC's form has it; a real cast (fp16 scores, fp32 Softmax) stays.
 
@@ -105,8 +110,9 @@ class Site:
     """One place a mask enters attention.
 
     kind "add": input `index` of the Add `node` before `softmax`; "where": the Where `node` whose
-    condition (input 0) removes scores when it is `removes_when`; "bare": `softmax` reads the scores
-    straight; "attention": input 3 of the Attention `node`.
+    condition (input 0) removes scores when it is `removes_when`; "biased": input `index` of the Add
+    `node` is ``Where(condition, bias, fill)`` (or the fill first), a mask carrying a bias; "bare":
+    `softmax` reads the scores straight; "attention": input 3 of the Attention `node`.
     """
 
     kind: str
@@ -117,16 +123,28 @@ class Site:
     cast: gs.Node | None = None  # a Cast between the masked scores and the Softmax (XLM's .float())
 
     @property
+    def where(self) -> gs.Node | None:
+        """The Where whose condition is the mask (kinds "where" and "biased")."""
+        if self.kind == "biased":
+            return self.node.inputs[self.index].inputs[0]
+        return self.node if self.kind == "where" else None
+
+    @property
     def source(self) -> gs.Tensor | None:
         """What is evaluated: the additive mask, the Where condition, or nothing for a bare site."""
         if self.kind == "bare":
             return None
-        return self.node.inputs[0] if self.kind == "where" else self.node.inputs[self.index]
+        return self.where.inputs[0] if self.where is not None else self.node.inputs[self.index]
+
+    @property
+    def bias(self) -> gs.Tensor | None:
+        """What a "biased" mask adds to the scores where the condition keeps them."""
+        return self.where.inputs[2 if self.removes_when else 1] if self.kind == "biased" else None
 
     @property
     def scores(self) -> gs.Tensor:
         """A tensor of the scores' dtype."""
-        if self.kind == "add":
+        if self.kind in ("add", "biased"):
             return self.node.inputs[1 - self.index]
         if self.kind == "where":
             return self.node.inputs[2 if self.removes_when else 1]
@@ -241,6 +259,20 @@ def _fill_index(where: gs.Node, free: set[int]) -> int | None:
     return where_fill(where, lambda tensor: id(tensor) not in free)
 
 
+def _biased_mask_fill(mask: gs.Tensor, free: set[int], by_mask: set[int]) -> int | None:
+    """The fill's branch (1 or 2) when `mask` is ``Where(B, bias, fill)`` (or ``Where(B, fill, bias)``)
+    with B from the mask and a bias that is not zero and does not depend on the mask's values."""
+    where = mask.inputs[0] if mask.inputs else None
+    if where is None or where.op != "Where" or id(where.inputs[0]) not in free:
+        return None
+
+    def is_bias(tensor: gs.Tensor) -> bool:
+        values = constant_value(tensor)
+        return id(tensor) not in by_mask and (values is None or bool(values.any()))
+
+    return where_fill(where, is_bias)
+
+
 def _attention_pattern(free: set[int]) -> Pattern:
     def mask_is_mask_only(attention: gs.Node) -> bool:
         return id(attention.inputs[3]) in free
@@ -253,10 +285,13 @@ def _find_sites(graph: gs.Graph, free: set[int], mask_input: gs.Tensor | None) -
     """Every attention layer's mask site; a layer fed bare scores only counts where there is no mask
     input (with one, adding the mask would change what the layer computes)."""
     sites = []
+    by_mask = value_dependents([mask_input]) if mask_input is not None else set()
     for match in _add_pattern(free).find_all(graph, allow_escape=True):
         add = match.node("add")
         index = next(i for i, t in enumerate(add.inputs) if id(t) in free)
-        sites.append(Site("add", add, match.node("softmax"), index=index, cast=match.get_node("cast")))
+        fill = _biased_mask_fill(add.inputs[index], free, by_mask)
+        sites.append(Site("add" if fill is None else "biased", add, match.node("softmax"), index=index,
+                          removes_when=fill == 1, cast=match.get_node("cast")))
     for match in _where_pattern(free).find_all(graph, allow_escape=True):
         where = match.node("where")
         sites.append(Site("where", where, match.node("softmax"), removes_when=_fill_index(where, free) == 1,
@@ -393,6 +428,7 @@ def _fold(graph: gs.Graph, facts: ModelFacts, canonical: Canonical, sites: list[
     mask = _canonical_mask(graph, facts, canonical, _scores_dtype(sites))
     expanded = _expanded_for_attention(graph, facts, mask) if any(s.kind == "attention" for s in sites) else None
     casts = [site.cast for site in sites if _noop_cast(site)]
+    biases = {id(site.bias) for site in sites if site.bias is not None}
     for site in sites:
         _use_mask(graph, site, mask if site.kind != "attention" else expanded)
     for cast in casts:
@@ -404,7 +440,7 @@ def _fold(graph: gs.Graph, facts: ModelFacts, canonical: Canonical, sites: list[
     return PassResult(changed=True, notes=[_summary(canonical, sites, old_masks, old_constants), *notes],
                       counts={"masks_replaced": len(old_masks), "layers": len(sites), "masks_added": bare,
                               "nan_guards_removed": guards, "noop_casts_removed": len(casts),
-                              "nodes_removed": removed})
+                              "nodes_removed": removed, "biases_kept": len(biases)})
 
 
 def _summary(canonical: Canonical, sites: list[Site], old_masks: dict, old_constants: list[float]) -> str:
@@ -415,8 +451,10 @@ def _summary(canonical: Canonical, sites: list[Site], old_masks: dict, old_const
         old = ", ".join(f"{c:g}" for c in old_constants)
     else:
         old = "none (additive mask input)" if canonical.kind == "additive" else "none (boolean mask)"
+    biased = sum(site.kind == "biased" for site in sites)
+    kept = f"; the bias it carried in {biased} layer(s) is added to their scores" if biased else ""
     return (f"replaced {len(old_masks)} mask(s) feeding {len(sites) - bare} attention layer(s) with "
-            f"{canonical.describe()}; old masking constant(s): {old}")
+            f"{canonical.describe()}; old masking constant(s): {old}{kept}")
 
 
 def _noop_cast(site: Site) -> bool:
@@ -433,6 +471,11 @@ def _use_mask(graph: gs.Graph, site: Site, mask: gs.Tensor) -> None:
         site.node.inputs[site.index] = mask
         return
     scores = site.scores
+    if site.kind == "biased":
+        biased = add_node(graph, "Add", [scores, site.bias], dtype=scores.dtype, shape=scores.shape)[0]
+        site.node.inputs[1 - site.index] = biased
+        site.node.inputs[site.index] = mask
+        return
     if site.kind == "bare":
         masked = add_node(graph, "Add", [scores, mask], dtype=scores.dtype, shape=scores.shape)[0]
         site.softmax.inputs[0] = masked
@@ -453,8 +496,8 @@ def _scores_dtype(sites: list[Site]) -> np.dtype:
 def _masking_constants(site: Site) -> set[float]:
     """The very negative fill values (one-element float constants) of the old mask subgraph."""
     tensors = [site.source] + [t for node in closure([site.source]) for t in node.inputs]
-    if site.kind == "where":
-        tensors.append(site.node.inputs[1 if site.removes_when else 2])
+    if site.where is not None:
+        tensors.append(site.where.inputs[1 if site.removes_when else 2])
     found = set()
     for tensor in tensors:
         values = constant_value(tensor)
@@ -538,7 +581,7 @@ def _mask_problem(value: np.ndarray, keep: np.ndarray, site: Site) -> str | None
         return f"its shape {list(value.shape)} does not broadcast to [batch, 1, 1, seq] = [{batch}, 1, 1, {seq}]"
     full = np.broadcast_to(value, shape)
     keep = np.broadcast_to(keep, shape)
-    if site.kind == "where":
+    if site.where is not None:
         keep = keep if not site.removes_when else ~keep
         wrong = full != keep
         return f"the condition differs from the mask at {int(wrong.sum())} position(s)" if wrong.any() else None

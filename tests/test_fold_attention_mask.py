@@ -226,6 +226,24 @@ def test_user_exports_golden_parity_and_second_run(user_export, name):
     assert not again.changed and "already share the canonical mask" in again.notes[0]
 
 
+@pytest.mark.golden
+def test_a_mask_carrying_t5s_position_bias_is_folded_and_the_bias_kept(tiny_export):
+    """T5 exported with SDPA: Where(mask, position_bias, finfo.min) is added to the scores (-inf in fp16);
+    the bias moves onto the scores and the mask becomes the canonical one."""
+    path = tiny_export("sdpa14", preset="t5-tiny-encoder")
+    before, after = _before_and_after(path, "freeze-shapes")
+    record = after.record(FOLD)
+    assert record.changed and record.counts["biases_kept"] == 1, record.notes
+    assert "the bias it carried in 2 layer(s) is added to their scores" in record.notes[0]
+    assert all(abs(v) <= FP16_MAX for v in _mask_path_constants(after.graph))
+    assert not [n for n in after.graph.nodes if n.op == "Where"]
+    assert_graph_matches(before, GOLDEN / "t5-sdpa14.before.txt")
+    assert_graph_matches(after.graph, GOLDEN / "t5-sdpa14.after.txt")
+    assert_parity(path, after)
+    again = run_spec(to_model(after.graph), FOLD, batch=TINY_BATCH, seq=TINY_SEQ).record(FOLD)
+    assert not again.changed and "already share the canonical mask" in again.notes[0]
+
+
 @pytest.mark.parametrize("form", list(MASKED_FILL))
 def test_masked_fill_becomes_the_canonical_add(form):
     """Both orientations of Where(condition, fill, scores) fold to the graph the Add chain folds to."""
@@ -274,7 +292,7 @@ def test_counts_and_old_constant(tiny_export, name, masks, guards, old_constant)
 def test_hand_built_chain_reports_its_constant():
     record = run_spec(HAND_BUILT["chain420"], FOLD, batch=TINY_BATCH, seq=TINY_SEQ).record(FOLD)
     assert record.counts == {"masks_replaced": 1, "layers": 2, "masks_added": 0, "nan_guards_removed": 0,
-                             "noop_casts_removed": 0, "nodes_removed": 5}
+                             "noop_casts_removed": 0, "nodes_removed": 5, "biases_kept": 0}
     assert "old masking constant(s): -10000" in record.notes[0]
 
 
