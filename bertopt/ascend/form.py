@@ -24,7 +24,7 @@ bertopt/data/fusion_gates.json), so any such name passes `scale-mul`; the pass n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx_graphsurgeon as gs
 
@@ -141,11 +141,24 @@ def check_blocks(graph: gs.Graph, facts: ModelFacts) -> list[BlockReport]:
     reports = []
     for layer, softmax in enumerate(attention_softmaxes(graph)):
         block = locate_block(softmax)
-        checks = [_check_2d(block, facts), _check_consumers(block), _check_qkv(block, facts, graph),
-                  _check_scale(block, facts, graph), _check_mask(block, facts),
-                  _check_context(block, facts, graph)]
+        here = block_facts(facts, block)
+        checks = [_check_2d(block, here), _check_consumers(block), _check_qkv(block, here, graph),
+                  _check_scale(block, here, graph), _check_mask(block, here),
+                  _check_context(block, here, graph)]
         reports.append(BlockReport(layer, softmax.name, checks))
     return reports
+
+
+def block_facts(facts: ModelFacts, block: BlockNodes) -> ModelFacts:
+    """The facts as this block sees them, from Q [rows, heads, seq, head_dim] of its Q.K^T MatMul where that
+    shape is inferred: the model's in every block but where attention is windowed, as Swin's blocks attend
+    within windows (each a row of the batch) and its stages widen."""
+    matmul = block.scores_matmul
+    query = list(matmul.inputs[0].shape or []) if matmul is not None else []
+    if len(query) != 4 or not all(isinstance(d, int) and d > 0 for d in query):
+        return facts
+    rows, heads, seq, head_dim = query
+    return replace(facts, batch=rows, seq=seq, hidden=heads * head_dim, heads=heads, head_dim=head_dim)
 
 
 def locate_block(softmax: gs.Node) -> BlockNodes:

@@ -46,7 +46,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from bertopt.ascend.cann import CannTarget, version_key
-from bertopt.ascend.form import BlockNodes, BlockReport, attention_softmaxes, locate_block
+from bertopt.ascend.form import BlockNodes, BlockReport, attention_softmaxes, block_facts, locate_block
 from bertopt.ascend.layernorm import decomposed_layernorm_pattern
 from bertopt.errors import BertoptError
 from bertopt.graph.pattern import Const, OneOf, Op, Pattern, Var, _
@@ -117,7 +117,7 @@ def _data() -> dict:
 
 @dataclass(frozen=True)
 class AttentionShape:
-    """The numbers the kernels' gates test, the same for every block of a static model."""
+    """The numbers the kernels' gates test, for one block of a static model (`block_facts`)."""
 
     batch: int
     seq: int
@@ -291,20 +291,21 @@ def predict_fusion(graph: gs.Graph, facts: ModelFacts, blocks: list[BlockReport]
                    soc: str) -> FusionPrediction:
     """Each block's five verdicts. `blocks` are check_blocks' reports on the same graph (shapes inferred)."""
     gates = fusion_gates(target)
-    shape = AttentionShape.of(facts)
     order = {id(node): index for index, node in enumerate(graph.nodes)}
     softmaxes = attention_softmaxes(graph)
     gelus = _gelu_sites(graph)
     predictions = []
     for index, (report, softmax) in enumerate(zip(blocks, softmaxes)):
         nodes = locate_block(softmax)
+        here = block_facts(facts, nodes)
+        shape = AttentionShape.of(here)
         forms = {check.name: check for check in report.checks}
         layer_norm = _layer_norm_verdict(graph, nodes, target, gates)
-        mul_add = _mul_add_verdict(nodes, facts, gates)
+        mul_add = _mul_add_verdict(nodes, here, gates)
         following = softmaxes[index + 1] if index + 1 < len(softmaxes) else None
         predictions.append(BlockPrediction(report.layer, [
             layer_norm,
-            _ln_qkv_verdict(nodes, forms, layer_norm, facts, shape, soc, gates, order),
+            _ln_qkv_verdict(nodes, forms, layer_norm, here, shape, soc, gates, order),
             mul_add,
             _attention_score_verdict(nodes, forms, mul_add, shape, soc, gates),
             _gelu_verdict(graph, gelus, softmax, following, order, gates),

@@ -137,6 +137,7 @@ _TOKENS = ("input_ids", "attention_mask")
 KINDS: dict[str, ModelKind] = {
     "vit": ModelKind(_image_classifier, _IMAGE, ("logits",), "vit"),
     "deit": ModelKind(_deit_classifier, _IMAGE, ("logits",), "deit"),
+    "swin": ModelKind(_image_classifier, _IMAGE, ("logits",), "swin"),
     "clip_vision_model": ModelKind(_clip_tower("vision"), _IMAGE, ("image_embeds",), "clip_vision_model"),
     "clip": ModelKind(_clip_tower("vision"), _IMAGE, ("image_embeds",), "clip_vision_model"),
     "clip_text_model": ModelKind(_clip_tower("text"), _TOKENS, ("text_embeds",), "clip_text_model"),
@@ -215,6 +216,12 @@ PRESETS: dict[str, Preset] = {
                               image_size=224, patch_size=16, num_labels=1000)),
     "deit-tiny": Preset("tiny DeiT (2x32, 32x32 images of 8x8 patches: 18 tokens), RANDOM weights", "deit",
                         dict(_BERT_TINY, image_size=32, patch_size=8, num_labels=10)),
+    "swin-t": Preset("Swin-T at 224x224 (patch 4, window 7, 96 wide, stages of 2/2/6/2 blocks), RANDOM weights",
+                     "swin", dict(image_size=224, patch_size=4, window_size=7, embed_dim=96, depths=[2, 2, 6, 2],
+                                  num_heads=[3, 6, 12, 24], num_labels=1000)),
+    "swin-tiny": Preset("tiny Swin (2 stages of 1 block, 32 wide, 32x32 images: windows of 4x4 patches), RANDOM "
+                        "weights", "swin", dict(image_size=32, patch_size=4, window_size=4, embed_dim=32,
+                                                depths=[1, 1], num_heads=[2, 2], num_labels=10)),
     "clip-vit-b32": Preset("CLIP ViT-B/32 vision tower at 224x224 (12x768, 50 tokens, image_embeds 512), "
                            "RANDOM weights", "clip_vision_model",
                            dict(_BERT_BASE, image_size=224, patch_size=32, projection_dim=512)),

@@ -10,8 +10,8 @@ inputs get their roles by use:
   `input_features`: a 3-D float input read by a Conv (Whisper's Conv1d front end, exported as Conv);
 - `attention_mask`: the remaining integer or float input that reaches attention.
 
-The family is named by structure (`family_of`): vision models by their prepended tokens (DeiT has a
-class and a distillation token) and CLIP's quick_gelu or pre-encoder LayerNorm; Whisper's encoder by
+The family is named by structure (`family_of`): vision models by their window partition (Swin), their
+prepended tokens (DeiT has a class and a distillation token) and CLIP's quick_gelu or pre-encoder LayerNorm; Whisper's encoder by
 its audio front end; T5's encoder by RMSNorm and its relative position bias; causal models as CLIP's
 text tower (quick_gelu, end-of-text pooling by ArgMax) or GPT-2; BART's encoder by its positions, counted
 from 2 (`_position_numbering`); every other text encoder as "bert".
@@ -49,7 +49,7 @@ ROLES = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel
 TOKEN_ROLES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")  # [batch, seq] inputs
 # What a model reads, by the role of its content input.
 MODALITIES = {"pixel_values": "image", "input_features": "audio"}
-FAMILIES = ("bert", "bart-encoder", "gpt2", "clip-text", "t5-encoder", "vit", "deit", "clip-vision",
+FAMILIES = ("bert", "bart-encoder", "gpt2", "clip-text", "t5-encoder", "vit", "deit", "clip-vision", "swin",
             "whisper-encoder")
 
 
@@ -77,7 +77,9 @@ class ModelFacts:
     dtype: str = "float32"  # what the weights are stored in (the word embeddings'): "float16" after model.half()
     norm: str = "layernorm"  # or "rmsnorm" (T5: no mean subtracted, no beta)
     norm_position: str = "post"  # "pre": each block normalises its input and adds the residual unnormalised
-    attention_kind: str = "standard"  # "causal", or "relative-bias" (T5: a learned bias by relative position)
+    # "causal", "relative-bias" (T5: a learned bias by relative position), or "windowed" (Swin: attention within
+    # windows of patches, a relative position bias added)
+    attention_kind: str = "standard"
     image_size: tuple[int, int] | None = None  # [height, width] of pixel_values where static
     frames: int | None = None  # the frames of input_features where static
 
@@ -146,10 +148,11 @@ def detect_facts(graph: gs.Graph) -> ModelFacts:
     attention = _attention_kind(graph, softmaxes, mask, roles, batch, seq, max_positions)
     heads = hidden // head_dim
     relative = _relative_position_bias(lookups, heads, softmaxes)
+    windowed = _window_partition(graph)
     norm, position = norm_placement(graph, softmaxes)
     image_size, frames = content_dims(graph, roles)
     return ModelFacts(
-        family=family_of(graph, roles, attention, relative, norm, counted_by),
+        family="swin" if windowed else family_of(graph, roles, attention, relative, norm, counted_by),
         num_layers=layers,
         hidden=hidden,
         heads=heads,
@@ -167,7 +170,8 @@ def detect_facts(graph: gs.Graph) -> ModelFacts:
         dtype=_weights_dtype(graph, word_table),
         norm=norm,
         norm_position=position,
-        attention_kind="relative-bias" if relative else "causal" if attention == "causal" else "standard",
+        attention_kind=("windowed" if windowed else "relative-bias" if relative else
+                        "causal" if attention == "causal" else "standard"),
         image_size=image_size,
         frames=frames,
     )
@@ -724,8 +728,9 @@ def _projection_input(softmax: gs.Node) -> gs.Tensor | None:
 
 
 def _unflattened(tensor: gs.Tensor) -> gs.Tensor:
-    """Above the Reshape to [tokens, hidden] that GPT-2's Conv1D (a Gemm) and 2-D encoders read through."""
-    while tensor.inputs and tensor.inputs[0].op in ("Reshape", "Flatten", "Identity", "Cast"):
+    """Above the Reshape to [tokens, hidden] that GPT-2's Conv1D (a Gemm) and 2-D encoders read through, and
+    above Swin's window partition (Reshape, Pad, Transpose)."""
+    while tensor.inputs and tensor.inputs[0].op in ("Reshape", "Flatten", "Identity", "Cast", "Pad", "Transpose"):
         tensor = tensor.inputs[0].inputs[0]
     return tensor
 
@@ -753,6 +758,13 @@ def _relative_position_bias(lookups, heads: int, softmaxes: list[gs.Node]) -> bo
     """T5's bias: a [buckets, heads] table looked up by computed relative positions, added to the scores."""
     return bool(softmaxes) and any(source is None and len(table.shape) == 2 and table.shape[1] == heads
                                    and table.shape[0] != heads for table, source in lookups)
+
+
+def _window_partition(graph: gs.Graph) -> bool:
+    """Swin's window_partition (transformers' modeling_swin, swinv2): [batch, h/w, w, w/w, w, channels]
+    transposed (2, 3) into windows of patches; no other transformer here has a 6-D Transpose."""
+    return any(node.op == "Transpose" and list(node.attrs.get("perm", [])) == [0, 1, 3, 2, 4, 5]
+               for node in graph.nodes)
 
 
 def family_of(graph: gs.Graph, roles: dict[str, str], attention: str, relative: bool, norm: str,
