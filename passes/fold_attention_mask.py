@@ -45,13 +45,13 @@ other kinds of model get the same shape and values, spelled for what they have:
   holding mask_value above the diagonal (Min, not Add, so a token both padded and later stays at
   mask_value). Also static shapes only.
 
-A ``Where(B, fill, scores)`` site becomes ``Add(scores, mask)``; a Softmax fed the bare scores (no
-mask input) gets the Add inserted in front of it. A mask that carries a bias, ``Add(scores, Where(B, bias,
+A ``Where(B, fill, scores)`` site becomes ``Add(scores, mask)``; a Softmax fed the bare scores (no mask
+input) gets the Add inserted in front of it. A mask that carries a bias, ``Add(scores, Where(B, bias,
 fill))`` (T5's SDPA export), becomes ``Add(Add(scores, bias), mask)``: the bias is kept, added to the
 scores as T5's eager export does, and B is checked as a Where condition is. The bias must not depend on
-the attention mask's values. A Cast between the masked scores and the Softmax to
-the type the scores already have (XLM's ``.float()`` in an fp32 model) is dropped, so the Softmax
-reads the masked scores as ATC's form has it; a real cast (fp16 scores, fp32 Softmax) stays.
+the attention mask's values. A Cast between the masked scores and the Softmax to the type the scores
+already have (XLM's ``.float()`` in an fp32 model) is dropped, so the Softmax reads the masked scores as
+ATC's form has it; a real cast (fp16 scores, fp32 Softmax) stays.
 
 How a mask is recognised, whatever its form: the sites are every ``Softmax(Add(scores, M))``,
 ``Softmax(Where(B, fill, scores))`` and ``Attention(q, k, v, M)`` where M (or B) depends on no graph

@@ -11,8 +11,8 @@ inputs get their roles by use:
 - `attention_mask`: the remaining integer or float input that reaches attention.
 
 The family is named by structure (`family_of`): vision models by their window partition (Swin), their
-prepended tokens (DeiT has a class and a distillation token) and CLIP's quick_gelu or pre-encoder LayerNorm; Whisper's encoder by
-its audio front end; T5's encoder by RMSNorm and its relative position bias; causal models as CLIP's
+prepended tokens (DeiT has a class and a distillation token) and CLIP's quick_gelu or pre-encoder
+LayerNorm; Whisper's encoder by its audio front end; T5's encoder by RMSNorm and its relative position bias; causal models as CLIP's
 text tower (quick_gelu, end-of-text pooling by ArgMax) or GPT-2; BART's encoder by its positions, counted
 from 2 (`_position_numbering`); every other text encoder as "bert".
 
@@ -144,7 +144,8 @@ def detect_facts(graph: gs.Graph) -> ModelFacts:
     batch, seq = static_batch_seq(graph, roles, softmaxes)
     mask = next((t for t in graph.inputs if roles.get(t.name) == "attention_mask"), None)
     first_position, counted_by = _position_numbering(graph)
-    max_positions = _max_positions(lookups, int(word_table.shape[1]), first_position) if word_table is not None else None
+    max_positions = (_max_positions(lookups, int(word_table.shape[1]), first_position)
+                     if word_table is not None else None)
     attention = _attention_kind(graph, softmaxes, mask, roles, batch, seq, max_positions)
     heads = hidden // head_dim
     relative = _relative_position_bias(lookups, heads, softmaxes)
@@ -152,7 +153,7 @@ def detect_facts(graph: gs.Graph) -> ModelFacts:
     norm, position = norm_placement(graph, softmaxes)
     image_size, frames = content_dims(graph, roles)
     return ModelFacts(
-        family="swin" if windowed else family_of(graph, roles, attention, relative, norm, counted_by),
+        family=family_of(graph, roles, attention, relative, norm, counted_by, windowed),
         num_layers=layers,
         hidden=hidden,
         heads=heads,
@@ -768,7 +769,7 @@ def _window_partition(graph: gs.Graph) -> bool:
 
 
 def family_of(graph: gs.Graph, roles: dict[str, str], attention: str, relative: bool, norm: str,
-              positions_counted_by: str | None) -> str:
+              positions_counted_by: str | None, windowed: bool) -> str:
     """The family, named by what the graph is made of (module docstring), never by tensor names."""
     ops = {node.op for node in graph.nodes}
     quick_gelu = "Sigmoid" in ops and any(_is_quick_gelu(node) for node in graph.nodes if node.op == "Sigmoid")
@@ -776,6 +777,8 @@ def family_of(graph: gs.Graph, roles: dict[str, str], attention: str, relative: 
     if modality == "audio":
         return "whisper-encoder"
     if modality == "image":
+        if windowed:
+            return "swin"
         if _prepended_tokens(graph) >= 2:
             return "deit"
         return "clip-vision" if quick_gelu or _normalised_before_blocks(graph) else "vit"
