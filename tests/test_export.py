@@ -49,6 +49,30 @@ def test_hf_checkpoint_folder(tmp_path):
     assert "HF checkpoint" in result.description
 
 
+def test_a_bart_checkpoint_folder_exports_its_encoder_with_the_trained_weights(tmp_path):
+    """A BartForConditionalGeneration folder (what summarisation checkpoints are) gives its encoder alone,
+    with the folder's weights, not fresh ones."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(vocab_size=300, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64)
+    model = BartForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    result = export_onnx(resolve_source(str(tmp_path / "ckpt")), tmp_path / "m.onnx", cache_dir=tmp_path / "cache")
+    assert [o.name for o in onnx.load(str(result.path)).graph.output] == ["last_hidden_state"]
+    facts = detect_facts(load_graph(result.path))
+    assert (facts.family, facts.num_layers, facts.hidden, facts.max_positions) == ("bart-encoder", 1, 16, 64)
+    ids = np.random.default_rng(0).integers(4, 300, size=(1, 8))
+    with torch.no_grad():
+        expected = model.get_encoder()(input_ids=torch.tensor(ids)).last_hidden_state.numpy()
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_minilm_preset_has_real_weights(tmp_path):
     result = export_onnx(resolve_source("minilm"), tmp_path / "m.onnx")
     facts = detect_facts(load_graph(result.path))
