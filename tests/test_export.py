@@ -58,7 +58,8 @@ def test_a_bart_checkpoint_folder_exports_its_encoder_with_the_trained_weights(t
     from transformers import BartConfig, BartForConditionalGeneration
 
     config = BartConfig(vocab_size=300, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64)
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                        max_position_embeddings=64)
     model = BartForConditionalGeneration(config).eval()
     model.save_pretrained(tmp_path / "ckpt")
     result = export_onnx(resolve_source(str(tmp_path / "ckpt")), tmp_path / "m.onnx", cache_dir=tmp_path / "cache")

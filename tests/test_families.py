@@ -1,6 +1,6 @@
 """Other transformers through the same passes (issue 14): ViT, DeiT, Swin, CLIP's two towers, Whisper's
-encoder, T5's encoder, BART's encoder and GPT-2, as tiny random-weight presets (2 layers, hidden 32, biases and norms perturbed),
-exported by bertopt's exporter (legacy, opset 14) and its content cache.
+encoder, T5's encoder, BART's encoder and GPT-2, as tiny random-weight presets (2 layers, hidden 32,
+biases and norms perturbed), exported by bertopt's exporter (legacy, opset 14) and its content cache.
 
 Each family: facts read from the structure, `default` for Ascend legal for CANN 6.0 with parity on ONNX
 Runtime (fp32, 1e-4, the family's realistic inputs), every Gelu in the form ATC takes, a golden snapshot,

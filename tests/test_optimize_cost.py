@@ -11,8 +11,8 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 
-from bertopt.graph import (FileValues, onnxfile, GraphSnapshot, constant_exceeds_fp16, load_graph, save_graph, toposort,
-                           values)
+from bertopt.graph import (FileValues, GraphSnapshot, constant_exceeds_fp16, load_graph, onnxfile, save_graph,
+                           toposort, values)
 from bertopt.graph.evaluate import SubgraphEvaluator, value_dependents
 from bertopt.graph.shapes import SKELETON_VALUE_LIMIT
 from bertopt.model.facts import attention_layer_softmaxes, detect_facts

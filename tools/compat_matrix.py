@@ -9,7 +9,8 @@ hand. Image and audio classifiers (the `image-cls` and `audio-cls` heads: pixel 
 a waveform in, logits out) are run whatever their config says, since the class alone is exported; an image
 or audio model with only a base class is excluded. Families bertopt exports as users deploy them
 (bertopt.flow.export.KINDS: Whisper's, T5's and BART's encoders, CLIP's vision tower...) are run so, their
-row's head naming what the export returns, e.g. `last_hidden_state (as deployed)`. A text family is excluded, with a row saying why, when its config or classes say it is
+row's head naming what the export returns, e.g. `last_hidden_state (as deployed)`. A text family is
+excluded, with a row saying why, when its config or classes say it is
 not a text encoder: an encoder-decoder (`is_encoder_decoder`), a composite model (a sub-config set, e.g.
 text_config + vision_config), a model whose main input is not `input_ids` (time series) or whose forward
 takes no `input_ids`, a decoder-only model (a
@@ -269,7 +270,8 @@ def worker_row(family: Family, spec: str, work: Path, cann: str | None) -> dict:
     if model.causal:
         return {**row, "status": "excluded",
                 "detail": f"decoder-only (causal self-attention: {model.causal}.is_causal)"}
-    row.update(head=family.head if deployed_as(family.name) else model.head, config=model.overrides, size="tiny" if model.narrow else "default widths, 2 layers")
+    row.update(head=family.head if deployed_as(family.name) else model.head, config=model.overrides,
+               size="tiny" if model.narrow else "default widths, 2 layers")
     onnx_path = work / "exports" / f"{family.name}-{spec.replace(':', '-')}.onnx"
     try:
         exported = export_onnx(model.source, onnx_path, exporter=exporter, opset=opset, attention=attention,

@@ -6,8 +6,8 @@ what tools/compat_matrix.py surveys). Other families export as users
 deploy them (`KINDS`): ViT, DeiT and Swin with their image-classification head (logits), CLIP as one ONNX
 file per tower (the vision tower's image_embeds, the text tower's text_embeds: a CLIP checkpoint folder
 gives its vision tower, a folder saved from `CLIPTextModelWithProjection` its text tower), Whisper, T5 and
-BART as their encoders (last_hidden_state), GPT-2 like the text encoders. Image and audio inputs keep the static
-size the model's position embeddings fix (`image_size`, the frames of `max_source_positions`); a
+BART as their encoders (last_hidden_state), GPT-2 like the text encoders. Image and audio inputs keep the
+static size the model's position embeddings fix (`image_size`, the frames of `max_source_positions`); a
 random-weight preset may be exported at another size (`image_size=`, `max_source_positions=`).
 
 Two exporters, as torch 2.13 offers them: ``legacy`` (TorchScript, ``dynamo=False``, opset 11-17) and

@@ -12,9 +12,9 @@ inputs get their roles by use:
 
 The family is named by structure (`family_of`): vision models by their window partition (Swin), their
 prepended tokens (DeiT has a class and a distillation token) and CLIP's quick_gelu or pre-encoder
-LayerNorm; Whisper's encoder by its audio front end; T5's encoder by RMSNorm and its relative position bias; causal models as CLIP's
-text tower (quick_gelu, end-of-text pooling by ArgMax) or GPT-2; BART's encoder by its positions, counted
-from 2 (`_position_numbering`); every other text encoder as "bert".
+LayerNorm; Whisper's encoder by its audio front end; T5's encoder by RMSNorm and its relative position
+bias; causal models as CLIP's text tower (quick_gelu, end-of-text pooling by ArgMax) or GPT-2; BART's
+encoder by its positions, counted from 2 (`_position_numbering`); every other text encoder as "bert".
 
 Two facts come from evaluating a small part of the graph (bertopt.graph.evaluate), since exporters
 spell them in many ways:
@@ -592,8 +592,9 @@ def _head_dim(graph: gs.Graph, hidden: int, heads_attr: int | None) -> int:
             if dims and dims[-1] > 0:
                 head_dims.append(int(dims[-1]))
     if head_dims:  # T5-11B: 128 heads of d_kv 128 over d_model 1024
-        raise BertoptError(f"unsupported attention: heads of {head_dims[0]} do not divide the hidden size {hidden} "
-                           "(Q, K, V project to another width); bertopt's passes need heads x head size = hidden")
+        raise BertoptError(f"unsupported attention: heads of {head_dims[0]} do not divide the hidden size "
+                           f"{hidden} (Q, K, V project to another width); bertopt's passes need heads x head "
+                           "size = hidden")
     raise BertoptError("not a transformer bertopt knows: cannot find the attention head reshape")
 
 
